@@ -1,0 +1,243 @@
+"""Where weights and data files come from, and where they are cached.
+
+- Model weights: Hugging Face Hub repositories, through `huggingface_hub` into the cache folder
+  (`models/cache` by default), with resume and progress bars; `HF_HUB_OFFLINE=1` is honoured.
+- Data files of the official repository (negative style embedding, phone vocabulary, ...): fetched
+  from the official GitHub repository at a pinned commit and checked against their SHA-256, or
+  copied from a local folder with the same layout (`MUSICGEN_ASSETS_DIR`, e.g. `../shared/diffrhythm-assets`).
+
+A file that is missing and cannot be fetched raises `ModelNotAvailable` naming the files and the
+command that fetches them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from musicgen.errors import ModelNotAvailable
+
+ENV_CACHE_DIR = "MUSICGEN_CACHE_DIR"  # default: ./models/cache
+ENV_ASSETS_DIR = "MUSICGEN_ASSETS_DIR"  # local source of the official data files
+PULL_HINT = "musicgen models pull"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.cwd() / "models" / "cache")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face Hub files
+
+
+def hub_file(repo_id: str, filename: str, *, download: bool = True, pull_target: str = "") -> Path:
+    """Path of `filename` of `repo_id` in the cache, downloading it when allowed and needed."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir()))
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Path(cached)
+    if not download or hub_offline():
+        raise _missing([f"{repo_id}/{filename}"], pull_target, offline=hub_offline())
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=str(cache_dir())))
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise _missing([f"{repo_id}/{filename}"], pull_target, reason=f"{type(exc).__name__}: {exc}") from exc
+
+
+def hub_snapshot(repo_id: str, *, download: bool = True, allow_patterns=None, pull_target: str = "") -> Path:
+    """Local folder of a whole repository snapshot (used for MuQ-MuLan and its sub-models)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=str(cache_dir()),
+                allow_patterns=allow_patterns,
+                local_files_only=not download or hub_offline(),
+            )
+        )
+    except Exception as exc:
+        raise _missing([repo_id], pull_target, offline=hub_offline() or not download) from exc
+
+
+def hub_file_cached(repo_id: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir()))
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _missing(what: list[str], pull_target: str, *, offline: bool = False, reason: str = "") -> ModelNotAvailable:
+    command = f"{PULL_HINT} {pull_target}".strip()
+    why = " (HF_HUB_OFFLINE is set)" if offline else (f" ({reason})" if reason else "")
+    return ModelNotAvailable(
+        f"missing from {cache_dir()}: {', '.join(what)}{why}",
+        recovery=f"fetch them with `{command}` on a machine with internet access"
+        + (", or unset HF_HUB_OFFLINE" if offline else ""),
+        details={"missing": what, "cache_dir": str(cache_dir())},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# data files of the official repository
+
+OFFICIAL_REPO_RAW = "https://raw.githubusercontent.com/ASLP-lab/DiffRhythm"
+OFFICIAL_COMMIT = "28ad63c0f096fe2ee258bcabbcf081d5d9366afd"
+
+
+@dataclass(frozen=True)
+class Asset:
+    path: str  # inside the assets folder (same layout as ../shared/diffrhythm-assets)
+    source: str  # path in the official repository
+    sha256: str
+
+
+ASSETS: dict[str, Asset] = {
+    a.path: a
+    for a in (
+        Asset("negative_style_vocal.npy", "infer/example/vocal.npy",
+              "6cb7d74eb7a8eda12acb8247b21d373928301db8a8cb0db480d341799fed3ce5"),
+        Asset("g2p/vocab.json", "g2p/g2p/vocab.json",
+              "0f5c44e05f79df8ae4fd77d7772950436a8bacc83d134fdf0ae3c72412b5676a"),
+    )
+}
+
+
+def assets_dir() -> Path:
+    return cache_dir() / "diffrhythm-assets"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def asset_path(name: str, *, download: bool = True) -> Path:
+    """Local path of an official data file, fetched (and verified) into the cache if needed."""
+    asset = ASSETS[name]
+    target = assets_dir() / asset.path
+    if target.is_file():
+        return target
+    local_source = os.environ.get(ENV_ASSETS_DIR)
+    if local_source:
+        src = Path(local_source) / asset.path
+        if not src.is_file():
+            raise _missing([f"{ENV_ASSETS_DIR}/{asset.path}"], "assets", reason=f"{src} does not exist")
+        _install(src, target, asset)
+        return target
+    if not download or hub_offline():
+        raise _missing([f"assets/{asset.path}"], "assets", offline=hub_offline())
+    _download(f"{OFFICIAL_REPO_RAW}/{OFFICIAL_COMMIT}/{asset.source}", target, asset)
+    return target
+
+
+def _install(src: Path, target: Path, asset: Asset) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    shutil.copyfile(src, tmp)
+    _verify_and_move(tmp, target, asset)
+
+
+def _verify_and_move(tmp: Path, target: Path, asset: Asset) -> None:
+    digest = _sha256(tmp)
+    if digest != asset.sha256:
+        tmp.unlink(missing_ok=True)
+        raise ModelNotAvailable(
+            f"{asset.path}: checksum mismatch (got {digest[:12]}…, expected {asset.sha256[:12]}…)",
+            recovery=f"delete it and run `{PULL_HINT} assets` again",
+        )
+    os.replace(tmp, target)
+
+
+def _download(url: str, target: Path, asset: Asset) -> None:
+    """HTTP download with resume (Range on the .part file) and a progress bar."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    have = tmp.stat().st_size if tmp.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            if have and resp.status != 206:  # server ignored the range: start over
+                have = 0
+            total = int(resp.headers.get("Content-Length") or 0) + have
+            with open(tmp, "ab" if have else "wb") as out, tqdm(
+                total=total or None, initial=have, unit="B", unit_scale=True, desc=asset.path
+            ) as bar:
+                for block in iter(lambda: resp.read(1 << 16), b""):
+                    out.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError) as exc:
+        raise _missing([f"assets/{asset.path}"], "assets", reason=f"download failed: {exc}") from exc
+    _verify_and_move(tmp, target, asset)
+
+
+# ------------------------------------------------------------------------------------------------
+# what each model needs, fetched together (`musicgen models pull`) and reported (`musicgen models list`)
+
+# MuQ-MuLan's config names its two towers, which it loads by name at construction time
+_TOWER_PATTERNS = {
+    "xlm-roberta": ["*.json", "*.safetensors", "*.model"],
+    "muq": ["*.json", "*.safetensors"],
+}
+
+
+def pull_mulan(repo_id: str) -> Path:
+    import json
+
+    folder = hub_snapshot(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin"], pull_target="mulan")
+    cfg = json.loads((folder / "config.json").read_text())
+    for tower in (cfg["text_model"]["name"], cfg["audio_model"]["name"]):
+        kind = "xlm-roberta" if "xlm-roberta" in tower else "muq"
+        hub_snapshot(tower, allow_patterns=_TOWER_PATTERNS[kind], pull_target="mulan")
+    return folder
+
+
+def pull_assets() -> list[Path]:
+    return [asset_path(name) for name in ASSETS]
+
+
+def _requirements(spec) -> list[tuple[str, str, bool]]:
+    """(kind, what, cached now) for every file a model needs; no network."""
+    from musicgen.registry import MULAN_REPO, VAE_FILE, VAE_REPO
+
+    if spec.untrained:
+        return [("built locally", "tiny model", (cache_dir() / "tiny" / "tiny.json").is_file())]
+    return [
+        ("checkpoint", f"{spec.repo_id}/{spec.checkpoint_file}", hub_file_cached(spec.repo_id, spec.checkpoint_file) is not None),
+        ("vae", f"{VAE_REPO}/{VAE_FILE}", hub_file_cached(VAE_REPO, VAE_FILE) is not None),
+        ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None),
+        *[("assets", f"assets/{a.path}", (assets_dir() / a.path).is_file()) for a in ASSETS.values()],
+    ]
+
+
+def model_status(spec) -> dict[str, bool]:
+    status: dict[str, bool] = {}
+    for kind, _, cached in _requirements(spec):
+        status[kind] = status.get(kind, True) and cached
+    return status
+
+
+def check_cached(spec) -> None:
+    """Raise one error naming every missing file of `spec` (assets with a local source count as present)."""
+    missing = [
+        what for kind, what, cached in _requirements(spec)
+        if not cached and not (kind == "assets" and os.environ.get(ENV_ASSETS_DIR))
+    ]
+    if missing:
+        raise _missing(missing, spec.name, offline=hub_offline())

@@ -1,0 +1,1 @@
+"""Lyrics front end: from what users type to frame-aligned phone tokens identical to DiffRhythm's."""

@@ -1,0 +1,129 @@
+"""Lyrics to the frame-aligned token sequence the DiT reads, placed as the official `get_lrc_token`.
+
+Placement rules (official): every line's phone ids (model ids = vocabulary id + 1) with periods
+turned into commas, then a period; a line starts at frame int(t * 44100 / 2048), or at the end of
+the previous line if that is later; it is cut at the song's last frame; lines starting at or after
+the song's end are not sung; the base (2048-frame) models also drop the last line.
+`song_duration` = end_frame / max_frames, rounded to fp16 as the official code hands it to the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from musicgen.errors import InvalidLyrics
+from musicgen.lyrics.g2p import PhoneTokenizer
+from musicgen.lyrics.lrc import parse_lrc, to_lrc
+from musicgen.registry import LATENT_HOP, SAMPLE_RATE, ModelSpec
+
+COMMA_ID, PERIOD_ID = 1, 2  # model ids of "," and "."
+
+
+@dataclass(frozen=True)
+class PlacedLine:
+    time_s: float
+    text: str
+    phones: str
+    frame_start: int
+    frame_len: int  # 0 when the song ended before the line
+
+
+@dataclass
+class LyricsFrames:
+    tokens: torch.Tensor  # (end_frame,) int64 model ids, 0 = filler
+    end_frame: int
+    song_duration: float
+    lrc: str  # the timed lyrics actually used (editable, and what auto-timing chose)
+    lines: list[PlacedLine] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def place_lines(
+    lines: list[tuple[float, list[int]]], end_frame: int
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Official placement of (start time, model ids) lines on `end_frame` frames."""
+    frames = torch.zeros(end_frame, dtype=torch.long)
+    spans = []
+    last_end = 0
+    for time_s, ids in lines:
+        tokens = [COMMA_ID if t == PERIOD_ID else t for t in ids] + [PERIOD_ID]
+        start = max(int(time_s * SAMPLE_RATE / LATENT_HOP), last_end)
+        length = max(0, min(len(tokens), end_frame - start))
+        frames[start:start + length] = torch.tensor(tokens[:length], dtype=torch.long)
+        spans.append((start, length))
+        last_end = start + length
+    return frames, spans
+
+
+def fp16_round(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float16))
+
+
+class LyricsFrontEnd:
+    def __init__(self, tokenizer: PhoneTokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_assets(cls, *, download: bool = True) -> LyricsFrontEnd:
+        from musicgen.hub import asset_path
+
+        return cls(PhoneTokenizer(asset_path("g2p/vocab.json", download=download)))
+
+    def encode(self, lyrics: str, spec: ModelSpec, seconds: float) -> LyricsFrames:
+        end_frame = spec.frames_for(seconds)
+        parsed = parse_lrc(lyrics or "")
+        warnings = list(parsed.warnings)
+        if parsed.lines and not parsed.timed:
+            raise InvalidLyrics(
+                "the lyrics have no timestamps",
+                recovery="start every line with a timestamp such as [00:12.50]",
+            )
+        cutoff = spec.lyrics_cutoff_s(seconds)
+        sung = [ln for ln in parsed.lines if ln.time_s < cutoff]
+        late = [ln for ln in parsed.lines if ln.time_s >= cutoff and ln.text]
+        if late:
+            which = f"line {late[0].line_no}" if len(late) == 1 else f"{len(late)} lines (from line {late[0].line_no})"
+            warnings.append(
+                f"{which} start at or after the song's end ({cutoff:.2f} s) and are not sung; "
+                "choose a longer duration to keep them"
+            )
+        if spec.lrc_drop_last_line and sung:
+            last = sung.pop()
+            if last.text:
+                warnings.append(
+                    f"line {last.line_no} ({last.text[:30]!r}) is the last line: {spec.name} does not sing it; "
+                    "end the lyrics with an empty timestamp line such as [01:34.00] to keep it"
+                )
+        placed_input, phones = [], []
+        for ln in sung:
+            if not ln.text:  # an instrumental break or end marker: nothing to place
+                continue
+            lp = self.tokenizer.line(ln.text)
+            if not lp.ids:
+                raise InvalidLyrics(
+                    f"line {ln.line_no}: {ln.text[:40]!r} produces no phones",
+                    recovery="write the line with letters (English or Mandarin), or remove it",
+                    details={"line": ln.line_no},
+                )
+            if lp.dropped:
+                warnings.append(f"line {ln.line_no}: phones not in the vocabulary were skipped: {' '.join(lp.dropped)}")
+            placed_input.append((ln.time_s, [i + 1 for i in lp.ids]))
+            phones.append((ln, lp.phones))
+        tokens, spans = place_lines(placed_input, end_frame)
+        placed = []
+        for (ln, ph), (start, length), (_, ids) in zip(phones, spans, placed_input, strict=True):
+            placed.append(PlacedLine(ln.time_s, ln.text, ph, start, length))
+            if length == 0:
+                warnings.append(f"line {ln.line_no} ({ln.text[:30]!r}) does not fit before the song's end: not sung")
+            elif length < len(ids) + 1:
+                warnings.append(f"line {ln.line_no} ({ln.text[:30]!r}) is cut at the song's end")
+        return LyricsFrames(
+            tokens=tokens,
+            end_frame=end_frame,
+            song_duration=fp16_round(end_frame / spec.max_frames),
+            lrc=to_lrc([(ln.time_s, ln.text) for ln in parsed.lines]),
+            lines=placed,
+            warnings=warnings,
+        )

@@ -1,0 +1,88 @@
+"""A lyric line to phone ids of the official vocabulary (`g2p/vocab.json`, 363 phones).
+
+A line is split by script as the official `chn_eng_g2p` does it (runs of Latin letters, runs of CJK
+ideographs; other characters join the run they follow, or the next run at the start of a line) and
+each run goes through its language's g2p.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from musicgen.errors import InvalidLyrics
+from musicgen.lyrics.g2p_en import english_to_phones
+
+
+def _script(ch: str) -> str:
+    if "\u4e00" <= ch <= "\u9fa5":
+        return "zh"
+    if "A" <= ch <= "Z" or "a" <= ch <= "z":
+        return "en"
+    return "other"
+
+
+def split_scripts(text: str) -> list[tuple[str, str]]:
+    """[(segment, 'en' | 'zh' | 'other')], the official segmentation."""
+    segments: list[tuple[str, str]] = []
+    current, lang = "", ""
+    for i, ch in enumerate(text):
+        kind = _script(ch)
+        if i == 0:
+            current, lang = ch, kind
+        elif lang == "other":  # leading punctuation/digits join whatever script comes next
+            current += ch
+            lang = kind
+        elif kind in (lang, "other"):
+            current += ch
+        else:
+            segments.append((current, lang))
+            current, lang = ch, kind
+    segments.append((current, lang))
+    return segments
+
+
+@dataclass(frozen=True)
+class LinePhones:
+    phones: str  # '|'-separated, as the official front end prints them
+    ids: list[int]  # vocabulary ids (model ids are these + 1)
+    dropped: list[str]  # phones that are not in the vocabulary (the official code drops them silently)
+
+
+class PhoneTokenizer:
+    def __init__(self, vocab_path: str | Path):
+        self.phone2id: dict[str, int] = json.loads(Path(vocab_path).read_text(encoding="utf-8"))["vocab"]
+        self.id2phone = {v: k for k, v in self.phone2id.items()}
+
+    def _segment_phones(self, segment: str, lang: str, line: str) -> str:
+        if lang == "en":
+            return english_to_phones(segment)
+        if lang == "zh":
+            raise InvalidLyrics(
+                f"Mandarin is not supported yet: {line!r}", recovery="use English lyrics for now",
+                details={"line": line},
+            )
+        # no letters at all: the official code crashes here; digits still read as English words
+        if any(ch.isdigit() for ch in segment):
+            return english_to_phones(segment)
+        return ""
+
+    def line(self, text: str) -> LinePhones:
+        segments = split_scripts(text)
+        all_phones, ids, dropped = "", [], []
+        for index, (segment, lang) in enumerate(segments):
+            phones = self._segment_phones(segment, lang, text)
+            seg_ids = []
+            for p in phones.split("|"):
+                if p in self.phone2id:
+                    seg_ids.append(self.phone2id[p])
+                elif p:
+                    dropped.append(p)
+            all_phones += phones + "|"
+            ids += seg_ids
+            # a line that ends in English ends without the trailing word break
+            if lang == "en" and index == len(segments) - 1 and len(all_phones) >= 2 and all_phones[-2] == "_":
+                all_phones = all_phones[:-2]
+                ids = ids[:-1]
+        return LinePhones(all_phones, ids, dropped)

@@ -1,0 +1,1 @@
+"""DiffRhythm network, sampler, VAE and style encoder."""

@@ -1,0 +1,74 @@
+"""Turning official checkpoint files into modules, strictly.
+
+`cfm_model.pt` is `{"model_state_dict": {"transformer.<param>": tensor, ...}}` (the official CFM wrapper
+has no parameters of its own); `vae_model.pt` is a TorchScript module with `decode_export` and
+`encode_export`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from musicgen.errors import CheckpointMismatch
+from musicgen.model.dit import DiT, DiTConfig
+from musicgen.model.vae import SongVAE
+
+PREFIX = "transformer."
+
+
+def read_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointMismatch(f"{path.name} is not a readable PyTorch checkpoint: {type(exc).__name__}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_state_dict"), dict):
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointMismatch(f"{path.name} has no 'model_state_dict' (found {keys}): not an official cfm_model.pt")
+    state = ckpt["model_state_dict"]
+    stray = [k for k in state if not k.startswith(PREFIX)]
+    if stray:
+        raise CheckpointMismatch(f"{path.name}: keys outside '{PREFIX}': {stray[:3]}")
+    return {k[len(PREFIX):]: v for k, v in state.items()}
+
+
+def load_dit(path: str | Path, cfg: DiTConfig, *, device: torch.device, dtype: torch.dtype, model_name: str = "") -> DiT:
+    state = read_dit_state_dict(path)
+    has_duration = any(k.startswith("duration_time_embed.") for k in state)
+    if has_duration != cfg.duration_embed:
+        kind = "a v1.2-full checkpoint (with" if has_duration else "a checkpoint without"
+        raise CheckpointMismatch(
+            f"{Path(path).name} is {kind} a duration embedding), but {model_name or 'this model'} "
+            f"{'needs' if cfg.duration_embed else 'has no'} one"
+        )
+    with torch.device("meta"):
+        model = DiT(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise CheckpointMismatch(f"{Path(path).name} does not fit {model_name or 'the model'}: {' '.join(first)}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_dit_checkpoint(model: DiT, path: str | Path) -> Path:
+    """Write a DiT in the official cfm_model.pt layout."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model_state_dict": state}, path)
+    return path
+
+
+def load_vae(path: str | Path, *, device: torch.device) -> SongVAE:
+    path = Path(path)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise CheckpointMismatch(f"{path.name} is not a TorchScript VAE: {type(exc).__name__}") from None
+    for method in ("decode_export", "encode_export"):
+        if not hasattr(module, method):
+            raise CheckpointMismatch(f"{path.name} has no {method}(): not the official DiffRhythm VAE")
+    return SongVAE(module.to(device).eval(), device)

@@ -1,0 +1,91 @@
+"""Style embeddings: MuQ-MuLan (through the `muq` package) for text prompts and reference audio, and
+the official negative style embedding used by the CFG null branch.
+
+Text prompts go through MuQ-MuLan one at a time: its text tower averages over padding positions, so
+batching prompts of different lengths would change their embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from musicgen.audio import audio_info, read_audio, resample
+from musicgen.errors import InvalidPrompt, ModelNotAvailable
+
+MULAN_SAMPLE_RATE = 24_000
+CLIP_SECONDS = 10.0
+MAX_PROMPT_CHARS = 512
+
+
+class StyleEncoder:
+    def __init__(self, mulan, device: torch.device):
+        self.mulan = mulan.to(device).eval()
+        self.device = device
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: torch.device, *, cache_dir: Path, download: bool) -> StyleEncoder:
+        """`source`: a hub repo id (OpenMuQ/MuQ-MuLan-large) or a folder written by `save_pretrained`."""
+        from muq import MuQMuLan
+
+        try:
+            mulan = MuQMuLan.from_pretrained(
+                source, cache_dir=str(cache_dir), local_files_only=not download, strict=True
+            )
+        except Exception as exc:
+            raise ModelNotAvailable(
+                f"cannot load the MuQ-MuLan style encoder from {source}: {type(exc).__name__}: {exc}",
+                recovery="fetch it with `musicgen models pull mulan`",
+            ) from exc
+        return cls(mulan, device)
+
+    @torch.inference_mode()
+    def embed_text(self, prompt: str) -> torch.Tensor:
+        """(1, 512) fp32 embedding of one text prompt."""
+        prompt = check_prompt(prompt)
+        return self.mulan(texts=[prompt]).float().cpu()
+
+    @torch.inference_mode()
+    def embed_clip(self, wav: torch.Tensor) -> torch.Tensor:
+        """(1, 512) from a (samples,) mono 24 kHz clip."""
+        return self.mulan(wavs=wav[None].to(self.device)).float().cpu()
+
+    def embed_audio_file(self, path: str | Path) -> torch.Tensor:
+        return self.embed_clip(load_reference_clip(path))
+
+
+def check_prompt(prompt: str) -> str:
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise InvalidPrompt("the style prompt is empty", recovery="describe the style, e.g. 'upbeat pop, female vocals'")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidPrompt(
+            f"the style prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed",
+            recovery="shorten the style prompt",
+        )
+    return prompt
+
+
+def load_reference_clip(path: str | Path) -> torch.Tensor:
+    """The middle 10 s of a reference song as (samples,) mono 24 kHz, as the official code picks it."""
+    seconds, _, _ = audio_info(path)
+    if seconds < CLIP_SECONDS:
+        raise InvalidPrompt(
+            f"reference audio {Path(path).name} is {seconds:.2f} s long; at least {CLIP_SECONDS:g} s are needed",
+            recovery="use a reference clip of at least 10 seconds",
+        )
+    start = seconds // 2 - CLIP_SECONDS / 2  # official: mid = len // 2, start = mid - 5
+    audio, sr = read_audio(path, offset_s=start, duration_s=CLIP_SECONDS)
+    mono = resample(audio.mean(dim=0), sr, MULAN_SAMPLE_RATE)
+    n = int(CLIP_SECONDS * MULAN_SAMPLE_RATE)
+    return torch.nn.functional.pad(mono, (0, max(0, n - mono.shape[0])))[:n]
+
+
+def load_negative_style(path: str | Path) -> torch.Tensor:
+    """The official negative style embedding (infer/example/vocal.npy): (1, 512) fp32."""
+    emb = torch.from_numpy(np.load(path)).float()
+    if emb.shape != (1, 512):
+        raise ModelNotAvailable(f"{path}: expected a (1, 512) embedding, got {tuple(emb.shape)}")
+    return emb

@@ -1,0 +1,267 @@
+"""The song pipeline: check inputs -> encode style -> prepare latents -> sample -> decode.
+
+`SongPipeline.from_pretrained(name)` resolves a model from the registry, fetches what is missing
+(unless offline), loads every file strictly and keeps the modules on one device. `generate()` takes
+frame-aligned lyric tokens (see `musicgen.lyrics`) and returns audio for every take.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from musicgen import hub
+from musicgen.audio import read_audio, resample
+from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
+from musicgen.model.device import resolve_device, resolve_dtype
+from musicgen.model.dit import DiT
+from musicgen.model.loading import load_dit, load_vae
+from musicgen.model.sampler import SamplerSettings, SongConditions, sample, take_noise
+from musicgen.model.style import StyleEncoder, load_negative_style
+from musicgen.model.vae import SongVAE, peak_normalize, posterior_sample
+from musicgen.registry import (
+    LATENT_HOP,
+    MULAN_REPO,
+    SAMPLE_RATE,
+    VAE_FILE,
+    VAE_REPO,
+    ModelSpec,
+    get_model_spec,
+)
+
+MAX_TAKES = 4
+MAX_SEED = 2**63 - 1 - MAX_TAKES
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # "encoding_style" | "sampling" | "decoding"
+    fraction: float  # of this stage, 0..1
+    step: int = 0
+    total: int = 0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """Regenerate `segments` (seconds; -1 means the song's start or end) of an existing song."""
+
+    source_audio: Path
+    segments: tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
+class SongRequest:
+    tokens: torch.Tensor  # (frames,) frame-aligned model token ids (0 = filler)
+    song_duration: float  # frames / max_frames, as the official get_lrc_token returns it
+    style_prompt: str | None = None
+    reference_audio: Path | None = None
+    style_embedding: torch.Tensor | None = None  # (1, 512), e.g. from a cache; wins over the two above
+    seed: int = 0
+    num_takes: int = 1
+    steps: int = 31
+    cfg_strength: float = 4.0
+    edit: EditSpec | None = None
+
+
+@dataclass
+class SongResult:
+    audio: torch.Tensor  # (takes, 2, samples) fp32 in [-1, 1], peak-normalised per take
+    latents: torch.Tensor  # (takes, frames, 64)
+    seeds: list[int]
+    sample_rate: int = SAMPLE_RATE
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.audio.shape[-1] / self.sample_rate
+
+
+def edit_mask(segments, frames: int, max_frames: int) -> torch.Tensor:
+    """(frames,) bool, True on the frames to regenerate (official rounding: int(s * 44100 / 2048))."""
+    mask = torch.zeros(frames, dtype=torch.bool)
+    for start, end in segments:
+        sf = 0 if start == -1 else int(start * SAMPLE_RATE / LATENT_HOP)
+        ef = max_frames if end == -1 else int(end * SAMPLE_RATE / LATENT_HOP)
+        if (start != -1 and start < 0) or (end != -1 and end < 0) or sf >= ef:
+            raise InvalidParameter(
+                f"edit segment [{start}, {end}] is empty or negative",
+                recovery="give segments as [start, end] seconds with start < end (-1 for the song's start/end)",
+            )
+        mask[sf:ef] = True
+    return mask
+
+
+class SongPipeline:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dit: DiT,
+        vae: SongVAE,
+        style_encoder: StyleEncoder | None,
+        negative_style: torch.Tensor,
+        device: torch.device,
+    ):
+        self.spec, self.dit, self.vae, self.style_encoder = spec, dit, vae, style_encoder
+        self.negative_style = negative_style
+        self.device = device
+
+    # -------------------------------------------------------------------------------------------
+    # loading
+
+    @staticmethod
+    def required_files(spec: ModelSpec) -> list[str]:
+        return [f"{spec.repo_id}/{spec.checkpoint_file}", f"{VAE_REPO}/{VAE_FILE}", MULAN_REPO, "assets"]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        download: bool = True,
+        with_style_encoder: bool = True,
+    ) -> SongPipeline:
+        spec = get_model_spec(name)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dev, dtype)
+        if spec.untrained:
+            from musicgen.tiny import ensure_tiny_model
+
+            paths = ensure_tiny_model(hub.cache_dir() / "tiny")
+            dit_path, vae_path, mulan_source = paths["dit"], paths["vae"], str(paths["mulan"])
+        else:
+            if not download or hub.hub_offline():
+                hub.check_cached(spec)
+            dit_path = hub.hub_file(spec.repo_id, spec.checkpoint_file, download=download, pull_target=name)
+            vae_path = hub.hub_file(VAE_REPO, VAE_FILE, download=download, pull_target=name)
+            mulan_source = MULAN_REPO
+        negative = load_negative_style(hub.asset_path("negative_style_vocal.npy", download=download))
+        dit = load_dit(dit_path, spec.dit, device=dev, dtype=dt, model_name=name)
+        vae = load_vae(vae_path, device=dev)
+        style = (
+            StyleEncoder.from_pretrained(mulan_source, dev, cache_dir=hub.cache_dir(), download=download)
+            if with_style_encoder
+            else None
+        )
+        return cls(spec, dit, vae, style, negative, dev)
+
+    # -------------------------------------------------------------------------------------------
+    # stages
+
+    def check_inputs(self, req: SongRequest) -> None:
+        frames = req.tokens.shape[-1]
+        if req.tokens.ndim != 1 or not 1 <= frames <= self.spec.max_frames:
+            raise InvalidParameter(
+                f"tokens must be a 1-d sequence of 1..{self.spec.max_frames} frames, got shape {tuple(req.tokens.shape)}"
+            )
+        vocab = self.spec.dit.text_num_embeds
+        if int(req.tokens.min()) < 0 or int(req.tokens.max()) > vocab:
+            raise InvalidParameter(f"token ids must be in 0..{vocab}")
+        if not 1 <= req.num_takes <= MAX_TAKES:
+            raise InvalidParameter(
+                f"num_takes must be 1..{MAX_TAKES}, got {req.num_takes}",
+                recovery=f"ask for at most {MAX_TAKES} takes per song",
+                details={"parameter": "num_takes", "value": req.num_takes},
+            )
+        if not 0 <= req.seed <= MAX_SEED:
+            raise InvalidParameter(f"seed must be in 0..{MAX_SEED}", details={"parameter": "seed", "value": req.seed})
+        if not 0 < req.song_duration <= 1:
+            raise InvalidParameter(f"song_duration must be in (0, 1], got {req.song_duration}")
+        try:
+            SamplerSettings(req.steps, req.cfg_strength)
+        except ValueError as exc:
+            raise InvalidParameter(str(exc), recovery="use steps 1..1000 and cfg_strength 0..50") from None
+        given = sum(x is not None for x in (req.style_prompt, req.reference_audio, req.style_embedding))
+        if given == 0:
+            raise InvalidParameter(
+                "no style given", recovery="give a style prompt or a reference audio clip of at least 10 s"
+            )
+        if req.style_embedding is None and self.style_encoder is None:
+            raise ModelNotAvailable("this pipeline was loaded without its style encoder")
+
+    def encode_style(self, req: SongRequest) -> torch.Tensor:
+        if req.style_embedding is not None:
+            return req.style_embedding.float().reshape(1, -1)
+        if req.reference_audio is not None:
+            return self.style_encoder.embed_audio_file(req.reference_audio)
+        return self.style_encoder.embed_text(req.style_prompt)
+
+    def latent_prompt(self, edit: EditSpec, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, frames, 64) latents of the song to edit and the (frames,) mask of frames to regenerate."""
+        audio, sr = read_audio(edit.source_audio)
+        audio = resample(audio, sr, SAMPLE_RATE)
+        audio = audio[:2] if audio.shape[0] >= 2 else audio.repeat(2, 1)
+        peak = audio.abs().max()
+        if peak > 0:  # official: peak-normalise to -6 dBFS before encoding
+            audio = audio * (10 ** (-6 / 20) / peak)
+        src_frames = min(audio.shape[-1] // LATENT_HOP, frames)
+        if src_frames < 1:
+            raise InvalidParameter("the song to edit is shorter than one latent frame (46 ms)")
+        moments = self.vae.encode(audio[None, :, : src_frames * LATENT_HOP])
+        latents = posterior_sample(moments.cpu(), torch.Generator().manual_seed(seed))
+        prompt = torch.zeros(1, frames, latents.shape[-1])
+        prompt[:, :src_frames] = latents
+        mask = edit_mask(edit.segments, frames, self.spec.max_frames)
+        mask[src_frames:] = True  # past the end of the source there is nothing to keep
+        return prompt, mask
+
+    def generate(self, req: SongRequest, progress: ProgressCallback | None = None) -> SongResult:
+        self.check_inputs(req)
+        report = progress or (lambda p: None)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            report(Progress("encoding_style", 0.0))
+            style = self.encode_style(req)
+            timings["style_s"] = time.perf_counter() - t0
+
+            frames = req.tokens.shape[0]
+            seeds = [req.seed + i for i in range(req.num_takes)]
+            prompt = mask = None
+            if req.edit is not None:
+                prompt, mask = self.latent_prompt(req.edit, frames, req.seed)
+            cond = SongConditions(
+                text=req.tokens[None].long(),
+                style=style,
+                negative_style=self.negative_style,
+                song_duration=torch.tensor([req.song_duration], dtype=torch.float32),
+                latent_prompt=prompt,
+                generate_mask=mask,
+            )
+            noise = take_noise(seeds, frames, self.spec.dit.mel_dim)
+            settings = SamplerSettings(req.steps, req.cfg_strength)
+
+            t1 = time.perf_counter()
+            latents = sample(
+                self.dit, cond, noise, settings,
+                on_step=lambda k, n: report(Progress("sampling", k / n, k, n)),
+            )
+            self._sync()
+            timings["sampling_s"] = time.perf_counter() - t1
+
+            t2 = time.perf_counter()
+            report(Progress("decoding", 0.0))
+            audio = peak_normalize(self.vae.decode(latents)).cpu()
+            self._sync()
+            timings["decoding_s"] = time.perf_counter() - t2
+            report(Progress("decoding", 1.0))
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(
+                f"out of memory generating {req.num_takes} take(s) of {req.tokens.shape[0]} frames"
+            ) from None
+        timings["total_s"] = time.perf_counter() - t0
+        return SongResult(audio=audio, latents=latents.cpu(), seeds=seeds, timings=timings)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

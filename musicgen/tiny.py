@@ -1,0 +1,142 @@
+"""A tiny, untrained DiffRhythm with seeded random weights, written in the official formats.
+
+It exists for offline demos and tests: the files are loaded by exactly the code that loads the real
+weights (a `cfm_model.pt`, a TorchScript `vae_model.pt` with `decode_export` / `encode_export`, and a
+MuQ-MuLan folder written by `save_pretrained`, whose text and audio towers are themselves tiny
+`save_pretrained` folders). Its output is noise-like audio of the right shape: it is NOT a music model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from musicgen.model.dit import DiT, DiTConfig
+from musicgen.model.loading import save_dit_checkpoint
+from musicgen.registry import LATENT_CHANNELS, LATENT_HOP, TINY_DIT
+
+STYLE_DIM = 512
+FORMAT_VERSION = 1  # bump when the files written here change
+_TEXT_WORDS = ["pop", "rock", "jazz", "blues", "folk", "piano", "guitar", "drums", "bass", "synth", "female", "male", "vocal", "vocals", "happy", "sad", "upbeat", "fast", "slow", "song", "with", "and", "a", "the", "energetic", "calm", "electronic", "acoustic", "dance", "ballad"]
+
+
+class TinyVAE(nn.Module):
+    """Latents (b, 64, t) <-> stereo audio (b, 2, t * 2048), with a 3-frame receptive field."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv1d(LATENT_CHANNELS, LATENT_CHANNELS, kernel_size=3, padding=1)
+        self.up = nn.ConvTranspose1d(LATENT_CHANNELS, 2, kernel_size=LATENT_HOP, stride=LATENT_HOP)
+        self.down = nn.Conv1d(2, 2 * LATENT_CHANNELS, kernel_size=LATENT_HOP, stride=LATENT_HOP)
+
+    @torch.jit.export
+    def decode_export(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.up(self.mix(latents)))
+
+    @torch.jit.export
+    def encode_export(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.down(audio)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode_export(latents)
+
+
+def save_tiny_vae(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    vae = TinyVAE().eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(vae).save(str(path))
+    return path
+
+
+def save_tiny_dit(path: Path, cfg: DiTConfig = TINY_DIT, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = DiT(cfg)
+    # the official init zeroes the text-fusion layers; give them weights so that lyrics matter here
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+    return save_dit_checkpoint(model, path)
+
+
+def save_tiny_mulan(folder: Path, seed: int = 0) -> Path:
+    """A MuQ-MuLan folder (save_pretrained) whose towers are tiny local folders under `folder`."""
+    from muq import MuQ, MuQMuLan
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import (
+        Wav2Vec2ConformerConfig,
+        XLMRobertaConfig,
+        XLMRobertaModel,
+        XLMRobertaTokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    # the muq package picks the tower type from these substrings of the model name
+    text_dir, audio_dir = folder / "tiny-xlm-roberta", folder / "tiny-muq"
+
+    words = ["<s>", "<pad>", "</s>", "<unk>", *_TEXT_WORDS]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    XLMRobertaTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        cls_token="<s>", sep_token="</s>", mask_token="<unk>", model_max_length=64,
+    ).save_pretrained(text_dir)
+    xlmr = XLMRobertaConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=70, pad_token_id=1,
+    )
+    XLMRobertaModel(xlmr).save_pretrained(text_dir)
+
+    w2v2 = Wav2Vec2ConformerConfig(
+        hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
+        conv_depthwise_kernel_size=3, position_embeddings_type="relative",
+    ).to_dict()
+    for key in ("id2label", "label2id"):  # int-keyed dicts that the muq package cannot take
+        w2v2.pop(key, None)
+    muq_cfg = dict(
+        encoder_dim=32, encoder_depth=1, conv_dim=8, codebook_size=16, w2v2_config=w2v2,
+        stat={"melspec_2048_mean": 6.0, "melspec_2048_std": 3.0},
+    )
+    MuQ(muq_cfg).save_pretrained(audio_dir, config=muq_cfg)
+
+    tower = dict(tf_depth=1, heads=2, dim_head=8, attn_dropout=0.0, ff_dropout=0.0, ff_mult=2)
+    mulan_cfg = dict(
+        mulan=dict(sr=24000, clip_secs=10, dim_latent=STYLE_DIM, decoupled_contrastive_learning=True,
+                   hierarchical_contrastive_loss=False, hierarchical_contrastive_loss_layers=None,
+                   sigmoid_contrastive_loss=False, rank_contrast=True),
+        audio_model=dict(name=str(audio_dir), model_dim=32, use_layer_idx=-1),
+        text_model=dict(name=str(text_dir), model_dim=32),
+        audio_transformer=dict(dim=16, **tower),
+        text_transformer=dict(dim=16, max_seq_len=64, **tower),
+    )
+    MuQMuLan(mulan_cfg).save_pretrained(folder / "mulan", config=mulan_cfg)
+    return folder / "mulan"
+
+
+def tiny_paths(root: Path) -> dict[str, Path]:
+    return {"dit": root / "cfm_model.pt", "vae": root / "vae_model.pt", "mulan": root / "mulan/mulan"}
+
+
+def ensure_tiny_model(root: Path) -> dict[str, Path]:
+    """Build the tiny model under `root` once. The marker file is written last, so a build that was
+    interrupted is redone from scratch on the next call rather than used half-made."""
+    paths = tiny_paths(root)
+    marker = root / "tiny.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("format") == FORMAT_VERSION:
+        return paths
+    if root.exists():
+        shutil.rmtree(root)
+    save_tiny_dit(paths["dit"])
+    save_tiny_vae(paths["vae"])
+    save_tiny_mulan(root / "mulan")  # MuQ-MuLan records its towers' absolute paths: build in place
+    marker.write_text(json.dumps({"format": FORMAT_VERSION, "untrained": True}))
+    return paths

@@ -1,0 +1,104 @@
+"""Offline end to end: the tiny DiT checkpoint, TorchScript VAE and MuQ-MuLan, written in the official
+formats, loaded through the same code as the real weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from musicgen.errors import InvalidParameter, InvalidPrompt, UnsupportedMedia
+from musicgen.pipeline import EditSpec, SongPipeline, SongRequest, edit_mask
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_paths):
+    return SongPipeline.from_pretrained("tiny", device="cpu")
+
+
+def request(pipe, seconds=8.0, **kw):
+    frames = pipe.spec.frames_for(seconds)
+    tokens = torch.zeros(frames, dtype=torch.long)
+    tokens[10:40] = torch.arange(3, 33)
+    kw.setdefault("style_prompt", "calm acoustic folk")
+    kw.setdefault("steps", 3)
+    return SongRequest(tokens=tokens, song_duration=frames / pipe.spec.max_frames, **kw)
+
+
+def test_takes_have_right_shape_and_are_reproducible(pipe):
+    res = pipe.generate(request(pipe, num_takes=2, seed=10))
+    frames = pipe.spec.frames_for(8.0)
+    assert res.audio.shape == (2, 2, frames * 2048) and res.sample_rate == 44100
+    assert res.seeds == [10, 11]
+    assert res.audio.abs().max() <= 1.0
+    assert math.isclose(res.seconds, frames * 2048 / 44100)
+    single = pipe.generate(request(pipe, num_takes=1, seed=11))
+    assert torch.allclose(single.latents[0], res.latents[1], atol=2e-5)
+    assert set(res.timings) >= {"style_s", "sampling_s", "decoding_s", "total_s"}
+
+
+def test_text_prompt_and_reference_audio_both_condition(pipe, tmp_path):
+    ref = tmp_path / "ref.wav"
+    t = np.arange(44100 * 12) / 44100
+    sf.write(ref, np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], 1) * 0.3, 44100)
+    by_text = pipe.generate(request(pipe, seed=1, style_prompt="sad piano"))
+    by_audio = pipe.generate(request(pipe, seed=1, style_prompt=None, reference_audio=ref))
+    assert not torch.allclose(by_text.latents, by_audio.latents)
+
+
+def test_edit_mode_keeps_the_untouched_frames(pipe, tmp_path):
+    src = tmp_path / "src.flac"
+    sf.write(src, np.random.default_rng(0).normal(0, 0.1, (44100 * 8, 2)), 44100)
+    req = request(pipe, seed=3, edit=EditSpec(src, ((2.0, 4.0),)))
+    prompt, mask = pipe.latent_prompt(req.edit, req.tokens.shape[0], req.seed)
+    res = pipe.generate(req)
+    keep = ~mask
+    assert keep.sum() > 0 and mask.sum() > 0
+    assert torch.allclose(res.latents[0][keep], prompt[0][keep])
+
+
+def test_progress_reports_every_stage(pipe):
+    seen = []
+    pipe.generate(request(pipe), progress=seen.append)
+    stages = [p.stage for p in seen]
+    assert stages[0] == "encoding_style" and stages[-1] == "decoding"
+    assert [p.step for p in seen if p.stage == "sampling"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(num_takes=5), InvalidParameter, "num_takes"),
+        (dict(seed=-1), InvalidParameter, "seed"),
+        (dict(steps=0), InvalidParameter, "steps"),
+        (dict(style_prompt="   "), InvalidPrompt, "empty"),
+        (dict(style_prompt="x" * 600), InvalidPrompt, "at most"),
+        (dict(style_prompt=None), InvalidParameter, "no style"),
+    ],
+)
+def test_bad_requests_are_refused(pipe, change, error, match):
+    with pytest.raises(error, match=match):
+        pipe.generate(request(pipe, **change))
+
+
+def test_bad_reference_audio(pipe, tmp_path):
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros((44100 * 3, 2)), 44100)
+    with pytest.raises(InvalidPrompt, match="3.00 s long"):
+        pipe.generate(request(pipe, style_prompt=None, reference_audio=short))
+    junk = tmp_path / "junk.mp3"
+    junk.write_bytes(b"ID3 this is not audio" * 10)
+    with pytest.raises(UnsupportedMedia):
+        pipe.generate(request(pipe, style_prompt=None, reference_audio=junk))
+    with pytest.raises(UnsupportedMedia, match="does not exist"):
+        pipe.generate(request(pipe, style_prompt=None, reference_audio=tmp_path / "nope.wav"))
+
+
+def test_edit_mask_follows_official_rounding():
+    mask = edit_mask(((-1, 1.0), (3.0, -1)), 100, 2048)
+    assert mask[:21].all() and not mask[21:64].any() and mask[64:].all()
+    with pytest.raises(InvalidParameter, match="empty"):
+        edit_mask(((5.0, 2.0),), 100, 2048)
