@@ -7,6 +7,8 @@ batching prompts of different lengths would change their embeddings.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,11 @@ class StyleEncoder:
         from muq import MuQMuLan
 
         try:
-            mulan = MuQMuLan.from_pretrained(
-                source, cache_dir=str(cache_dir), local_files_only=not download, strict=True
-            )
+            # huggingface_hub prints a line to stdout when loading from a folder; keep stdout clean
+            with contextlib.redirect_stdout(io.StringIO()):
+                mulan = MuQMuLan.from_pretrained(
+                    source, cache_dir=str(cache_dir), local_files_only=not download, strict=True
+                )
         except Exception as exc:
             raise ModelNotAvailable(
                 f"cannot load the MuQ-MuLan style encoder from {source}: {type(exc).__name__}: {exc}",
