@@ -35,16 +35,18 @@ def conditions(frames: int, max_frames: int) -> SongConditions:
     text = torch.randint(1, 364, (1, frames), generator=g)
     text[:, torch.rand(frames, generator=g) < 0.6] = 0  # mostly fillers, as in real lyrics
     return SongConditions(
-        text=text, style=torch.randn(1, 512, generator=g), negative_style=torch.randn(1, 512, generator=g),
+        text=text,
+        style=torch.randn(1, 512, generator=g),
+        negative_style=torch.randn(1, 512, generator=g),
         song_duration=torch.tensor([frames / max_frames]),
     )
 
 
-def timed(fn, device) -> tuple[float, torch.Tensor]:
+def timed(device, fn, *args) -> tuple[float, torch.Tensor]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out
@@ -52,7 +54,9 @@ def timed(fn, device) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--real-size", action="store_true", help="DiffRhythm-1.2-base's real config (dim 2048, depth 16)")
+    ap.add_argument(
+        "--real-size", action="store_true", help="DiffRhythm-1.2-base's real config (dim 2048, depth 16)"
+    )
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--frames", type=int, default=2048)
@@ -79,17 +83,19 @@ def main() -> None:
     sample(model, warm, take_noise([0], 256, 64), SamplerSettings(steps=1))
     sample_reference(model, warm, take_noise([0], 256, 64), SamplerSettings(steps=1))
 
-    print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) dtype={dtype} "
-          f"dim={cfg.dim} depth={cfg.depth} heads={cfg.heads} frames={args.frames} steps={args.steps} "
-          f"torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(
+        f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) dtype={dtype} "
+        f"dim={cfg.dim} depth={cfg.depth} heads={cfg.heads} frames={args.frames} steps={args.steps} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
     header = f"{'takes':>5} | {'reference s/song':>16} | {'optimised s/song':>16} | {'speed-up':>8} | {'max |diff|':>10}"
     print(header)
     print("-" * len(header))
     rows = []
     for k in args.takes:
         noise = take_noise(list(range(k)), args.frames, 64)
-        t_ref, ref = timed(lambda: sample_reference(model, cond, noise, settings), device)
-        t_opt, opt = timed(lambda: sample(model, cond, noise, settings), device)
+        t_ref, ref = timed(device, sample_reference, model, cond, noise, settings)
+        t_opt, opt = timed(device, sample, model, cond, noise, settings)
         diff = (ref - opt).abs().max().item()
         rows.append((k, t_ref / k, t_opt / k))
         print(f"{k:>5} | {t_ref / k:>16.3f} | {t_opt / k:>16.3f} | {t_ref / t_opt:>7.2f}x | {diff:>10.2e}")

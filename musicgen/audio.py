@@ -28,7 +28,9 @@ def audio_info(path: str | Path) -> tuple[float, int, int]:
     return info.frames / info.samplerate, info.samplerate, info.channels
 
 
-def read_audio(path: str | Path, *, offset_s: float = 0.0, duration_s: float | None = None) -> tuple[torch.Tensor, int]:
+def read_audio(
+    path: str | Path, *, offset_s: float = 0.0, duration_s: float | None = None
+) -> tuple[torch.Tensor, int]:
     """(channels, samples) fp32 and the sample rate; a window of the file when offset/duration are given."""
     import soundfile as sf
 
@@ -55,7 +57,9 @@ def write_audio(path: str | Path, audio: torch.Tensor, sample_rate: int, fmt: st
     import soundfile as sf
 
     if fmt not in OUTPUT_FORMATS:
-        raise InvalidParameter(f"unknown output format {fmt!r}", recovery=f"use one of {', '.join(OUTPUT_FORMATS)}")
+        raise InvalidParameter(
+            f"unknown output format {fmt!r}", recovery=f"use one of {', '.join(OUTPUT_FORMATS)}"
+        )
     container, subtype = OUTPUT_FORMATS[fmt]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

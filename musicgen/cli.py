@@ -45,15 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a song")
-    gen.add_argument("--lyrics", type=Path, help="LRC lyrics file ([mm:ss.xx] per line); omit for an instrumental")
+    gen.add_argument(
+        "--lyrics", type=Path, help="LRC lyrics file ([mm:ss.xx] per line); omit for an instrumental"
+    )
     style = gen.add_mutually_exclusive_group(required=True)
     style.add_argument("--style", help="text style prompt, e.g. 'jazzy piano ballad, male vocals'")
     style.add_argument("--ref-audio", type=Path, help="reference song (>= 10 s) whose style to follow")
     gen.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS))
     gen.add_argument("--duration", type=float, help="song length in seconds (base: 95; full: 96 to 285)")
-    gen.add_argument("--seed", type=int, help="take i uses seed + i (default: random, recorded in the sidecar)")
+    gen.add_argument(
+        "--seed", type=int, help="take i uses seed + i (default: random, recorded in the sidecar)"
+    )
     gen.add_argument("--takes", type=int, default=1, help="number of takes, 1 to 4 (one batch)")
-    gen.add_argument("--steps", type=int, default=31, help="Euler steps (the official default of 32 grid points = 31)")
+    gen.add_argument(
+        "--steps", type=int, default=31, help="Euler steps (the official default of 32 grid points = 31)"
+    )
     gen.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance strength")
     gen.add_argument("--format", default="wav", choices=sorted(OUTPUT_FORMATS))
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
@@ -68,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="fetch or list model weights")
     msub = models.add_subparsers(dest="models_command", required=True)
     pull = msub.add_parser("pull", help="download a model's files into the cache")
-    pull.add_argument("names", nargs="*", default=[DEFAULT_MODEL], help="model names, 'mulan', 'vae', 'assets' or 'all'")
+    pull.add_argument(
+        "names", nargs="*", default=[DEFAULT_MODEL], help="model names, 'mulan', 'vae', 'assets' or 'all'"
+    )
     msub.add_parser("list", help="list models and what is cached")
     return parser
 
@@ -87,13 +95,17 @@ def cmd_generate(args) -> int:
     seconds = args.duration if args.duration is not None else spec.min_seconds
     spec.check_duration(seconds)
     if (args.edit_audio is None) != (args.edit_segments is None):
-        raise InvalidParameter("--edit-audio and --edit-segments go together", recovery="give both, or neither")
+        raise InvalidParameter(
+            "--edit-audio and --edit-segments go together", recovery="give both, or neither"
+        )
     lyrics = ""
     if args.lyrics is not None:
         try:
             lyrics = args.lyrics.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidParameter(f"cannot read lyrics file {args.lyrics}: {exc}", recovery="give a UTF-8 LRC file") from None
+            raise InvalidParameter(
+                f"cannot read lyrics file {args.lyrics}: {exc}", recovery="give a UTF-8 LRC file"
+            ) from None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     edit = EditSpec(args.edit_audio, _parse_segments(args.edit_segments)) if args.edit_audio else None
     if args.ref_audio is not None:  # check the clip before loading any weights
@@ -114,9 +126,15 @@ def cmd_generate(args) -> int:
         print("note: the tiny model is UNTRAINED: its output is noise, for testing only", file=sys.stderr)
 
     request = SongRequest(
-        tokens=frames.tokens, song_duration=frames.song_duration, style_prompt=args.style,
-        reference_audio=args.ref_audio, seed=seed, num_takes=args.takes, steps=args.steps,
-        cfg_strength=args.cfg, edit=edit,
+        tokens=frames.tokens,
+        song_duration=frames.song_duration,
+        style_prompt=args.style,
+        reference_audio=args.ref_audio,
+        seed=seed,
+        num_takes=args.takes,
+        steps=args.steps,
+        cfg_strength=args.cfg,
+        edit=edit,
     )
     bars: dict[str, tqdm] = {}
 
@@ -127,7 +145,9 @@ def cmd_generate(args) -> int:
             for bar in bars.values():
                 bar.close()
             total = p.total if p.stage == "sampling" else 1
-            bars[p.stage] = tqdm(total=total, desc=p.stage.replace("_", " "), unit="step" if p.total else "stage")
+            bars[p.stage] = tqdm(
+                total=total, desc=p.stage.replace("_", " "), unit="step" if p.total else "stage"
+            )
         bar = bars[p.stage]
         bar.update((p.step if p.stage == "sampling" else int(p.fraction >= 1)) - bar.n)
 
@@ -140,7 +160,11 @@ def cmd_generate(args) -> int:
     stem = args.name or time.strftime("song-%Y%m%d-%H%M%S")
     t1 = time.perf_counter()
     files = [
-        str(write_audio(args.out / f"{stem}-take{i + 1}.{args.format}", audio, result.sample_rate, args.format))
+        str(
+            write_audio(
+                args.out / f"{stem}-take{i + 1}.{args.format}", audio, result.sample_rate, args.format
+            )
+        )
         for i, audio in enumerate(result.audio)
     ]
     timings = {"load_s": load_s, **result.timings, "write_s": time.perf_counter() - t1}
@@ -151,12 +175,20 @@ def cmd_generate(args) -> int:
         "files": files,
         "seeds": result.seeds,
         "parameters": {
-            "duration_s": seconds, "frames": frames.end_frame, "song_duration": frames.song_duration,
-            "seed": seed, "takes": args.takes, "steps": args.steps, "cfg_strength": args.cfg,
-            "style_prompt": args.style, "reference_audio": str(args.ref_audio) if args.ref_audio else None,
+            "duration_s": seconds,
+            "frames": frames.end_frame,
+            "song_duration": frames.song_duration,
+            "seed": seed,
+            "takes": args.takes,
+            "steps": args.steps,
+            "cfg_strength": args.cfg,
+            "style_prompt": args.style,
+            "reference_audio": str(args.ref_audio) if args.ref_audio else None,
             "edit_audio": str(args.edit_audio) if args.edit_audio else None,
             "edit_segments": [list(s) for s in edit.segments] if edit else None,
-            "format": args.format, "device": str(pipe.device), "dtype": str(pipe.dit.dtype).removeprefix("torch."),
+            "format": args.format,
+            "device": str(pipe.device),
+            "dtype": str(pipe.dit.dtype).removeprefix("torch."),
         },
         "lrc": frames.lrc,
         "warnings": frames.warnings,
@@ -181,8 +213,14 @@ def cmd_models(args) -> int:
         print(f"cache: {hub.cache_dir()}")
         for spec in MODELS.values():
             status = hub.model_status(spec)
-            state = "ready" if all(status.values()) else "missing " + ", ".join(k for k, ok in status.items() if not ok)
-            print(f"{spec.name:22} {spec.min_seconds:>3}-{spec.max_seconds:<3}s  {state:32} {spec.description}")
+            state = (
+                "ready"
+                if all(status.values())
+                else "missing " + ", ".join(k for k, ok in status.items() if not ok)
+            )
+            print(
+                f"{spec.name:22} {spec.min_seconds:>3}-{spec.max_seconds:<3}s  {state:32} {spec.description}"
+            )
         return 0
 
     names = args.names

@@ -80,7 +80,9 @@ def hub_file_cached(repo_id: str, filename: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _missing(what: list[str], pull_target: str, *, offline: bool = False, reason: str = "") -> ModelNotAvailable:
+def _missing(
+    what: list[str], pull_target: str, *, offline: bool = False, reason: str = ""
+) -> ModelNotAvailable:
     command = f"{PULL_HINT} {pull_target}".strip()
     why = " (HF_HUB_OFFLINE is set)" if offline else (f" ({reason})" if reason else "")
     return ModelNotAvailable(
@@ -108,10 +110,16 @@ class Asset:
 ASSETS: dict[str, Asset] = {
     a.path: a
     for a in (
-        Asset("negative_style_vocal.npy", "infer/example/vocal.npy",
-              "6cb7d74eb7a8eda12acb8247b21d373928301db8a8cb0db480d341799fed3ce5"),
-        Asset("g2p/vocab.json", "g2p/g2p/vocab.json",
-              "0f5c44e05f79df8ae4fd77d7772950436a8bacc83d134fdf0ae3c72412b5676a"),
+        Asset(
+            "negative_style_vocal.npy",
+            "infer/example/vocal.npy",
+            "6cb7d74eb7a8eda12acb8247b21d373928301db8a8cb0db480d341799fed3ce5",
+        ),
+        Asset(
+            "g2p/vocab.json",
+            "g2p/g2p/vocab.json",
+            "0f5c44e05f79df8ae4fd77d7772950436a8bacc83d134fdf0ae3c72412b5676a",
+        ),
     )
 }
 
@@ -176,9 +184,10 @@ def _download(url: str, target: Path, asset: Asset) -> None:
             if have and resp.status != 206:  # server ignored the range: start over
                 have = 0
             total = int(resp.headers.get("Content-Length") or 0) + have
-            with open(tmp, "ab" if have else "wb") as out, tqdm(
-                total=total or None, initial=have, unit="B", unit_scale=True, desc=asset.path
-            ) as bar:
+            with (
+                open(tmp, "ab" if have else "wb") as out,
+                tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=asset.path) as bar,
+            ):
                 for block in iter(lambda: resp.read(1 << 16), b""):
                     out.write(block)
                     bar.update(len(block))
@@ -219,7 +228,11 @@ def _requirements(spec) -> list[tuple[str, str, bool]]:
     if spec.untrained:
         return [("built locally", "tiny model", (cache_dir() / "tiny" / "tiny.json").is_file())]
     return [
-        ("checkpoint", f"{spec.repo_id}/{spec.checkpoint_file}", hub_file_cached(spec.repo_id, spec.checkpoint_file) is not None),
+        (
+            "checkpoint",
+            f"{spec.repo_id}/{spec.checkpoint_file}",
+            hub_file_cached(spec.repo_id, spec.checkpoint_file) is not None,
+        ),
         ("vae", f"{VAE_REPO}/{VAE_FILE}", hub_file_cached(VAE_REPO, VAE_FILE) is not None),
         ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None),
         *[("assets", f"assets/{a.path}", (assets_dir() / a.path).is_file()) for a in ASSETS.values()],
@@ -236,7 +249,8 @@ def model_status(spec) -> dict[str, bool]:
 def check_cached(spec) -> None:
     """Raise one error naming every missing file of `spec` (assets with a local source count as present)."""
     missing = [
-        what for kind, what, cached in _requirements(spec)
+        what
+        for kind, what, cached in _requirements(spec)
         if not cached and not (kind == "assets" and os.environ.get(ENV_ASSETS_DIR))
     ]
     if missing:

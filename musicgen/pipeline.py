@@ -172,7 +172,9 @@ class SongPipeline:
                 details={"parameter": "num_takes", "value": req.num_takes},
             )
         if not 0 <= req.seed <= MAX_SEED:
-            raise InvalidParameter(f"seed must be in 0..{MAX_SEED}", details={"parameter": "seed", "value": req.seed})
+            raise InvalidParameter(
+                f"seed must be in 0..{MAX_SEED}", details={"parameter": "seed", "value": req.seed}
+            )
         if not 0 < req.song_duration <= 1:
             raise InvalidParameter(f"song_duration must be in (0, 1], got {req.song_duration}")
         try:
@@ -241,7 +243,10 @@ class SongPipeline:
 
             t1 = time.perf_counter()
             latents = sample(
-                self.dit, cond, noise, settings,
+                self.dit,
+                cond,
+                noise,
+                settings,
                 on_step=lambda k, n: report(Progress("sampling", k / n, k, n)),
             )
             self._sync()

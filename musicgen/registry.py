@@ -21,7 +21,9 @@ VAE_FILE = "vae_model.pt"
 MULAN_REPO = "OpenMuQ/MuQ-MuLan-large"
 
 # config/diffrhythm-1b.json of the official repository (the "heads" there is not used: see DiTConfig)
-DIFFRHYTHM_1B = dict(dim=2048, depth=16, ff_mult=4, text_dim=512, conv_layers=4, mel_dim=64, text_num_embeds=363)
+DIFFRHYTHM_1B = dict(
+    dim=2048, depth=16, ff_mult=4, text_dim=512, conv_layers=4, mel_dim=64, text_num_embeds=363
+)
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,20 @@ class ModelSpec:
                 if self.min_seconds == self.max_seconds
                 else f"{self.min_seconds} to {self.max_seconds} s"
             )
-            hint = " (diffrhythm-1.2-full makes 96 to 285 s)" if seconds > self.max_seconds and self.max_seconds < 96 else ""
+            hint = (
+                " (diffrhythm-1.2-full makes 96 to 285 s)"
+                if seconds > self.max_seconds and self.max_seconds < 96
+                else ""
+            )
             raise InvalidParameter(
                 f"duration {seconds:g} s is out of range for {self.name}: it generates {allowed}",
                 recovery=f"choose a duration of {allowed}{hint}",
-                details={"parameter": "duration_s", "value": seconds, "min": self.min_seconds, "max": self.max_seconds},
+                details={
+                    "parameter": "duration_s",
+                    "value": seconds,
+                    "min": self.min_seconds,
+                    "max": self.max_seconds,
+                },
             )
 
     def lyrics_cutoff_s(self, seconds: float) -> float:
@@ -76,27 +87,66 @@ def _spec(name, repo, max_frames, seconds, description, *, duration_embed: bool,
     # get_lrc_token drops lines at or past the whole window rather than the chosen duration
     cfg = DiTConfig(**DIFFRHYTHM_1B, max_frames=max_frames, duration_embed=duration_embed, causal=v1_0)
     return ModelSpec(
-        name, repo, cfg, seconds[0], seconds[1], description,
-        lrc_drop_last_line=max_frames == 2048, lrc_window_cutoff=v1_0,
+        name,
+        repo,
+        cfg,
+        seconds[0],
+        seconds[1],
+        description,
+        lrc_drop_last_line=max_frames == 2048,
+        lrc_window_cutoff=v1_0,
     )
 
 
 MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        _spec("diffrhythm-1.2-base", "ASLP-lab/DiffRhythm-1_2", 2048, (95, 95),
-              "DiffRhythm v1.2, 95 s songs (2048 frames)", duration_embed=False, v1_0=False),
-        _spec("diffrhythm-1.2-full", "ASLP-lab/DiffRhythm-1_2-full", 6144, (96, 285),
-              "DiffRhythm v1.2 full, 96 to 285 s songs (up to 6144 frames)", duration_embed=True, v1_0=False),
-        _spec("diffrhythm-1.0-base", "ASLP-lab/DiffRhythm-base", 2048, (95, 95),
-              "DiffRhythm v1.0, 95 s songs (causal attention, no duration embedding)", duration_embed=False, v1_0=True),
-        _spec("diffrhythm-1.0-full", "ASLP-lab/DiffRhythm-full", 6144, (285, 285),
-              "DiffRhythm v1.0 full, 285 s songs (causal attention, no duration embedding)", duration_embed=False, v1_0=True),
+        _spec(
+            "diffrhythm-1.2-base",
+            "ASLP-lab/DiffRhythm-1_2",
+            2048,
+            (95, 95),
+            "DiffRhythm v1.2, 95 s songs (2048 frames)",
+            duration_embed=False,
+            v1_0=False,
+        ),
+        _spec(
+            "diffrhythm-1.2-full",
+            "ASLP-lab/DiffRhythm-1_2-full",
+            6144,
+            (96, 285),
+            "DiffRhythm v1.2 full, 96 to 285 s songs (up to 6144 frames)",
+            duration_embed=True,
+            v1_0=False,
+        ),
+        _spec(
+            "diffrhythm-1.0-base",
+            "ASLP-lab/DiffRhythm-base",
+            2048,
+            (95, 95),
+            "DiffRhythm v1.0, 95 s songs (causal attention, no duration embedding)",
+            duration_embed=False,
+            v1_0=True,
+        ),
+        _spec(
+            "diffrhythm-1.0-full",
+            "ASLP-lab/DiffRhythm-full",
+            6144,
+            (285, 285),
+            "DiffRhythm v1.0 full, 285 s songs (causal attention, no duration embedding)",
+            duration_embed=False,
+            v1_0=True,
+        ),
     )
 }
 TINY_DIT = DiTConfig(dim=64, depth=2, heads=4, ff_mult=2, conv_layers=1, max_frames=2048, duration_embed=True)
 MODELS["tiny"] = ModelSpec(
-    "tiny", "", TINY_DIT, 5, 95, "UNTRAINED tiny model with seeded random weights, for offline demos and tests",
+    "tiny",
+    "",
+    TINY_DIT,
+    5,
+    95,
+    "UNTRAINED tiny model with seeded random weights, for offline demos and tests",
     untrained=True,
 )
 DEFAULT_MODEL = "diffrhythm-1.2-base"

@@ -21,7 +21,38 @@ from musicgen.registry import LATENT_CHANNELS, LATENT_HOP, TINY_DIT
 
 STYLE_DIM = 512
 FORMAT_VERSION = 1  # bump when the files written here change
-_TEXT_WORDS = ["pop", "rock", "jazz", "blues", "folk", "piano", "guitar", "drums", "bass", "synth", "female", "male", "vocal", "vocals", "happy", "sad", "upbeat", "fast", "slow", "song", "with", "and", "a", "the", "energetic", "calm", "electronic", "acoustic", "dance", "ballad"]
+_TEXT_WORDS = [
+    "pop",
+    "rock",
+    "jazz",
+    "blues",
+    "folk",
+    "piano",
+    "guitar",
+    "drums",
+    "bass",
+    "synth",
+    "female",
+    "male",
+    "vocal",
+    "vocals",
+    "happy",
+    "sad",
+    "upbeat",
+    "fast",
+    "slow",
+    "song",
+    "with",
+    "and",
+    "a",
+    "the",
+    "energetic",
+    "calm",
+    "electronic",
+    "acoustic",
+    "dance",
+    "ballad",
+]
 
 
 class TinyVAE(nn.Module):
@@ -87,32 +118,59 @@ def save_tiny_mulan(folder: Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     XLMRobertaTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        cls_token="<s>", sep_token="</s>", mask_token="<unk>", model_max_length=64,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<unk>",
+        model_max_length=64,
     ).save_pretrained(text_dir)
     xlmr = XLMRobertaConfig(
-        vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=70, pad_token_id=1,
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        pad_token_id=1,
     )
     XLMRobertaModel(xlmr).save_pretrained(text_dir)
 
     w2v2 = Wav2Vec2ConformerConfig(
-        hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
-        conv_depthwise_kernel_size=3, position_embeddings_type="relative",
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        conv_depthwise_kernel_size=3,
+        position_embeddings_type="relative",
     ).to_dict()
     for key in ("id2label", "label2id"):  # int-keyed dicts that the muq package cannot take
         w2v2.pop(key, None)
     muq_cfg = dict(
-        encoder_dim=32, encoder_depth=1, conv_dim=8, codebook_size=16, w2v2_config=w2v2,
+        encoder_dim=32,
+        encoder_depth=1,
+        conv_dim=8,
+        codebook_size=16,
+        w2v2_config=w2v2,
         stat={"melspec_2048_mean": 6.0, "melspec_2048_std": 3.0},
     )
     MuQ(muq_cfg).save_pretrained(audio_dir, config=muq_cfg)
 
     tower = dict(tf_depth=1, heads=2, dim_head=8, attn_dropout=0.0, ff_dropout=0.0, ff_mult=2)
     mulan_cfg = dict(
-        mulan=dict(sr=24000, clip_secs=10, dim_latent=STYLE_DIM, decoupled_contrastive_learning=True,
-                   hierarchical_contrastive_loss=False, hierarchical_contrastive_loss_layers=None,
-                   sigmoid_contrastive_loss=False, rank_contrast=True),
+        mulan=dict(
+            sr=24000,
+            clip_secs=10,
+            dim_latent=STYLE_DIM,
+            decoupled_contrastive_learning=True,
+            hierarchical_contrastive_loss=False,
+            hierarchical_contrastive_loss_layers=None,
+            sigmoid_contrastive_loss=False,
+            rank_contrast=True,
+        ),
         audio_model=dict(name=str(audio_dir), model_dim=32, use_layer_idx=-1),
         text_model=dict(name=str(text_dir), model_dim=32),
         audio_transformer=dict(dim=16, **tower),

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check musicgen tests benchmarks
+.venv/bin/ruff format --check musicgen tests benchmarks
 .venv/bin/python -m pytest "$@"

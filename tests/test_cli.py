@@ -22,9 +22,32 @@ def lyrics(tmp_path):
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
 def test_generate_writes_takes_and_sidecar(tiny_model_paths, tmp_path, lyrics, fmt, capsys):
     out = tmp_path / "out"
-    rc = main(["generate", "--model", "tiny", "--lyrics", str(lyrics), "--style", "happy pop", "--duration", "10",
-               "--takes", "2", "--steps", "2", "--seed", "7", "--format", fmt, "--out", str(out), "--name", "t",
-               "--quiet"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--lyrics",
+            str(lyrics),
+            "--style",
+            "happy pop",
+            "--duration",
+            "10",
+            "--takes",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--format",
+            fmt,
+            "--out",
+            str(out),
+            "--name",
+            "t",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     meta = json.loads((out / "t.json").read_text())
     assert meta["seeds"] == [7, 8] and meta["model"] == "tiny" and meta["untrained_model"] is True
@@ -43,7 +66,11 @@ def test_generate_writes_takes_and_sidecar(tiny_model_paths, tmp_path, lyrics, f
         (["--model", "tiny", "--lyrics", "/nonexistent.lrc"], "INVALID_PARAMETER", "cannot read lyrics"),
         (["--model", "tiny", "--ref-audio", "/nonexistent.wav"], "UNSUPPORTED_MEDIA", "does not exist"),
         (["--model", "tiny", "--edit-audio", "x.wav"], "INVALID_PARAMETER", "go together"),
-        (["--model", "tiny", "--edit-audio", "x.wav", "--edit-segments", "[[1,"], "INVALID_PARAMETER", "edit-segments"),
+        (
+            ["--model", "tiny", "--edit-audio", "x.wav", "--edit-segments", "[[1,"],
+            "INVALID_PARAMETER",
+            "edit-segments",
+        ),
         (["--model", "diffrhythm-1.2-base"], "MODEL_NOT_LOADED", "ASLP-lab/DiffRhythm-1_2/cfm_model.pt"),
     ],
 )
@@ -60,15 +87,21 @@ def test_errors_are_one_clear_line(tiny_model_paths, args, code, text, capsys):
 def test_missing_weights_error_names_every_file_and_the_command(tiny_model_paths, capsys):
     assert main(["generate", "--model", "diffrhythm-1.2-full", "--duration", "120", "--style", "pop"]) != 0
     err = capsys.readouterr().err
-    for name in ("ASLP-lab/DiffRhythm-1_2-full/cfm_model.pt", "ASLP-lab/DiffRhythm-vae/vae_model.pt",
-                 "OpenMuQ/MuQ-MuLan-large", "musicgen models pull diffrhythm-1.2-full"):
+    for name in (
+        "ASLP-lab/DiffRhythm-1_2-full/cfm_model.pt",
+        "ASLP-lab/DiffRhythm-vae/vae_model.pt",
+        "OpenMuQ/MuQ-MuLan-large",
+        "musicgen models pull diffrhythm-1.2-full",
+    ):
         assert name in err
 
 
 def test_bad_lyrics_line_is_named(tiny_model_paths, tmp_path, capsys):
     bad = tmp_path / "bad.lrc"
     bad.write_text("[00:01.00]fine line\n[00:75.00]bad time\n")
-    assert main(["generate", "--model", "tiny", "--lyrics", str(bad), "--style", "pop", "--duration", "10"]) == 2
+    assert (
+        main(["generate", "--model", "tiny", "--lyrics", str(bad), "--style", "pop", "--duration", "10"]) == 2
+    )
     err = capsys.readouterr().err
     assert "error [INVALID_LYRICS]: line 2" in err
 

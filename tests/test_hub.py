@@ -57,6 +57,9 @@ def test_check_cached_lists_everything_missing(tmp_path, monkeypatch):
     with pytest.raises(ModelNotAvailable) as exc:
         hub.check_cached(MODELS["diffrhythm-1.2-base"])
     assert exc.value.details["missing"] == [
-        "ASLP-lab/DiffRhythm-1_2/cfm_model.pt", "ASLP-lab/DiffRhythm-vae/vae_model.pt", "OpenMuQ/MuQ-MuLan-large",
-        "assets/negative_style_vocal.npy", "assets/g2p/vocab.json",
+        "ASLP-lab/DiffRhythm-1_2/cfm_model.pt",
+        "ASLP-lab/DiffRhythm-vae/vae_model.pt",
+        "OpenMuQ/MuQ-MuLan-large",
+        "assets/negative_style_vocal.npy",
+        "assets/g2p/vocab.json",
     ]

@@ -51,7 +51,7 @@ def place_lines(
         tokens = [COMMA_ID if t == PERIOD_ID else t for t in ids] + [PERIOD_ID]
         start = max(int(time_s * SAMPLE_RATE / LATENT_HOP), last_end)
         length = max(0, min(len(tokens), end_frame - start))
-        frames[start:start + length] = torch.tensor(tokens[:length], dtype=torch.long)
+        frames[start : start + length] = torch.tensor(tokens[:length], dtype=torch.long)
         spans.append((start, length))
         last_end = start + length
     return frames, spans
@@ -84,7 +84,11 @@ class LyricsFrontEnd:
         sung = [ln for ln in parsed.lines if ln.time_s < cutoff]
         late = [ln for ln in parsed.lines if ln.time_s >= cutoff and ln.text]
         if late:
-            which = f"line {late[0].line_no}" if len(late) == 1 else f"{len(late)} lines (from line {late[0].line_no})"
+            which = (
+                f"line {late[0].line_no}"
+                if len(late) == 1
+                else f"{len(late)} lines (from line {late[0].line_no})"
+            )
             warnings.append(
                 f"{which} start at or after the song's end ({cutoff:.2f} s) and are not sung; "
                 "choose a longer duration to keep them"
@@ -108,7 +112,9 @@ class LyricsFrontEnd:
                     details={"line": ln.line_no},
                 )
             if lp.dropped:
-                warnings.append(f"line {ln.line_no}: phones not in the vocabulary were skipped: {' '.join(lp.dropped)}")
+                warnings.append(
+                    f"line {ln.line_no}: phones not in the vocabulary were skipped: {' '.join(lp.dropped)}"
+                )
             placed_input.append((ln.time_s, [i + 1 for i in lp.ids]))
             phones.append((ln, lp.phones))
         tokens, spans = place_lines(placed_input, end_frame)
@@ -116,7 +122,9 @@ class LyricsFrontEnd:
         for (ln, ph), (start, length), (_, ids) in zip(phones, spans, placed_input, strict=True):
             placed.append(PlacedLine(ln.time_s, ln.text, ph, start, length))
             if length == 0:
-                warnings.append(f"line {ln.line_no} ({ln.text[:30]!r}) does not fit before the song's end: not sung")
+                warnings.append(
+                    f"line {ln.line_no} ({ln.text[:30]!r}) does not fit before the song's end: not sung"
+                )
             elif length < len(ids) + 1:
                 warnings.append(f"line {ln.line_no} ({ln.text[:30]!r}) is cut at the song's end")
         return LyricsFrames(

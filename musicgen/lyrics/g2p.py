@@ -60,7 +60,8 @@ class PhoneTokenizer:
             return english_to_phones(segment)
         if lang == "zh":
             raise InvalidLyrics(
-                f"Mandarin is not supported yet: {line!r}", recovery="use English lyrics for now",
+                f"Mandarin is not supported yet: {line!r}",
+                recovery="use English lyrics for now",
                 details={"line": line},
             )
         # no letters at all: the official code crashes here; digits still read as English words

@@ -22,10 +22,25 @@ import re
 _ABBREVIATIONS = [
     (re.compile(rf"\b{short}\b", re.IGNORECASE), long)
     for short, long in [
-        ("mrs", "misess"), ("mr", "mister"), ("dr", "doctor"), ("st", "saint"), ("co", "company"),
-        ("jr", "junior"), ("maj", "major"), ("gen", "general"), ("drs", "doctors"), ("rev", "reverend"),
-        ("lt", "lieutenant"), ("hon", "honorable"), ("sgt", "sergeant"), ("capt", "captain"),
-        ("esq", "esquire"), ("ltd", "limited"), ("col", "colonel"), ("ft", "fort"), ("etc", "et cetera"),
+        ("mrs", "misess"),
+        ("mr", "mister"),
+        ("dr", "doctor"),
+        ("st", "saint"),
+        ("co", "company"),
+        ("jr", "junior"),
+        ("maj", "major"),
+        ("gen", "general"),
+        ("drs", "doctors"),
+        ("rev", "reverend"),
+        ("lt", "lieutenant"),
+        ("hon", "honorable"),
+        ("sgt", "sergeant"),
+        ("capt", "captain"),
+        ("esq", "esquire"),
+        ("ltd", "limited"),
+        ("col", "colonel"),
+        ("ft", "fort"),
+        ("etc", "et cetera"),
         ("btw", "by the way"),
     ]
 ]
@@ -111,8 +126,19 @@ def normalize_english(text: str) -> str:
 
 PUNCTUATION = ",.?!;:'…"
 _PUNCT_MAP = [
-    ("，", ","), ("。", "."), ("！", "!"), ("？", "?"), ("；", ";"), ("：", ":"), ("、", ","),
-    ("‘", "'"), ("’", "'"), ("⋯", "…"), ("···", "…"), ("・・・", "…"), ("...", "…"),
+    ("，", ","),
+    ("。", "."),
+    ("！", "!"),
+    ("？", "?"),
+    ("；", ";"),
+    ("：", ":"),
+    ("、", ","),
+    ("‘", "'"),
+    ("’", "'"),
+    ("⋯", "…"),
+    ("···", "…"),
+    ("・・・", "…"),
+    ("...", "…"),
 ]
 _NOT_KEPT = re.compile(r"[^\w\s_,\.\?!;:\'…]")
 _SPACE_AROUND_PUNCT = re.compile(r"\s*([,\.\?!;:\'…])\s*")
@@ -152,7 +178,10 @@ def phonemize(text: str, language: str = "en-us") -> str:
     from phonemizer.separator import Separator
 
     out = espeak_backend(language).phonemize(
-        [normalize_punctuation(text)], separator=Separator(word="|_|", syllable="-", phone="|"), strip=True, njobs=1
+        [normalize_punctuation(text)],
+        separator=Separator(word="|_|", syllable="-", phone="|"),
+        strip=True,
+        njobs=1,
     )
     phones = _PUNCT_PHONE.sub(r"|\1|", "\n".join(out))
     return re.sub(r"\|+", "|", phones).rstrip("|")
@@ -162,10 +191,23 @@ def phonemize(text: str, language: str = "en-us") -> str:
 
 _SOUNDING_END = "p⁼ʰmftnlkxʃs`ɹaoəɛɪeɑʊŋiuɥwæjː"
 _PHONE_MAP = [
-    ("t|ɹ", "tɹ"), ("d|ɹ", "dɹ"), ("t|s", "ts"), ("d|z", "dz"), ("ɪ|ɹ", "ɪɹ"), ("ɐ", "ɚ"), ("ᵻ", "ɪ"),
-    ("əl", "l"), ("x", "k"), ("ɬ", "l"), ("ʔ", "t"), ("n̩", "n"), ("oː|ɹ", "oːɹ"),
+    ("t|ɹ", "tɹ"),
+    ("d|ɹ", "dɹ"),
+    ("t|s", "ts"),
+    ("d|z", "dz"),
+    ("ɪ|ɹ", "ɪɹ"),
+    ("ɐ", "ɚ"),
+    ("ᵻ", "ɪ"),
+    ("əl", "l"),
+    ("x", "k"),
+    ("ɬ", "l"),
+    ("ʔ", "t"),
+    ("n̩", "n"),
+    ("oː|ɹ", "oːɹ"),
 ]
-_PHONE_MAP_RE = [(re.compile(r"(^|[_|])" + re.escape(a) + r"([_|]|$)"), rf"\g<1>{b}\g<2>") for a, b in _PHONE_MAP]
+_PHONE_MAP_RE = [
+    (re.compile(r"(^|[_|])" + re.escape(a) + r"([_|]|$)"), rf"\g<1>{b}\g<2>") for a, b in _PHONE_MAP
+]
 
 
 def _map_phones(phones: str) -> str:

@@ -70,7 +70,7 @@ def parse_lrc(text: str) -> ParsedLyrics:
             if not m:
                 break
             stamps.append(_time(m, line_no))
-            rest = rest[m.end():].lstrip()
+            rest = rest[m.end() :].lstrip()
         if stamps:
             body = rest.strip()
             for t in stamps:
@@ -84,7 +84,9 @@ def parse_lrc(text: str) -> ParsedLyrics:
                 try:
                     offset_s = int(value) / 1000.0
                 except ValueError:
-                    result.warnings.append(f"line {line_no}: ignored [offset:{value}]: not a whole number of ms")
+                    result.warnings.append(
+                        f"line {line_no}: ignored [offset:{value}]: not a whole number of ms"
+                    )
             continue
         sec = _SECTION.match(line)
         if sec:
@@ -110,7 +112,8 @@ def parse_lrc(text: str) -> ParsedLyrics:
         _check_order(result.lines)
         if offset_s:
             result.lines = [
-                LrcLine(max(0.0, ln.time_s - offset_s), ln.text, ln.line_no, ln.section) for ln in result.lines
+                LrcLine(max(0.0, ln.time_s - offset_s), ln.text, ln.line_no, ln.section)
+                for ln in result.lines
             ]
         result.lines.sort(key=lambda ln: ln.time_s)  # stable: same-time lines keep file order
     else:

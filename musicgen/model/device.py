@@ -22,18 +22,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise InvalidParameter(f"unknown device {name!r}", recovery="use auto, cpu, cuda, cuda:N or mps") from None
+        raise InvalidParameter(
+            f"unknown device {name!r}", recovery="use auto, cpu, cuda, cuda:N or mps"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameter("device cuda was asked for but no CUDA GPU is visible", recovery="use --device cpu")
+        raise InvalidParameter(
+            "device cuda was asked for but no CUDA GPU is visible", recovery="use --device cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidParameter("device mps was asked for but MPS is not available", recovery="use --device cpu")
+        raise InvalidParameter(
+            "device mps was asked for but MPS is not available", recovery="use --device cpu"
+        )
     return device
 
 
 def resolve_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     if name != "auto":
         if name not in DTYPES:
-            raise InvalidParameter(f"unknown dtype {name!r}", recovery=f"use auto or one of {', '.join(DTYPES)}")
+            raise InvalidParameter(
+                f"unknown dtype {name!r}", recovery=f"use auto or one of {', '.join(DTYPES)}"
+            )
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

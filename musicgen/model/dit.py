@@ -81,7 +81,9 @@ class DiTConfig:
 def sinusoidal_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM, scale: float = 1000.0) -> torch.Tensor:
     """(b,) flow times -> (b, dim) fp32 features: [sin, cos] of scale * t * 10000^(-k/(half-1))."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1))
+    )
     arg = scale * t.float()[:, None] * freqs[None, :]
     return torch.cat((arg.sin(), arg.cos()), dim=-1)
 

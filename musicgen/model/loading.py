@@ -23,18 +23,24 @@ def read_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointMismatch(f"{path.name} is not a readable PyTorch checkpoint: {type(exc).__name__}") from None
+        raise CheckpointMismatch(
+            f"{path.name} is not a readable PyTorch checkpoint: {type(exc).__name__}"
+        ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_state_dict"), dict):
         keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointMismatch(f"{path.name} has no 'model_state_dict' (found {keys}): not an official cfm_model.pt")
+        raise CheckpointMismatch(
+            f"{path.name} has no 'model_state_dict' (found {keys}): not an official cfm_model.pt"
+        )
     state = ckpt["model_state_dict"]
     stray = [k for k in state if not k.startswith(PREFIX)]
     if stray:
         raise CheckpointMismatch(f"{path.name}: keys outside '{PREFIX}': {stray[:3]}")
-    return {k[len(PREFIX):]: v for k, v in state.items()}
+    return {k[len(PREFIX) :]: v for k, v in state.items()}
 
 
-def load_dit(path: str | Path, cfg: DiTConfig, *, device: torch.device, dtype: torch.dtype, model_name: str = "") -> DiT:
+def load_dit(
+    path: str | Path, cfg: DiTConfig, *, device: torch.device, dtype: torch.dtype, model_name: str = ""
+) -> DiT:
     state = read_dit_state_dict(path)
     has_duration = any(k.startswith("duration_time_embed.") for k in state)
     if has_duration != cfg.duration_embed:
@@ -49,7 +55,9 @@ def load_dit(path: str | Path, cfg: DiTConfig, *, device: torch.device, dtype: t
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:3]
-        raise CheckpointMismatch(f"{Path(path).name} does not fit {model_name or 'the model'}: {' '.join(first)}") from None
+        raise CheckpointMismatch(
+            f"{Path(path).name} does not fit {model_name or 'the model'}: {' '.join(first)}"
+        ) from None
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -74,7 +74,9 @@ def _prompt_and_mask(model: DiT, cond: SongConditions, device) -> tuple[torch.Te
     prompt = cond.latent_prompt if cond.latent_prompt is not None else torch.zeros(1, n, mel)
     mask = cond.generate_mask if cond.generate_mask is not None else torch.ones(n, dtype=torch.bool)
     if prompt.shape != (1, n, mel) or mask.shape != (n,):
-        raise ValueError(f"latent prompt {tuple(prompt.shape)} / mask {tuple(mask.shape)} do not fit {n} frames")
+        raise ValueError(
+            f"latent prompt {tuple(prompt.shape)} / mask {tuple(mask.shape)} do not fit {n} frames"
+        )
     return prompt.to(device=device, dtype=torch.float32), mask.to(device)
 
 
@@ -145,7 +147,9 @@ def sample_reference(
         for i in range(settings.steps):
             pred = model(x, step_cond, text, t[i], style, start, duration).float()
             if settings.uses_guidance:
-                null = model(x, step_cond, text, t[i], neg, start, duration, drop_audio_cond=True, drop_text=True)
+                null = model(
+                    x, step_cond, text, t[i], neg, start, duration, drop_audio_cond=True, drop_text=True
+                )
                 pred = pred + (pred - null.float()) * settings.cfg_strength
             x = x + (t[i + 1] - t[i]) * pred
         outs.append(torch.where(mask[None, :, None], x, prompt))

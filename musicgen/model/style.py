@@ -28,7 +28,9 @@ class StyleEncoder:
         self.device = device
 
     @classmethod
-    def from_pretrained(cls, source: str, device: torch.device, *, cache_dir: Path, download: bool) -> StyleEncoder:
+    def from_pretrained(
+        cls, source: str, device: torch.device, *, cache_dir: Path, download: bool
+    ) -> StyleEncoder:
         """`source`: a hub repo id (OpenMuQ/MuQ-MuLan-large) or a folder written by `save_pretrained`."""
         from muq import MuQMuLan
 
@@ -63,7 +65,9 @@ class StyleEncoder:
 def check_prompt(prompt: str) -> str:
     prompt = (prompt or "").strip()
     if not prompt:
-        raise InvalidPrompt("the style prompt is empty", recovery="describe the style, e.g. 'upbeat pop, female vocals'")
+        raise InvalidPrompt(
+            "the style prompt is empty", recovery="describe the style, e.g. 'upbeat pop, female vocals'"
+        )
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidPrompt(
             f"the style prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed",

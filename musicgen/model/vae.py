@@ -42,19 +42,28 @@ def _stitch_spans(starts: list[int], chunk: int, overlap: int, total: int, scale
     return spans
 
 
-def _run_chunked(fn, x: torch.Tensor, chunk: int, overlap: int, scale_in: int, scale_out: int,
-                 max_batch: int, out_channels: int, out_len: int) -> torch.Tensor:
+def _run_chunked(
+    fn,
+    x: torch.Tensor,
+    chunk: int,
+    overlap: int,
+    scale_in: int,
+    scale_out: int,
+    max_batch: int,
+    out_channels: int,
+    out_len: int,
+) -> torch.Tensor:
     """Apply `fn` to overlapping windows of x (b, c, t*scale_in) and stitch (b, out_channels, out_len)."""
     total = x.shape[-1] // scale_in
     b = x.shape[0]
     starts = _windows(total, chunk, overlap)
     # (windows*b, c, chunk*scale_in), window-major
-    stacked = torch.cat([x[..., s * scale_in:(s + chunk) * scale_in] for s in starts])
-    outs = [fn(stacked[i:i + max_batch]) for i in range(0, stacked.shape[0], max_batch)]
+    stacked = torch.cat([x[..., s * scale_in : (s + chunk) * scale_in] for s in starts])
+    outs = [fn(stacked[i : i + max_batch]) for i in range(0, stacked.shape[0], max_batch)]
     decoded = torch.cat(outs)  # (windows*b, out_channels, chunk*scale_out)
     y = decoded.new_zeros(b, out_channels, out_len)
     for i, ((t0, t1), (c0, c1)) in enumerate(_stitch_spans(starts, chunk, overlap, total, scale_out)):
-        y[..., t0:t1] = decoded[i * b:(i + 1) * b, :, c0:c1]
+        y[..., t0:t1] = decoded[i * b : (i + 1) * b, :, c0:c1]
     return y
 
 
@@ -66,7 +75,9 @@ class SongVAE:
         self.device = device
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, *, chunk: int = 128, overlap: int = 32, max_batch: int = 4) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, *, chunk: int = 128, overlap: int = 32, max_batch: int = 4
+    ) -> torch.Tensor:
         """(b, frames, 64) latents -> (b, 2, frames * 2048) fp32 audio."""
         z = latents.transpose(1, 2).to(self.device, torch.float32)
         total = z.shape[-1]
@@ -77,7 +88,9 @@ class SongVAE:
         ).float()
 
     @torch.inference_mode()
-    def encode(self, audio: torch.Tensor, *, chunk: int = 128, overlap: int = 32, max_batch: int = 4) -> torch.Tensor:
+    def encode(
+        self, audio: torch.Tensor, *, chunk: int = 128, overlap: int = 32, max_batch: int = 4
+    ) -> torch.Tensor:
         """(b, 2, samples) audio, samples a multiple of 2048 -> (b, 128, frames) posterior mean|scale."""
         a = audio.to(self.device, torch.float32)
         frames = a.shape[-1] // LATENT_HOP

@@ -26,7 +26,9 @@ def frontend():
 
 
 def test_espeak_is_the_pinned_version(expected):
-    assert espeak_version() == expected["espeak_ng"] == "1.51", "install Debian's espeak-ng 1.51 (scripts/setup.sh)"
+    assert espeak_version() == expected["espeak_ng"] == "1.51", (
+        "install Debian's espeak-ng 1.51 (scripts/setup.sh)"
+    )
 
 
 def test_every_line_matches(expected, frontend, shared_dir):
@@ -43,7 +45,9 @@ def test_lrc_frames_match(expected, frontend, shared_dir, case):
     want = expected["lrc"][case]
     spec = MODELS[CASE_MODEL[case]]
     assert spec.max_frames == want["max_frames"]
-    got = frontend.encode((shared_dir / "conformance/g2p-en/song.lrc").read_text(), spec, want["audio_length_s"])
+    got = frontend.encode(
+        (shared_dir / "conformance/g2p-en/song.lrc").read_text(), spec, want["audio_length_s"]
+    )
     assert got.end_frame == want["end_frame"]
     assert got.song_duration == want["song_duration"]
     assert got.tokens.tolist() == want["frames"]

@@ -18,8 +18,12 @@ def test_timestamp_forms_and_tags():
     assert p.timed and p.metadata == {"ar": "Someone", "ti": "Title", "offset": "+500"}
     got = [(round(ln.time_s, 3), ln.text, ln.section) for ln in p.lines]
     assert got == [
-        (9.5, "one", "Verse 1"), (12.0, "two", "Verse 1"), (13.75, "three", "Verse 1"),
-        (19.5, "again", "Chorus"), (39.5, "again", "Chorus"), (61.625, "four", "Verse 1"),
+        (9.5, "one", "Verse 1"),
+        (12.0, "two", "Verse 1"),
+        (13.75, "three", "Verse 1"),
+        (19.5, "again", "Chorus"),
+        (39.5, "again", "Chorus"),
+        (61.625, "four", "Verse 1"),
     ]
 
 

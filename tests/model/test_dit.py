@@ -14,12 +14,17 @@ from musicgen.model.loading import load_dit
 from musicgen.model.sampler import SamplerSettings, SongConditions, sample, take_noise
 from musicgen.registry import MODELS
 
-CASES = {"base": dict(max_frames=2048, duration_embed=False), "full": dict(max_frames=6144, duration_embed=True)}
+CASES = {
+    "base": dict(max_frames=2048, duration_embed=False),
+    "full": dict(max_frames=6144, duration_embed=True),
+}
 
 
 def load_case(shared_dir, name):
     root = shared_dir / "conformance" / "sampler"
-    cfg = DiTConfig.from_official_json(json.loads((root / "tiny_config.json").read_text())["model"], **CASES[name])
+    cfg = DiTConfig.from_official_json(
+        json.loads((root / "tiny_config.json").read_text())["model"], **CASES[name]
+    )
     model = load_dit(root / f"{name}_cfm_model.pt", cfg, device=torch.device("cpu"), dtype=torch.float32)
     io = {k: torch.from_numpy(v) for k, v in np.load(root / f"{name}_io.npz").items()}
     return model, io
@@ -30,7 +35,15 @@ def test_velocity_matches_official(shared_dir, name, record_property):
     model, io = load_case(shared_dir, name)
     x = io["x"]
     with torch.inference_mode():
-        v = model(x, torch.zeros_like(x), io["text"], torch.tensor(0.3), io["style"], torch.zeros(1), io["song_duration"])
+        v = model(
+            x,
+            torch.zeros_like(x),
+            io["text"],
+            torch.tensor(0.3),
+            io["style"],
+            torch.zeros(1),
+            io["song_duration"],
+        )
     err = (v - io["velocity"]).abs().max().item()
     record_property("max_abs_diff_velocity", err)
     print(f"{name}: velocity max |diff| = {err:.3g}")
@@ -41,11 +54,15 @@ def test_velocity_matches_official(shared_dir, name, record_property):
 def test_sampler_latents_match_official(shared_dir, name, record_property):
     model, io = load_case(shared_dir, name)
     assert int(io["frames"]) == io["text"].shape[1]
-    cond = SongConditions(text=io["text"], style=io["style"], negative_style=io["neg"], song_duration=io["song_duration"])
+    cond = SongConditions(
+        text=io["text"], style=io["style"], negative_style=io["neg"], song_duration=io["song_duration"]
+    )
     # official: torch.manual_seed(42); torch.randn(frames, 64) -- take_noise draws the same numbers
     torch.manual_seed(42)
     assert torch.equal(take_noise([42], int(io["frames"]), 64)[0], torch.randn(int(io["frames"]), 64))
-    latents = sample(model, cond, take_noise([42], int(io["frames"]), 64), SamplerSettings(steps=7, cfg_strength=4.0))
+    latents = sample(
+        model, cond, take_noise([42], int(io["frames"]), 64), SamplerSettings(steps=7, cfg_strength=4.0)
+    )
     err = (latents - io["latents"]).abs().max().item()
     record_property("max_abs_diff_latents", err)
     print(f"{name}: latents max |diff| = {err:.3g}")
@@ -56,7 +73,9 @@ def test_null_text_cache_is_cleared_when_weights_change(shared_dir):
     model, io = load_case(shared_dir, "base")
     first = model.null_text_embedding(64, "cpu").clone()
     with torch.no_grad():
-        state = {k: v + 1 if k == "text_embed.text_embed.weight" else v for k, v in model.state_dict().items()}
+        state = {
+            k: v + 1 if k == "text_embed.text_embed.weight" else v for k, v in model.state_dict().items()
+        }
     model.load_state_dict(state)
     assert not torch.allclose(model.null_text_embedding(64, "cpu"), first)
 
@@ -73,7 +92,13 @@ def test_attention_is_full_in_v12_and_causal_in_v10():
         x = torch.randn(1, 128, 64)
         x2 = x.clone()
         x2[:, -1] += 1.0
-        args = (torch.zeros(1, 128, 64), torch.zeros(1, 128, dtype=torch.long), torch.tensor(0.5), torch.randn(1, 512), torch.zeros(1))
+        args = (
+            torch.zeros(1, 128, 64),
+            torch.zeros(1, 128, dtype=torch.long),
+            torch.tensor(0.5),
+            torch.randn(1, 512),
+            torch.zeros(1),
+        )
         with torch.inference_mode():
             # conv position embedding has a wide kernel: compare a frame far from the change
             a, b = model(x, *args), model(x2, *args)
@@ -85,14 +110,42 @@ def test_attention_is_full_in_v12_and_causal_in_v10():
 def test_registry_pins_official_differences():
     base, full = MODELS["diffrhythm-1.2-base"], MODELS["diffrhythm-1.2-full"]
     v10_base, v10_full = MODELS["diffrhythm-1.0-base"], MODELS["diffrhythm-1.0-full"]
-    assert (base.repo_id, base.max_frames, base.dit.duration_embed, base.dit.causal) == ("ASLP-lab/DiffRhythm-1_2", 2048, False, False)
-    assert (full.repo_id, full.max_frames, full.dit.duration_embed, full.dit.causal) == ("ASLP-lab/DiffRhythm-1_2-full", 6144, True, False)
-    assert (v10_base.repo_id, v10_base.max_frames, v10_base.dit.duration_embed, v10_base.dit.causal) == ("ASLP-lab/DiffRhythm-base", 2048, False, True)
-    assert (v10_full.repo_id, v10_full.max_frames, v10_full.dit.duration_embed, v10_full.dit.causal) == ("ASLP-lab/DiffRhythm-full", 6144, False, True)
+    assert (base.repo_id, base.max_frames, base.dit.duration_embed, base.dit.causal) == (
+        "ASLP-lab/DiffRhythm-1_2",
+        2048,
+        False,
+        False,
+    )
+    assert (full.repo_id, full.max_frames, full.dit.duration_embed, full.dit.causal) == (
+        "ASLP-lab/DiffRhythm-1_2-full",
+        6144,
+        True,
+        False,
+    )
+    assert (v10_base.repo_id, v10_base.max_frames, v10_base.dit.duration_embed, v10_base.dit.causal) == (
+        "ASLP-lab/DiffRhythm-base",
+        2048,
+        False,
+        True,
+    )
+    assert (v10_full.repo_id, v10_full.max_frames, v10_full.dit.duration_embed, v10_full.dit.causal) == (
+        "ASLP-lab/DiffRhythm-full",
+        6144,
+        False,
+        True,
+    )
     for spec in (base, full, v10_base, v10_full):  # config/diffrhythm-1b.json, 32 heads (LlamaConfig default)
         d = spec.dit
-        assert (d.dim, d.depth, d.heads, d.ff_mult, d.text_dim, d.conv_layers, d.mel_dim, d.text_num_embeds) == (
-            2048, 16, 32, 4, 512, 4, 64, 363)
+        assert (
+            d.dim,
+            d.depth,
+            d.heads,
+            d.ff_mult,
+            d.text_dim,
+            d.conv_layers,
+            d.mel_dim,
+            d.text_num_embeds,
+        ) == (2048, 16, 32, 4, 512, 4, 64, 363)
     # durations -> frames as the official inference computes them
     assert base.frames_for(95) == 2048
     assert full.frames_for(100) == 2153 and full.frames_for(285) == 6136 and full.frames_for(96) == 2067
@@ -105,7 +158,9 @@ def test_official_state_dict_keys_for_full_size_config():
         base = DiT(MODELS["diffrhythm-1.2-base"].dit)
         full = DiT(MODELS["diffrhythm-1.2-full"].dit)
     base_keys, full_keys = set(base.state_dict()), set(full.state_dict())
-    assert full_keys - base_keys == {f"duration_time_embed.time_mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    assert full_keys - base_keys == {
+        f"duration_time_embed.time_mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")
+    }
     sd = full.state_dict()
     assert sd["input_embed.proj.weight"].shape == (2048, 64 * 2 + 512 + 512 * 2)
     assert sd["transformer_blocks.15.mlp.gate_proj.weight"].shape == (8192, 2048)

@@ -28,14 +28,20 @@ def test_roundtrip_in_official_layout(tmp_path):
 def test_base_checkpoint_refused_for_full_model(shared_dir):
     full_cfg = MODELS["diffrhythm-1.2-full"].dit
     with pytest.raises(CheckpointMismatch, match="without a duration embedding"):
-        load_dit(shared_dir / "conformance/sampler/base_cfm_model.pt", full_cfg, device=CPU, dtype=torch.float32)
+        load_dit(
+            shared_dir / "conformance/sampler/base_cfm_model.pt", full_cfg, device=CPU, dtype=torch.float32
+        )
 
 
 def test_wrong_shapes_are_refused(shared_dir):
     # the conformance checkpoint is dim 64; the real config is dim 2048
     with pytest.raises(CheckpointMismatch, match="does not fit"):
-        load_dit(shared_dir / "conformance/sampler/full_cfm_model.pt", MODELS["diffrhythm-1.2-full"].dit,
-                 device=CPU, dtype=torch.float32)
+        load_dit(
+            shared_dir / "conformance/sampler/full_cfm_model.pt",
+            MODELS["diffrhythm-1.2-full"].dit,
+            device=CPU,
+            dtype=torch.float32,
+        )
 
 
 def test_missing_and_extra_keys_are_refused(tmp_path):

@@ -64,7 +64,9 @@ def test_takes_are_distinct_and_reproducible(model, cond):
 def test_without_guidance_only_the_conditional_branch_runs(model, cond):
     settings = SamplerSettings(steps=3, cfg_strength=0.0)
     noise = take_noise([3], FRAMES, 64)
-    assert torch.allclose(sample(model, cond, noise, settings), sample_reference(model, cond, noise, settings), atol=2e-5)
+    assert torch.allclose(
+        sample(model, cond, noise, settings), sample_reference(model, cond, noise, settings), atol=2e-5
+    )
 
 
 def test_edit_mode_keeps_prompt_outside_segments(model, cond):
@@ -107,8 +109,17 @@ def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="cfg_strength"):
         SamplerSettings(cfg_strength=-1)
     with pytest.raises(ValueError, match="does not fit"):
-        sample(DiT(CFG), SongConditions(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 512), torch.zeros(1, 512),
-                                        torch.tensor([0.1])), torch.zeros(1, 9, 64), SETTINGS)
+        sample(
+            DiT(CFG),
+            SongConditions(
+                torch.zeros(1, 8, dtype=torch.long),
+                torch.zeros(1, 512),
+                torch.zeros(1, 512),
+                torch.tensor([0.1]),
+            ),
+            torch.zeros(1, 9, 64),
+            SETTINGS,
+        )
 
 
 def test_bf16_weights_keep_fp32_rope_and_time(model, cond):

@@ -18,7 +18,7 @@ def official_chunked_decode(decode, latents, chunk=128, overlap=32, hop_out=2048
     y = torch.zeros(latents.shape[0], 2, total * hop_out)
     ol = (overlap // 2) * hop_out
     for i, s in enumerate(starts):
-        y_chunk = decode(latents[:, :, s:s + chunk])
+        y_chunk = decode(latents[:, :, s : s + chunk])
         if i == len(starts) - 1:
             t_end = total * hop_out
             t_start = t_end - y_chunk.shape[2]
