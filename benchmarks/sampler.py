@@ -113,7 +113,7 @@ def main() -> None:
         ax.set_xticks(list(xs), [f"{r[0]} take(s)" for r in rows])
         ax.set_ylabel(f"seconds per song ({args.steps} steps)")
         ax.set_title(f"DiT dim {cfg.dim}, depth {cfg.depth}, {args.frames} frames, {device.type} {dtype}")
-        ax.legend()
+        ax.legend(loc="lower center")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")

@@ -9,13 +9,14 @@ the song's end are not sung; the base (2048-frame) models also drop the last lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from musicgen.errors import InvalidLyrics
-from musicgen.lyrics.g2p import PhoneTokenizer
-from musicgen.lyrics.lrc import parse_lrc, to_lrc
+from musicgen.lyrics.g2p import LinePhones, PhoneTokenizer, unsupported_letters
+from musicgen.lyrics.lrc import LrcLine, format_time, parse_lrc, to_lrc
+from musicgen.lyrics.timing import auto_time
 from musicgen.registry import LATENT_HOP, SAMPLE_RATE, ModelSpec
 
 COMMA_ID, PERIOD_ID = 1, 2  # model ids of "," and "."
@@ -71,28 +72,54 @@ class LyricsFrontEnd:
 
         return cls(PhoneTokenizer(asset_path("g2p/vocab.json", download=download)))
 
+    def line_phones(self, ln: LrcLine) -> LinePhones:
+        bad = unsupported_letters(ln.text)
+        if bad:
+            raise InvalidLyrics(
+                f"line {ln.line_no}: unsupported script in {ln.text[:40]!r} ({' '.join(bad[:5])})",
+                recovery="DiffRhythm sings English and Mandarin: write the line in one of them",
+                details={"line": ln.line_no, "characters": bad[:20]},
+            )
+        lp = self.tokenizer.line(ln.text)
+        if not lp.ids:
+            raise InvalidLyrics(
+                f"line {ln.line_no}: {ln.text[:40]!r} produces no phones",
+                recovery="write the line with letters (English or Mandarin), or remove it",
+                details={"line": ln.line_no},
+            )
+        return lp
+
+    def auto_time(self, lines: list[LrcLine], spec: ModelSpec, seconds: float) -> list[LrcLine]:
+        """Timestamps for plain lyrics (see timing.py); the base models get an empty end marker so
+        that their drop-the-last-line rule drops the marker, not the last sung line."""
+        counts = [len(self.line_phones(ln).ids) + 1 for ln in lines]  # + the line's period
+        layout = auto_time(counts, [ln.section for ln in lines], spec.lyrics_cutoff_s(seconds))
+        timed = [replace(ln, time_s=t) for ln, t in zip(lines, layout.times, strict=True)]
+        if spec.lrc_drop_last_line:
+            end = round(spec.lyrics_cutoff_s(seconds) - layout.outro_s, 2)
+            end = min(max(end, timed[-1].time_s + 0.01), spec.lyrics_cutoff_s(seconds) - 0.01)
+            timed.append(LrcLine(round(end, 2), "", lines[-1].line_no + 1, None))
+        return timed
+
     def encode(self, lyrics: str, spec: ModelSpec, seconds: float) -> LyricsFrames:
         end_frame = spec.frames_for(seconds)
         parsed = parse_lrc(lyrics or "")
         warnings = list(parsed.warnings)
-        if parsed.lines and not parsed.timed:
-            raise InvalidLyrics(
-                "the lyrics have no timestamps",
-                recovery="start every line with a timestamp such as [00:12.50]",
-            )
+        lines = parsed.lines
+        if lines and not parsed.timed:
+            lines = self.auto_time(lines, spec, seconds)
         cutoff = spec.lyrics_cutoff_s(seconds)
-        sung = [ln for ln in parsed.lines if ln.time_s < cutoff]
-        late = [ln for ln in parsed.lines if ln.time_s >= cutoff and ln.text]
+        late = [ln for ln in lines if ln.time_s >= cutoff and ln.text]
         if late:
-            which = (
-                f"line {late[0].line_no}"
-                if len(late) == 1
-                else f"{len(late)} lines (from line {late[0].line_no})"
+            raise InvalidLyrics(
+                f"line {late[0].line_no} starts at {format_time(late[0].time_s)}, at or after the end of the "
+                f"{seconds:g} s song" + (f" ({len(late)} lines do)" if len(late) > 1 else ""),
+                recovery="choose a longer duration (diffrhythm-1.2-full sings up to 285 s) or remove those lines",
+                details={"line": late[0].line_no, "lines": [ln.line_no for ln in late]},
             )
-            warnings.append(
-                f"{which} start at or after the song's end ({cutoff:.2f} s) and are not sung; "
-                "choose a longer duration to keep them"
-            )
+        # every line is checked, the one a base model drops included
+        phones = {ln.line_no: self.line_phones(ln) for ln in lines if ln.text}
+        sung = list(lines)
         if spec.lrc_drop_last_line and sung:
             last = sung.pop()
             if last.text:
@@ -100,26 +127,20 @@ class LyricsFrontEnd:
                     f"line {last.line_no} ({last.text[:30]!r}) is the last line: {spec.name} does not sing it; "
                     "end the lyrics with an empty timestamp line such as [01:34.00] to keep it"
                 )
-        placed_input, phones = [], []
+        placed_input, kept = [], []
         for ln in sung:
             if not ln.text:  # an instrumental break or end marker: nothing to place
                 continue
-            lp = self.tokenizer.line(ln.text)
-            if not lp.ids:
-                raise InvalidLyrics(
-                    f"line {ln.line_no}: {ln.text[:40]!r} produces no phones",
-                    recovery="write the line with letters (English or Mandarin), or remove it",
-                    details={"line": ln.line_no},
-                )
+            lp = phones[ln.line_no]
             if lp.dropped:
                 warnings.append(
                     f"line {ln.line_no}: phones not in the vocabulary were skipped: {' '.join(lp.dropped)}"
                 )
             placed_input.append((ln.time_s, [i + 1 for i in lp.ids]))
-            phones.append((ln, lp.phones))
+            kept.append((ln, lp.phones))
         tokens, spans = place_lines(placed_input, end_frame)
         placed = []
-        for (ln, ph), (start, length), (_, ids) in zip(phones, spans, placed_input, strict=True):
+        for (ln, ph), (start, length), (_, ids) in zip(kept, spans, placed_input, strict=True):
             placed.append(PlacedLine(ln.time_s, ln.text, ph, start, length))
             if length == 0:
                 warnings.append(
@@ -127,11 +148,16 @@ class LyricsFrontEnd:
                 )
             elif length < len(ids) + 1:
                 warnings.append(f"line {ln.line_no} ({ln.text[:30]!r}) is cut at the song's end")
+            elif ln.time_s * SAMPLE_RATE / LATENT_HOP < start - 1:
+                warnings.append(
+                    f"line {ln.line_no} starts late, at {start * LATENT_HOP / SAMPLE_RATE:.2f} s: "
+                    "the line before it is longer than the gap between their timestamps"
+                )
         return LyricsFrames(
             tokens=tokens,
             end_frame=end_frame,
             song_duration=fp16_round(end_frame / spec.max_frames),
-            lrc=to_lrc([(ln.time_s, ln.text) for ln in parsed.lines]),
+            lrc=to_lrc([(ln.time_s, ln.text) for ln in lines]),
             lines=placed,
             warnings=warnings,
         )

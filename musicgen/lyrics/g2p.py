@@ -8,6 +8,7 @@ each run goes through its language's g2p.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,19 @@ def _script(ch: str) -> str:
     if "A" <= ch <= "Z" or "a" <= ch <= "z":
         return "en"
     return "other"
+
+
+def unsupported_letters(text: str) -> list[str]:
+    """Letters of scripts the model was not trained on (Latin and CJK ideographs are supported)."""
+    bad = []
+    for ch in text:
+        if ch.isalpha() and _script(ch) == "other" and not _is_latin(ch) and ch not in bad:
+            bad.append(ch)
+    return bad
+
+
+def _is_latin(ch: str) -> bool:
+    return "LATIN" in unicodedata.name(ch, "")
 
 
 def split_scripts(text: str) -> list[tuple[str, str]]:
