@@ -104,24 +104,31 @@ OFFICIAL_COMMIT = "28ad63c0f096fe2ee258bcabbcf081d5d9366afd"
 class Asset:
     path: str  # inside the assets folder (same layout as ../shared/diffrhythm-assets)
     source: str  # path in the official repository
-    sha256: str
+    sha256: str | None  # None: not pinned (large optional files, checked for presence only)
+    optional: bool = False  # the front end works without it, with a documented fallback
 
 
+_ZH = "g2p/g2p_chinese_model"
 ASSETS: dict[str, Asset] = {
     a.path: a
     for a in (
-        Asset(
-            "negative_style_vocal.npy",
-            "infer/example/vocal.npy",
-            "6cb7d74eb7a8eda12acb8247b21d373928301db8a8cb0db480d341799fed3ce5",
-        ),
-        Asset(
-            "g2p/vocab.json",
-            "g2p/g2p/vocab.json",
-            "0f5c44e05f79df8ae4fd77d7772950436a8bacc83d134fdf0ae3c72412b5676a",
-        ),
+        Asset("negative_style_vocal.npy", "infer/example/vocal.npy",
+              "6cb7d74eb7a8eda12acb8247b21d373928301db8a8cb0db480d341799fed3ce5"),
+        Asset("g2p/vocab.json", "g2p/g2p/vocab.json",
+              "0f5c44e05f79df8ae4fd77d7772950436a8bacc83d134fdf0ae3c72412b5676a"),
+        Asset("g2p/pinyin_2_bpmf.txt", "g2p/sources/pinyin_2_bpmf.txt",
+              "dc8b048a20cf61d04b5a36bc6939db74095719b8099269a1269023ee3e6535b4"),
+        Asset(f"{_ZH}/polychar.txt", "g2p/sources/g2p_chinese_model/polychar.txt",
+              "9df819e371415c23e26a2907236a0228ef93772cc698d93dc0c18844956d1011"),
+        Asset(f"{_ZH}/polydict.json", "g2p/sources/g2p_chinese_model/polydict.json",
+              "ec6c8bd6d223205f48a17a07720bc594c20b3eab5460175414f7ebee1e66b6b9"),
+        Asset(f"{_ZH}/vocab.txt", "g2p/sources/g2p_chinese_model/vocab.txt",
+              "366fe2b1318c774fd28bdea58dbcfbd6d6aeae313fdcd9063d170cdc602fd51a"),
+        Asset("g2p/chinese_lexicon.txt", "g2p/sources/chinese_lexicon.txt", None, optional=True),
+        Asset(f"{_ZH}/poly_bert_model.onnx", "g2p/sources/g2p_chinese_model/poly_bert_model.onnx",
+              None, optional=True),
     )
-}
+}  # fmt: skip
 
 
 def assets_dir() -> Path:
@@ -163,7 +170,12 @@ def _install(src: Path, target: Path, asset: Asset) -> None:
 
 
 def _verify_and_move(tmp: Path, target: Path, asset: Asset) -> None:
-    digest = _sha256(tmp)
+    digest = _sha256(tmp) if asset.sha256 else None
+    if asset.sha256 is None and tmp.stat().st_size == 0:
+        tmp.unlink(missing_ok=True)
+        raise ModelNotAvailable(
+            f"{asset.path}: the file is empty", recovery=f"run `{PULL_HINT} assets` again"
+        )
     if digest != asset.sha256:
         tmp.unlink(missing_ok=True)
         raise ModelNotAvailable(
@@ -218,7 +230,29 @@ def pull_mulan(repo_id: str) -> Path:
 
 
 def pull_assets() -> list[Path]:
-    return [asset_path(name) for name in ASSETS]
+    """Fetch every data file; an optional one that cannot be had is reported, not fatal."""
+    got = []
+    for name, asset in ASSETS.items():
+        try:
+            got.append(asset_path(name))
+        except ModelNotAvailable as exc:
+            if not asset.optional:
+                raise
+            print(
+                f"warning: optional {name} not fetched ({exc.message}); the front end falls back without it"
+            )
+    return got
+
+
+def optional_asset(name: str) -> Path | None:
+    """An optional data file if it is in the cache or the local source; never downloads."""
+    target = assets_dir() / ASSETS[name].path
+    if target.is_file():
+        return target
+    local_source = os.environ.get(ENV_ASSETS_DIR)
+    if local_source and (Path(local_source) / ASSETS[name].path).is_file():
+        return asset_path(name)
+    return None
 
 
 def _requirements(spec) -> list[tuple[str, str, bool]]:
@@ -235,7 +269,11 @@ def _requirements(spec) -> list[tuple[str, str, bool]]:
         ),
         ("vae", f"{VAE_REPO}/{VAE_FILE}", hub_file_cached(VAE_REPO, VAE_FILE) is not None),
         ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None),
-        *[("assets", f"assets/{a.path}", (assets_dir() / a.path).is_file()) for a in ASSETS.values()],
+        *[
+            ("assets", f"assets/{a.path}", (assets_dir() / a.path).is_file())
+            for a in ASSETS.values()
+            if not a.optional
+        ],
     ]
 
 

@@ -62,4 +62,8 @@ def test_check_cached_lists_everything_missing(tmp_path, monkeypatch):
         "OpenMuQ/MuQ-MuLan-large",
         "assets/negative_style_vocal.npy",
         "assets/g2p/vocab.json",
+        "assets/g2p/pinyin_2_bpmf.txt",
+        "assets/g2p/g2p_chinese_model/polychar.txt",
+        "assets/g2p/g2p_chinese_model/polydict.json",
+        "assets/g2p/g2p_chinese_model/vocab.txt",
     ]

@@ -9,6 +9,7 @@ the song's end are not sung; the base (2048-frame) models also drop the last lin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,6 +21,7 @@ from musicgen.lyrics.timing import auto_time
 from musicgen.registry import LATENT_HOP, SAMPLE_RATE, ModelSpec
 
 COMMA_ID, PERIOD_ID = 1, 2  # model ids of "," and "."
+_HAS_CJK = re.compile("[\u4e00-\u9fa5]")
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,12 @@ class LyricsFrontEnd:
 
     @classmethod
     def from_assets(cls, *, download: bool = True) -> LyricsFrontEnd:
-        from musicgen.hub import asset_path
+        from musicgen.hub import ASSETS, asset_path, assets_dir, optional_asset
 
-        return cls(PhoneTokenizer(asset_path("g2p/vocab.json", download=download)))
+        for name, asset in ASSETS.items():
+            if name.startswith("g2p/"):
+                optional_asset(name) if asset.optional else asset_path(name, download=download)
+        return cls(PhoneTokenizer(assets_dir() / "g2p"))
 
     def line_phones(self, ln: LrcLine) -> LinePhones:
         bad = unsupported_letters(ln.text)
@@ -127,6 +132,8 @@ class LyricsFrontEnd:
                     f"line {last.line_no} ({last.text[:30]!r}) is the last line: {spec.name} does not sing it; "
                     "end the lyrics with an empty timestamp line such as [01:34.00] to keep it"
                 )
+        if any(_HAS_CJK.search(ln.text) for ln in lines):
+            warnings += [f"Mandarin: {reason}" for reason in self.tokenizer.mandarin.fallback_reasons]
         placed_input, kept = [], []
         for ln in sung:
             if not ln.text:  # an instrumental break or end marker: nothing to place

@@ -12,8 +12,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from musicgen.errors import InvalidLyrics
 from musicgen.lyrics.g2p_en import english_to_phones
+from musicgen.lyrics.g2p_zh import MandarinG2P
 
 
 def _script(ch: str) -> str:
@@ -65,19 +65,28 @@ class LinePhones:
 
 
 class PhoneTokenizer:
-    def __init__(self, vocab_path: str | Path):
-        self.phone2id: dict[str, int] = json.loads(Path(vocab_path).read_text(encoding="utf-8"))["vocab"]
+    """`g2p_dir` holds vocab.json and the Mandarin tables (the layout of the official data files)."""
+
+    def __init__(self, g2p_dir: str | Path):
+        self.g2p_dir = Path(g2p_dir)
+        self.phone2id: dict[str, int] = json.loads((self.g2p_dir / "vocab.json").read_text(encoding="utf-8"))[
+            "vocab"
+        ]
         self.id2phone = {v: k for k, v in self.phone2id.items()}
+        self._mandarin: MandarinG2P | None = None
+
+    @property
+    def mandarin(self) -> MandarinG2P:
+        """Built on first use: English-only callers never pay for jieba and the tables."""
+        if self._mandarin is None:
+            self._mandarin = MandarinG2P(self.g2p_dir)
+        return self._mandarin
 
     def _segment_phones(self, segment: str, lang: str, line: str) -> str:
         if lang == "en":
             return english_to_phones(segment)
         if lang == "zh":
-            raise InvalidLyrics(
-                f"Mandarin is not supported yet: {line!r}",
-                recovery="use English lyrics for now",
-                details={"line": line},
-            )
+            return self.mandarin.phones(segment)
         # no letters at all: the official code crashes here; digits still read as English words
         if any(ch.isdigit() for ch in segment):
             return english_to_phones(segment)

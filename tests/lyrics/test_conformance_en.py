@@ -22,7 +22,7 @@ def expected(shared_dir):
 
 @pytest.fixture(scope="module")
 def frontend():
-    return LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p/vocab.json"))
+    return LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p"))
 
 
 def test_espeak_is_the_pinned_version(expected):

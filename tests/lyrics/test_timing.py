@@ -26,7 +26,7 @@ All the ones we love are here
 
 @pytest.fixture(scope="module")
 def frontend():
-    return LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p/vocab.json"))
+    return LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p"))
 
 
 def test_plain_lyrics_get_timed_and_the_lrc_is_returned(frontend):
