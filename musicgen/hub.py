@@ -135,7 +135,7 @@ def assets_dir() -> Path:
     return cache_dir() / "diffrhythm-assets"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -170,7 +170,7 @@ def _install(src: Path, target: Path, asset: Asset) -> None:
 
 
 def _verify_and_move(tmp: Path, target: Path, asset: Asset) -> None:
-    digest = _sha256(tmp) if asset.sha256 else None
+    digest = file_sha256(tmp) if asset.sha256 else None
     if asset.sha256 is None and tmp.stat().st_size == 0:
         tmp.unlink(missing_ok=True)
         raise ModelNotAvailable(

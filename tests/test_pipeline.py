@@ -102,3 +102,25 @@ def test_edit_mask_follows_official_rounding():
     assert mask[:21].all() and not mask[21:64].any() and mask[64:].all()
     with pytest.raises(InvalidParameter, match="empty"):
         edit_mask(((5.0, 2.0),), 100, 2048)
+
+
+def test_style_embeddings_are_cached_by_text_and_by_audio_content(pipe, tmp_path):
+    enc = pipe.style_encoder
+    enc._cache.clear()
+    hits = enc.hits
+    a = enc.embed_text("dreamy synthwave")
+    b = enc.embed_text("  dreamy synthwave ")  # same prompt once stripped
+    assert torch.equal(a, b) and enc.hits == hits + 1
+    a[0, 0] = 123.0  # callers get copies: the cache cannot be corrupted
+    assert enc.embed_text("dreamy synthwave")[0, 0] != 123.0
+
+    clip = np.random.default_rng(1).normal(0, 0.1, (44100 * 11, 2))
+    first, second = tmp_path / "a.wav", tmp_path / "b.wav"
+    sf.write(first, clip, 44100)
+    sf.write(second, clip, 44100)  # same bytes under another name
+    hits = enc.hits
+    e1 = enc.embed_audio_file(first)
+    e2 = enc.embed_audio_file(second)
+    assert torch.equal(e1, e2) and enc.hits == hits + 1
+    sf.write(second, clip * 0.5, 44100)
+    assert not torch.equal(enc.embed_audio_file(second), e1)

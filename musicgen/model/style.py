@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 
 from musicgen.audio import audio_info, read_audio, resample
 from musicgen.errors import InvalidPrompt, ModelNotAvailable
+from musicgen.hub import file_sha256
 
 MULAN_SAMPLE_RATE = 24_000
 CLIP_SECONDS = 10.0
@@ -23,9 +26,31 @@ MAX_PROMPT_CHARS = 512
 
 
 class StyleEncoder:
-    def __init__(self, mulan, device: torch.device):
+    """MuQ-MuLan with an LRU cache of embeddings, keyed by the prompt text or by the SHA-256 of the
+    reference file's bytes (the same clip under another name is a hit, an edited file is a miss)."""
+
+    def __init__(self, mulan, device: torch.device, cache_size: int = 256):
         self.mulan = mulan.to(device).eval()
         self.device = device
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def _cached(self, key: tuple[str, str], compute) -> torch.Tensor:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return hit.clone()
+            self.misses += 1
+        emb = compute()
+        with self._lock:
+            self._cache[key] = emb
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return emb.clone()
 
     @classmethod
     def from_pretrained(
@@ -47,10 +72,13 @@ class StyleEncoder:
             ) from exc
         return cls(mulan, device)
 
-    @torch.inference_mode()
     def embed_text(self, prompt: str) -> torch.Tensor:
-        """(1, 512) fp32 embedding of one text prompt."""
+        """(1, 512) fp32 embedding of one text prompt (prompts are never batched: see module doc)."""
         prompt = check_prompt(prompt)
+        return self._cached(("text", prompt), lambda: self._text(prompt))
+
+    @torch.inference_mode()
+    def _text(self, prompt: str) -> torch.Tensor:
         return self.mulan(texts=[prompt]).float().cpu()
 
     @torch.inference_mode()
@@ -59,7 +87,9 @@ class StyleEncoder:
         return self.mulan(wavs=wav[None].to(self.device)).float().cpu()
 
     def embed_audio_file(self, path: str | Path) -> torch.Tensor:
-        return self.embed_clip(load_reference_clip(path))
+        audio_info(path)  # a clear error for a missing or unreadable file before hashing it
+        key = ("audio", file_sha256(path))
+        return self._cached(key, lambda: self.embed_clip(load_reference_clip(path)))
 
 
 def check_prompt(prompt: str) -> str:
