@@ -19,6 +19,11 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   fi
 fi
 
+if command -v espeak-ng >/dev/null 2>&1 && ! espeak-ng --version | grep -q " 1\.51"; then
+  echo "warning: $(espeak-ng --version | head -1): the lyrics front end needs espeak-ng 1.51 (Debian 12's);" \
+       "other versions change some phones, and the conformance test will fail" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -22,6 +22,7 @@ from musicgen.registry import LATENT_HOP, SAMPLE_RATE, ModelSpec
 
 COMMA_ID, PERIOD_ID = 1, 2  # model ids of "," and "."
 _HAS_CJK = re.compile("[\u4e00-\u9fa5]")
+MAX_LINE_CHARS = 300  # one sung line; longer ones are pasted paragraphs
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,12 @@ class LyricsFrontEnd:
         return cls(PhoneTokenizer(assets_dir() / "g2p"))
 
     def line_phones(self, ln: LrcLine) -> LinePhones:
+        if len(ln.text) > MAX_LINE_CHARS:
+            raise InvalidLyrics(
+                f"line {ln.line_no} has {len(ln.text)} characters; a sung line has at most {MAX_LINE_CHARS}",
+                recovery="split it into several lines",
+                details={"line": ln.line_no},
+            )
         bad = unsupported_letters(ln.text)
         if bad:
             raise InvalidLyrics(
@@ -145,6 +152,13 @@ class LyricsFrontEnd:
                 )
             placed_input.append((ln.time_s, [i + 1 for i in lp.ids]))
             kept.append((ln, lp.phones))
+        needed = sum(len(ids) + 1 for _, ids in placed_input)
+        if needed > end_frame:
+            raise InvalidLyrics(
+                f"the lyrics have {needed} phones, more than the {end_frame} frames of a {seconds:g} s song can hold",
+                recovery="shorten the lyrics or choose a longer duration",
+                details={"phones": needed, "frames": end_frame},
+            )
         tokens, spans = place_lines(placed_input, end_frame)
         placed = []
         for (ln, ph), (start, length), (_, ids) in zip(kept, spans, placed_input, strict=True):

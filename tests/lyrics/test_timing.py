@@ -75,6 +75,16 @@ def test_precise_errors(frontend, lyrics, match):
     assert exc.value.details["line"] >= 1
 
 
+def test_too_long_lines_and_too_many_phones(frontend):
+    with pytest.raises(InvalidLyrics, match="line 1 has 301 characters"):
+        frontend.encode("[00:01.00]" + "a" * 301, FULL, 120)
+    dense = "\n".join(
+        f"[00:{i * 0.9:05.2f}]one two three four five six seven eight nine ten eleven" for i in range(1, 12)
+    )
+    with pytest.raises(InvalidLyrics, match="more than the 215 frames of a 10 s song"):
+        frontend.encode(dense, TINY, 10)
+
+
 def test_warnings_not_errors(frontend):
     out = frontend.encode(
         "[00:10.00]one two three four five six seven eight\n[00:10.50]second\n[00:20.00]\n", BASE, 95
