@@ -1,0 +1,40 @@
+"""The internal parameters of one song job: what the validator decided (the timed LRC, frame tokens,
+the seed) and what the generator needs. Stored on the job as JSON; one conversion each way."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SongParams:
+    model: str
+    duration_s: float
+    lrc: str  # the timed lyrics used (auto-timing's choice for plain lyrics)
+    tokens: list[int]  # frame-aligned model token ids
+    song_duration: float
+    seed: int
+    num_takes: int = 1
+    steps: int = 31
+    cfg_strength: float = 4.0
+    output_format: str = "mp3"
+    style_prompt: str | None = None
+    reference_audio_id: str | None = None
+    edit_source_id: str | None = None
+    edit_segments: list[list[float]] | None = None
+    webhook_url: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SongParams:
+        return cls(**d)
+
+    def public(self) -> dict[str, Any]:
+        """The parameters as shown to users (without the token array)."""
+        d = self.to_dict()
+        d.pop("tokens")
+        return d

@@ -1,0 +1,88 @@
+"""The worker's job loop on the tiny model and a real (embedded) Redis, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+import soundfile as sf
+
+from deployments.jobs import JobState, JobStore
+from deployments.params import SongParams
+from deployments.redis_server import EmbeddedRedis
+from deployments.runner import JobRunner
+from deployments.storage import LocalStorage
+from musicgen.lyrics.frontend import LyricsFrontEnd
+from musicgen.lyrics.g2p import PhoneTokenizer
+from musicgen.pipeline import SongPipeline
+from musicgen.registry import MODELS
+from tests.conftest import ASSETS
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_paths):
+    return SongPipeline.from_pretrained("tiny", device="cpu")
+
+
+@pytest.fixture()
+def runner(server, pipe, tmp_path):
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    store = JobStore(client, lease_s=5)
+    return JobRunner(
+        store, pipe, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"), "w1"
+    )
+
+
+def params(**kw) -> SongParams:
+    fe = LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p"))
+    frames = fe.encode("[00:01.00]Hello there\n[00:03.00]good night", MODELS["tiny"], 8)
+    base = dict(model="tiny", duration_s=8, lrc=frames.lrc, tokens=frames.tokens.tolist(),
+                song_duration=frames.song_duration, seed=4, num_takes=2, steps=3, output_format="flac",
+                style_prompt="calm piano")  # fmt: skip
+    return SongParams(**{**base, **kw})
+
+
+def test_success_stores_takes_and_records_once(runner):
+    job, _ = runner.store.create(params().to_dict())
+    assert runner.run(job.id) == JobState.SUCCEEDED
+    done = runner.store.get(job.id)
+    takes = done.result["takes"]
+    assert [t["seed"] for t in takes] == [4, 5] and done.attempts == 1
+    for t in takes:
+        info = sf.info(str(runner.results.path(t["key"])))
+        assert (info.samplerate, info.channels, info.format) == (44100, 2, "FLAC")
+    assert done.progress["stage"] == "encoding_audio"
+    assert runner.run(job.id) is None  # cannot be claimed again
+
+
+def test_cancel_while_running_stops_before_the_next_step(runner, monkeypatch):
+    job, _ = runner.store.create(params(steps=20).to_dict())
+    original = runner.store.set_progress
+    steps = []
+
+    def cancel_on_first_step(job_id, progress, force=False):
+        if progress.get("stage") == "sampling":
+            steps.append(progress["step"])
+            runner.store.cancel(job_id)
+        return original(job_id, progress, force=force)
+
+    monkeypatch.setattr(runner.store, "set_progress", cancel_on_first_step)
+    assert runner.run(job.id) == JobState.CANCELED
+    assert steps == [1]  # the cancel asked during step 1 stopped it before step 2
+    assert not runner.results.exists(f"{job.id}/take-1.flac")
+
+
+def test_library_errors_fail_the_job_with_their_code(runner, tmp_path):
+    short = runner.uploads.path("short.wav")
+    sf.write(short, np.zeros((44100 * 2, 2)), 44100)
+    job, _ = runner.store.create(params(style_prompt=None, reference_audio_id="short.wav").to_dict())
+    assert runner.run(job.id) == JobState.FAILED
+    err = runner.store.get(job.id).error
+    assert err["code"] == "INVALID_PROMPT" and "10 s" in err["recovery"]
