@@ -115,10 +115,6 @@ class SongPipeline:
     # -------------------------------------------------------------------------------------------
     # loading
 
-    @staticmethod
-    def required_files(spec: ModelSpec) -> list[str]:
-        return [f"{spec.repo_id}/{spec.checkpoint_file}", f"{VAE_REPO}/{VAE_FILE}", MULAN_REPO, "assets"]
-
     @classmethod
     def from_pretrained(
         cls,

@@ -74,8 +74,12 @@ class LyricsFrontEnd:
         from musicgen.hub import ASSETS, asset_path, assets_dir, optional_asset
 
         for name, asset in ASSETS.items():
-            if name.startswith("g2p/"):
-                optional_asset(name) if asset.optional else asset_path(name, download=download)
+            if not name.startswith("g2p/"):
+                continue
+            if asset.optional:
+                optional_asset(name)  # used when present; the front end falls back without it
+            else:
+                asset_path(name, download=download)
         return cls(PhoneTokenizer(assets_dir() / "g2p"))
 
     def line_phones(self, ln: LrcLine) -> LinePhones:

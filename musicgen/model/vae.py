@@ -16,6 +16,8 @@ import torch
 
 from musicgen.registry import LATENT_HOP
 
+ENCODER_CHANNELS = 128  # the encoder's posterior: 64 means and 64 scales per frame
+
 
 def _windows(total: int, chunk: int, overlap: int) -> list[int]:
     """Start frames of the chunk windows over `total` frames (official layout)."""
@@ -96,9 +98,8 @@ class SongVAE:
         frames = a.shape[-1] // LATENT_HOP
         if frames <= chunk:
             return self.module.encode_export(a).float()
-        probe_channels = 128
         return _run_chunked(
-            self.module.encode_export, a, chunk, overlap, LATENT_HOP, 1, max_batch, probe_channels, frames
+            self.module.encode_export, a, chunk, overlap, LATENT_HOP, 1, max_batch, ENCODER_CHANNELS, frames
         ).float()
 
 
