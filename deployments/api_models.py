@@ -1,0 +1,72 @@
+"""Wire models of the REST API: strict (unknown fields are rejected), converted once into SongParams."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EditRequest(Strict):
+    source_id: str = Field(description="upload id of the song to edit (POST /v1/uploads)")
+    segments: list[tuple[float, float]] = Field(
+        min_length=1,
+        max_length=16,
+        description="[start, end] seconds to regenerate; -1 = start/end of the song",
+    )
+
+
+class SongCreate(Strict):
+    lyrics: str = Field(
+        "", max_length=20_000, description="LRC ([mm:ss.xx]line) or plain lines; empty = instrumental"
+    )
+    style_prompt: str | None = Field(None, max_length=512, description="text description of the style")
+    reference_audio_id: str | None = Field(None, description="upload id of a reference song (>= 10 s)")
+    duration_s: float | None = Field(None, description="song length; default: the model's shortest")
+    model: str | None = Field(None, description="model name; default: the service's default model")
+    seed: int | None = Field(None, ge=0, le=2**62, description="take i uses seed + i; default: random")
+    num_takes: int = Field(1, ge=1, le=4)
+    steps: int = Field(31, ge=1, le=200)
+    cfg_strength: float = Field(4.0, ge=0.0, le=20.0)
+    output_format: Literal["wav", "flac", "mp3"] = "mp3"
+    edit: EditRequest | None = None
+    webhook_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
+
+
+class ErrorBody(Strict):
+    code: str
+    message: str
+    recovery: str
+    details: dict = {}
+
+
+class TakeView(Strict):
+    n: int
+    format: str
+    duration_s: float
+    seed: int
+    audio_url: str
+
+
+class JobView(Strict):
+    id: str
+    status: str
+    stage: str | None = None
+    progress: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    queue_position: int | None = None
+    eta_s: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    parameters: dict
+    warnings: list[str] = []
+    error: ErrorBody | None = None
+    takes: list[TakeView] = []
+    links: dict[str, str]

@@ -1,0 +1,63 @@
+"""From a submitted song (wire model) to SongParams: limits, style checks and the lyrics front end.
+This is the CPU-side work of the PromptValidator deployment; no Ray here."""
+
+from __future__ import annotations
+
+import secrets
+
+from deployments.api_models import SongCreate
+from deployments.errors import ServiceError
+from deployments.params import SongParams
+from deployments.storage import LocalStorage
+from musicgen.errors import MusicgenError
+from musicgen.lyrics.frontend import LyricsFrontEnd
+from musicgen.model.style import check_prompt
+from musicgen.registry import get_model_spec
+
+
+class SongValidator:
+    def __init__(
+        self, frontend: LyricsFrontEnd, uploads: LocalStorage, default_model: str, served_models: set[str]
+    ):
+        self.frontend, self.uploads = frontend, uploads
+        self.default_model, self.served_models = default_model, served_models
+
+    def validate(self, req: SongCreate) -> SongParams:
+        try:
+            return self._validate(req)
+        except MusicgenError as exc:
+            raise ServiceError.from_library(exc) from None
+
+    def _validate(self, req: SongCreate) -> SongParams:
+        name = req.model or self.default_model
+        spec = get_model_spec(name)
+        if name not in self.served_models:
+            raise ServiceError(
+                "INVALID_PARAMETER", f"model {name!r} is not served here",
+                recovery=f"use one of: {', '.join(sorted(self.served_models))}", details={"parameter": "model"},
+            )  # fmt: skip
+        if (req.style_prompt is None) == (req.reference_audio_id is None):
+            raise ServiceError(
+                "INVALID_PROMPT", "give exactly one of style_prompt and reference_audio_id",
+                recovery="describe the style in style_prompt, or upload a reference song and pass its id",
+            )  # fmt: skip
+        style = check_prompt(req.style_prompt) if req.style_prompt is not None else None
+        for upload_id, what in (
+            (req.reference_audio_id, "reference_audio_id"),
+            (req.edit and req.edit.source_id, "edit.source_id"),
+        ):
+            if upload_id and not self.uploads.exists(upload_id):
+                raise ServiceError(
+                    "NOT_FOUND", f"{what} {upload_id!r} is not an upload", details={"parameter": what}
+                )
+        seconds = req.duration_s if req.duration_s is not None else spec.min_seconds
+        frames = self.frontend.encode(req.lyrics, spec, seconds)
+        return SongParams(
+            model=name, duration_s=seconds, lrc=frames.lrc, tokens=frames.tokens.tolist(),
+            song_duration=frames.song_duration, seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+            num_takes=req.num_takes, steps=req.steps, cfg_strength=req.cfg_strength,
+            output_format=req.output_format, style_prompt=style, reference_audio_id=req.reference_audio_id,
+            edit_source_id=req.edit.source_id if req.edit else None,
+            edit_segments=[list(s) for s in req.edit.segments] if req.edit else None,
+            webhook_url=req.webhook_url, warnings=frames.warnings,
+        )  # fmt: skip
