@@ -1,0 +1,227 @@
+"""The Ray Serve application: `serve run serve_config.yaml` calls `build_app`.
+
+- `Ingress` (CPU): the FastAPI app of deployments/api.py; writes every job to Redis before answering
+  202, pushes its id to the generators, and runs the reconciler (re-queue lost workers' jobs,
+  re-dispatch queued jobs, e.g. after an ingress restart).
+- `PromptValidator` (CPU): the lyrics front end and request limits.
+- `SongGenerator` (a GPU each when the cluster has GPUs, else the CPU): loads DiffRhythm once and runs
+  jobs; a job is claimed atomically in Redis, so a duplicate dispatch is harmless.
+
+Without REDIS_URL a `RedisServer` replica runs an embedded Redis (data under data_dir/redis) for as
+long as the app runs; a multi-node cluster must set REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.settings import AppArgs
+
+log = logging.getLogger("ray.serve")
+RECONCILE_EVERY_S = 5.0
+GENERATION_GRACE_S = 900  # graceful shutdown: longer than the longest song takes on a GPU
+
+
+def _paths(args: AppArgs) -> dict[str, Path]:
+    root = Path(args.data_dir)
+    return {"results": root / "results", "uploads": root / "uploads", "redis": root / "redis"}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, health_check_period_s=5)
+class RedisServer:
+    """The embedded Redis, owned by a replica so that it lives (and dies) with the app. The port is
+    fixed at build time so that every deployment knows the URL without asking."""
+
+    def __init__(self, data_dir: str, port: int):
+        from deployments.redis_server import EmbeddedRedis
+
+        self.server = EmbeddedRedis(data_dir, port=port)
+        self.server.start()
+
+    def check_health(self) -> None:
+        if self.server.process is None or self.server.process.poll() is not None:
+            raise RuntimeError(
+                "embedded redis exited"
+            )  # the replica is replaced and Redis restarts from its AOF
+
+    def __del__(self):
+        self.server.stop()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class PromptValidator:
+    def __init__(self, args: AppArgs):
+        from deployments.storage import LocalStorage
+        from deployments.validator import SongValidator
+        from musicgen.lyrics.frontend import LyricsFrontEnd
+
+        self.validator = SongValidator(
+            LyricsFrontEnd.from_assets(), LocalStorage(_paths(args)["uploads"]), args.model, {args.model}
+        )
+
+    def validate(self, body: dict) -> dict:
+        """{'params': ...} or {'error': ...}: errors travel as data, not as wrapped exceptions."""
+        from deployments.api_models import SongCreate
+        from deployments.errors import ServiceError
+
+        try:
+            return {"params": self.validator.validate(SongCreate(**body)).to_dict()}
+        except ServiceError as exc:
+            return {"error": exc.to_dict()}
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=1,  # one song at a time per replica; the rest wait and drive autoscaling
+    graceful_shutdown_timeout_s=GENERATION_GRACE_S,
+    health_check_period_s=10,
+)
+class SongGenerator:
+    def __init__(self, args: AppArgs, redis_url: str):
+        import socket
+
+        from deployments.jobs import JobStore
+        from deployments.runner import JobRunner
+        from deployments.storage import LocalStorage
+        from musicgen.errors import MusicgenError
+        from musicgen.pipeline import SongPipeline
+
+        self.args = args
+        self.load_error: dict | None = None
+        self.runner = None
+        try:
+            pipeline = SongPipeline.from_pretrained(args.model, device=args.device)
+        except MusicgenError as exc:
+            self.load_error = {"code": exc.code, "message": exc.message, "recovery": exc.recovery}
+            log.error("model %s not loaded: %s", args.model, exc)
+            return
+        paths = _paths(args)
+        store = JobStore.from_url(redis_url, retention_s=args.retention_s, lease_s=args.lease_s,
+                                  max_attempts=args.max_attempts)  # fmt: skip
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.runner = JobRunner(
+            store, pipeline, LocalStorage(paths["results"]), LocalStorage(paths["uploads"]), worker
+        )
+        self.device = pipeline.device
+
+    async def run(self, job_id: str) -> str | None:
+        if self.runner is None:
+            return None
+        state = await asyncio.to_thread(self.runner.run, job_id)
+        return state.value if state else None
+
+    def status(self) -> dict:
+        return {"loaded": self.runner is not None, "model": self.args.model, "error": self.load_error}
+
+    def check_health(self) -> None:
+        if self.runner is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)  # raises on a dead CUDA context: the replica is replaced
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress()
+class Ingress:
+    def __init__(
+        self,
+        validator: DeploymentHandle,
+        generator: DeploymentHandle,
+        args: AppArgs,
+        redis_url: str,
+        redis_server=None,
+    ):
+        from deployments.jobs import JobStore
+        from deployments.storage import LocalStorage
+
+        self.args, self.validator, self.generator = args, validator, generator
+        paths = _paths(args)
+        self.store = JobStore.from_url(redis_url, retention_s=args.retention_s, lease_s=args.lease_s,
+                                       max_attempts=args.max_attempts)  # fmt: skip
+        self.results, self.uploads = LocalStorage(paths["results"]), LocalStorage(paths["uploads"])
+        self._reconciler = asyncio.get_event_loop().create_task(self._reconcile_forever())
+
+    async def _reconcile_forever(self) -> None:
+        """Re-queue jobs of lost workers and (re)dispatch queued jobs: after an ingress restart, a
+        generator crash or a Redis restart, every accepted job gets a worker."""
+        while True:
+            try:
+                await asyncio.to_thread(self.store.reconcile)
+                for job_id in await asyncio.to_thread(self.store.queued_ids):
+                    self._dispatch(job_id)
+            except Exception:
+                log.warning("reconcile failed (job store unreachable?)", exc_info=True)
+            await asyncio.sleep(RECONCILE_EVERY_S)
+
+    def _dispatch(self, job_id: str) -> None:
+        self.generator.run.remote(job_id)
+
+    def _validate(self, body):
+        from deployments.errors import ServiceError
+        from deployments.params import SongParams
+
+        out = self.validator.validate.remote(body.model_dump()).result()
+        if "error" in out:
+            e = out["error"]
+            raise ServiceError(e["code"], e["message"], recovery=e["recovery"], details=e["details"])
+        return SongParams.from_dict(out["params"])
+
+    def _ready(self) -> tuple[bool, str]:
+        try:
+            st = self.generator.status.remote().result(timeout_s=5)
+        except Exception as exc:
+            return False, f"no generator answered: {type(exc).__name__}"
+        if not st["loaded"]:
+            err = st["error"] or {}
+            return False, f"{err.get('message', 'model not loaded')}; {err.get('recovery', '')}".strip("; ")
+        return True, f"serving {st['model']}"
+
+    def _models(self) -> list[dict]:
+        from musicgen.registry import MODELS
+
+        ok, why = self._ready()
+        spec = MODELS[self.args.model]
+        return [{"name": spec.name, "loaded": ok, "status": why, "min_seconds": spec.min_seconds,
+                 "max_seconds": spec.max_seconds, "max_takes": 4, "untrained": spec.untrained}]  # fmt: skip
+
+    def __serve_build_asgi_app__(self):
+        from deployments.api import ApiConfig, create_api
+
+        return create_api(
+            self.store, self._validate, self._dispatch, self.results, self.uploads,
+            ready=self._ready, models=self._models, config=ApiConfig(max_queue=self.args.max_queue),
+        )  # fmt: skip
+
+
+def build_app(raw_args: dict) -> serve.Application:
+    """The app builder named in serve_config.yaml. Asks Ray what the cluster has: generators get a GPU
+    each when there are GPUs, the CPU otherwise."""
+    import ray
+
+    args = AppArgs(**(raw_args or {})).resolved()
+    redis_url, redis_server = args.redis_url, None
+    if redis_url is None:  # embedded: a replica of its own owns the server process
+        from deployments.redis_server import free_port
+
+        port = free_port()
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        redis_server = RedisServer.bind(str(_paths(args)["redis"]), port)
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    generator = SongGenerator.options(
+        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+        autoscaling_config={
+            "min_replicas": args.min_generators,
+            "max_replicas": max(args.max_generators, args.min_generators, 1),
+            "target_ongoing_requests": 1,  # scale on queued work: one song in flight per replica
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 300,
+        },
+    ).bind(args, redis_url)
+    # binding the Redis deployment to the ingress makes it part of the app (started and stopped with it)
+    return Ingress.bind(PromptValidator.bind(args), generator, args, redis_url, redis_server)

@@ -1,0 +1,44 @@
+"""Every environment variable the service reads, in one place, turned into typed app arguments.
+
+serve_config.yaml -> AppArgs (typed, validated) -> the deployments' constructors. Nothing here runs at
+import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV = {
+    "REDIS_URL": "the job store; unset: an embedded Redis with its data under MUSICGEN_DATA_DIR/redis",
+    "MUSICGEN_DATA_DIR": "results, uploads and the embedded Redis (default ./data)",
+    "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
+    "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
+}
+
+
+class AppArgs(BaseModel):
+    """Arguments of the app builder (the `args:` of serve_config.yaml); env vars fill what is unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    redis_url: str | None = None
+    data_dir: str | None = None
+    max_queue: int = Field(100, ge=1)
+    min_generators: int = Field(1, ge=0)
+    max_generators: int = Field(1, ge=1)
+    retention_s: int = Field(7 * 24 * 3600, ge=60)
+    lease_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    device: str = "auto"
+
+    def resolved(self) -> AppArgs:
+        return self.model_copy(
+            update={
+                "model": self.model or os.environ.get("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
+                "redis_url": self.redis_url or os.environ.get("REDIS_URL") or None,
+                "data_dir": os.path.abspath(self.data_dir or os.environ.get("MUSICGEN_DATA_DIR") or "data"),
+            }
+        )

@@ -1,0 +1,77 @@
+"""The real Ray Serve app (ray.init(num_cpus=2)) with the tiny model and the embedded Redis, over HTTP."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+from deployments.redis_server import free_port
+
+SONG = {"lyrics": "Hello there\ngood night", "style_prompt": "calm piano", "duration_s": 8, "steps": 3,
+        "num_takes": 1, "seed": 3, "output_format": "mp3"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_model_paths):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    data = tmp_path_factory.mktemp("data")
+    port = free_port()
+    # the replicas are other processes: they must see the same offline, isolated cache
+    env = {
+        k: os.environ[k]
+        for k in ("HF_HUB_OFFLINE", "MUSICGEN_CACHE_DIR", "MUSICGEN_ASSETS_DIR", "RAY_AUTH_MODE")
+    }
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(
+            build_app({"model": "tiny", "data_dir": str(data), "lease_s": 5}),
+            name="musicgen",
+            route_prefix="/",
+        )
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as http:
+            deadline = time.time() + 120
+            while time.time() < deadline:  # the generator loads the model after the app is "running"
+                r = http.get("/readyz")
+                if r.status_code == 200:
+                    break
+                time.sleep(0.5)
+            yield http
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_submit_poll_and_download_through_ray_serve(service):
+    assert service.get("/healthz").json() == {"status": "ok"}
+    r = service.post("/v1/songs", json=SONG, headers={"Idempotency-Key": "k1"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert service.post("/v1/songs", json=SONG, headers={"Idempotency-Key": "k1"}).json()["id"] == job["id"]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        body = service.get(f"/v1/songs/{job['id']}").json()
+        if body["status"] in ("succeeded", "failed", "canceled"):
+            break
+        time.sleep(0.2)
+    assert body["status"] == "succeeded", body
+    assert body["parameters"]["lrc"].startswith("[")  # auto-timed plain lyrics
+    audio = service.get(body["takes"][0]["audio_url"].replace(str(service.base_url), ""))
+    assert audio.status_code == 200 and audio.headers["content-type"] == "audio/mpeg"
+    models = service.get("/v1/models").json()
+    assert models[0]["name"] == "tiny" and models[0]["loaded"] is True
+
+
+def test_errors_through_the_validator_deployment(service):
+    r = service.post("/v1/songs", json={**SONG, "lyrics": "[00:99.00]bad"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "INVALID_LYRICS"
+    assert service.get("/v1/songs/" + "f" * 32).status_code == 404
