@@ -75,3 +75,28 @@ def test_errors_through_the_validator_deployment(service):
     r = service.post("/v1/songs", json={**SONG, "lyrics": "[00:99.00]bad"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "INVALID_LYRICS"
     assert service.get("/v1/songs/" + "f" * 32).status_code == 404
+
+
+def wait_for(service, job_id, states, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        body = service.get(f"/v1/songs/{job_id}").json()
+        if body["status"] in states:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached {states}: {body}")
+
+
+def test_killed_generator_replica_mid_job_is_retried_and_succeeds(service):
+    import ray
+
+    job = service.post("/v1/songs", json={**SONG, "duration_s": 95, "steps": 200}).json()
+    running = wait_for(service, job["id"], {"running"})
+    assert running["attempts"] == 1
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SongGenerator" in a["name"]]
+    assert replicas
+    for a in replicas:  # the GPU worker dies mid-song, as on a preempted node
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    done = wait_for(service, job["id"], {"succeeded", "failed"}, timeout=180)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2  # the lease expired, the reconciler re-queued it, a new replica ran it
