@@ -4,12 +4,24 @@ child process on a loopback port with append-only persistence in a data folder, 
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server when its owner dies (a killed replica must not leave an orphan Redis
+    holding the port); SIGTERM makes Redis flush its append-only file before exiting."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -45,7 +57,9 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.url)
         while time.monotonic() < deadline:

@@ -123,3 +123,29 @@ def test_jobs_survive_a_redis_restart(tmp_path):
         assert again.create(PARAMS, idempotency_key="k")[0].id == job.id
     finally:
         srv.stop()
+
+
+def test_embedded_redis_dies_with_its_owner(tmp_path):
+    """A killed owner (e.g. a replica) must not leave an orphan Redis holding the port."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from deployments.redis_server import EmbeddedRedis; "
+        f"r = EmbeddedRedis({str(tmp_path)!r}); r.start(); print(r.process.pid, flush=True); time.sleep(60)"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    redis_pid = int(owner.stdout.readline())
+    owner.kill()
+    owner.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{redis_pid}/status") as f:
+                if "State:\tZ" in f.read():
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("redis-server outlived its owner")

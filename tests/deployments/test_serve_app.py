@@ -100,3 +100,63 @@ def test_killed_generator_replica_mid_job_is_retried_and_succeeds(service):
     done = wait_for(service, job["id"], {"succeeded", "failed"}, timeout=180)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2  # the lease expired, the reconciler re-queued it, a new replica ran it
+
+
+def _kill(pattern: str) -> None:
+    import ray
+
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if pattern in a["name"]]
+    assert actors, pattern
+    for a in actors:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+
+
+def _get_retrying(service, path, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            r = service.get(path)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{path} did not come back")
+
+
+def test_ingress_restart_loses_no_accepted_job(service):
+    ids = [service.post("/v1/songs", json={**SONG, "steps": 60}).json()["id"] for _ in range(3)]
+    _kill("Ingress")  # handle calls queued in the dead ingress are gone; the jobs are in Redis
+    for job_id in ids:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            body = _get_retrying(service, f"/v1/songs/{job_id}")
+            if body["status"] in ("succeeded", "failed", "canceled"):
+                break
+            time.sleep(0.3)
+        assert body["status"] == "succeeded", body
+
+
+def test_redis_stop_and_restart_under_the_app(service):
+    before = service.post("/v1/songs", json=SONG).json()["id"]
+    wait_for(service, before, {"succeeded"})
+    _kill("RedisServer")  # Serve replaces the replica, which restarts Redis from its append-only file
+    saw_503 = False
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            r = service.post("/v1/songs", json=SONG)
+        except httpx.HTTPError:
+            r = None
+        if r is not None and r.status_code == 503:
+            assert r.json()["error"]["code"] in ("STORE_UNAVAILABLE", "MODEL_NOT_LOADED")
+            saw_503 = True
+        if r is not None and r.status_code == 202:
+            after = r.json()["id"]
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the service did not recover from a Redis restart")
+    assert saw_503
+    assert _get_retrying(service, f"/v1/songs/{before}")["status"] == "succeeded"  # survived via AOF
+    assert wait_for(service, after, {"succeeded", "failed"})["status"] == "succeeded"
