@@ -106,8 +106,9 @@ class SongGenerator:
                                   max_attempts=args.max_attempts)  # fmt: skip
         worker = f"{socket.gethostname()}:{os.getpid()}"
         self.runner = JobRunner(
-            store, pipeline, LocalStorage(paths["results"]), LocalStorage(paths["uploads"]), worker
-        )
+            store, pipeline, LocalStorage(paths["results"]), LocalStorage(paths["uploads"]), worker,
+            webhook_secret=args.webhook_secret or "",
+        )  # fmt: skip
         self.device = pipeline.device
 
     async def run(self, job_id: str) -> str | None:

@@ -314,6 +314,9 @@ class JobStore:
                 self._publish_id(job_id)
         return out
 
+    def set_webhook_status(self, job_id: str, status: str) -> None:
+        self.r.hset(job_key(job_id), "webhook", status)
+
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> SongJob | None:

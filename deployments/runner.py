@@ -58,14 +58,29 @@ class JobRunner:
         results: LocalStorage,
         uploads: LocalStorage,
         worker: str,
+        webhook_secret: str = "",
+        webhook_backoff_s: float = 1.0,
     ):
-        self.store, self.pipeline, self.results, self.uploads, self.worker = (
-            store,
-            pipeline,
-            results,
-            uploads,
-            worker,
-        )
+        self.store, self.pipeline, self.worker = store, pipeline, worker
+        self.results, self.uploads = results, uploads
+        self.webhook_secret, self.webhook_backoff_s = webhook_secret, webhook_backoff_s
+        self.last_webhook: threading.Thread | None = None  # the latest delivery, for tests and shutdown
+
+    def _notify(self, job_id: str, url: str) -> threading.Thread:
+        """POST the final job to its webhook in the background (retries must not hold the GPU)."""
+        from deployments.webhooks import deliver
+
+        job = self.store.get(job_id)
+        payload = {"id": job.id, "status": job.state.value, "result": job.result, "error": job.error,
+                   "finished_at": job.finished_at}  # fmt: skip
+
+        def send() -> None:
+            ok = deliver(url, payload, self.webhook_secret, backoff_s=self.webhook_backoff_s)
+            self.store.set_webhook_status(job_id, "delivered" if ok else "failed")
+
+        thread = threading.Thread(target=send, name=f"webhook-{job_id[:8]}", daemon=True)
+        thread.start()
+        return thread
 
     def request_for(self, p: SongParams) -> SongRequest:
         ref = self.uploads.path(p.reference_audio_id) if p.reference_audio_id else None
@@ -117,6 +132,8 @@ class JobRunner:
                 log.exception("job %s failed", job_id)
                 self.store.fail(job_id, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict())
         final = self.store.get(job_id)
+        if final is not None and final.state.finished and params.webhook_url:
+            self.last_webhook = self._notify(job_id, params.webhook_url)
         return final.state if final else None
 
     def _store_takes(self, job_id: str, p: SongParams, result) -> list[dict]:

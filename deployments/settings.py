@@ -15,6 +15,7 @@ ENV = {
     "MUSICGEN_DATA_DIR": "results, uploads and the embedded Redis (default ./data)",
     "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
     "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
+    "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
 }
 
 
@@ -33,6 +34,7 @@ class AppArgs(BaseModel):
     lease_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     device: str = "auto"
+    webhook_secret: str | None = Field(None, repr=False)
 
     def resolved(self) -> AppArgs:
         return self.model_copy(
@@ -40,5 +42,6 @@ class AppArgs(BaseModel):
                 "model": self.model or os.environ.get("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
                 "redis_url": self.redis_url or os.environ.get("REDIS_URL") or None,
                 "data_dir": os.path.abspath(self.data_dir or os.environ.get("MUSICGEN_DATA_DIR") or "data"),
+                "webhook_secret": self.webhook_secret or os.environ.get("MUSICGEN_WEBHOOK_SECRET", ""),
             }
         )

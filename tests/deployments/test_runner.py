@@ -86,3 +86,46 @@ def test_library_errors_fail_the_job_with_their_code(runner, tmp_path):
     assert runner.run(job.id) == JobState.FAILED
     err = runner.store.get(job.id).error
     assert err["code"] == "INVALID_PROMPT" and "10 s" in err["recovery"]
+
+
+def test_webhook_is_signed_and_retried(runner):
+    import hmac
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from deployments.webhooks import sign
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(500 if len(received) < 3 else 200)  # fails twice, then accepts
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    runner.webhook_secret, runner.webhook_backoff_s = "s3cret", 0.01
+    try:
+        job, _ = runner.store.create(
+            params(webhook_url=f"http://127.0.0.1:{server.server_port}/hook").to_dict()
+        )
+        assert runner.run(job.id) == JobState.SUCCEEDED
+        runner.last_webhook.join(timeout=10)
+    finally:
+        server.shutdown()
+    assert len(received) == 3
+    headers, body = received[-1]
+    assert hmac.compare_digest(
+        headers["X-Musicgen-Signature"], sign("s3cret", headers["X-Musicgen-Timestamp"], body)
+    )
+    payload = json.loads(body)
+    assert (
+        payload["id"] == job.id and payload["status"] == "succeeded" and len(payload["result"]["takes"]) == 2
+    )
+    assert runner.store.r.hget(f"mg:job:{job.id}", "webhook") == b"delivered"
