@@ -125,7 +125,7 @@ def create_api(
             step=job.progress.get("step"), total_steps=job.progress.get("total"), queue_position=pos,
             eta_s=eta, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
             attempts=job.attempts, parameters=params.public(), warnings=params.warnings,
-            error=job.error, takes=takes,
+            error=job.error, takes=takes, timings=(job.result or {}).get("timings", {}),
             links={
                 "self": f"{base}/v1/songs/{job.id}", "events": f"{base}/v1/songs/{job.id}/events",
                 "cancel": f"{base}/v1/songs/{job.id}/cancel", "audio": f"{base}/v1/songs/{job.id}/takes/1/audio",

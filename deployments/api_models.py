@@ -69,4 +69,5 @@ class JobView(Strict):
     warnings: list[str] = []
     error: ErrorBody | None = None
     takes: list[TakeView] = []
+    timings: dict[str, float] = {}  # seconds per stage of the finished job (style, sampling, decoding, ...)
     links: dict[str, str]

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${EXTRAS:-serve,test}" scripts/setup.sh
-.venv/bin/ruff check musicgen deployments tests benchmarks
-.venv/bin/ruff format --check musicgen deployments tests benchmarks
+.venv/bin/ruff check musicgen deployments tests benchmarks loadtests
+.venv/bin/ruff format --check musicgen deployments tests benchmarks loadtests
 .venv/bin/python -m pytest "$@"
