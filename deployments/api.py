@@ -286,6 +286,12 @@ def create_api(
     def list_models():
         return models()
 
+    @app.get("/metrics")
+    def metrics():
+        from deployments.metrics import queue_metrics_text
+
+        return Response(queue_metrics_text(store), media_type="text/plain; version=0.0.4")
+
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}

@@ -87,6 +87,7 @@ class SongGenerator:
         import socket
 
         from deployments.jobs import JobStore
+        from deployments.metrics import GeneratorMetrics
         from deployments.runner import JobRunner
         from deployments.storage import LocalStorage
         from musicgen.errors import MusicgenError
@@ -107,7 +108,7 @@ class SongGenerator:
         worker = f"{socket.gethostname()}:{os.getpid()}"
         self.runner = JobRunner(
             store, pipeline, LocalStorage(paths["results"]), LocalStorage(paths["uploads"]), worker,
-            webhook_secret=args.webhook_secret or "",
+            webhook_secret=args.webhook_secret or "", on_finish=GeneratorMetrics(args.model).record,
         )  # fmt: skip
         self.device = pipeline.device
 

@@ -60,11 +60,13 @@ class JobRunner:
         worker: str,
         webhook_secret: str = "",
         webhook_backoff_s: float = 1.0,
+        on_finish=None,
     ):
         self.store, self.pipeline, self.worker = store, pipeline, worker
         self.results, self.uploads = results, uploads
         self.webhook_secret, self.webhook_backoff_s = webhook_secret, webhook_backoff_s
         self.last_webhook: threading.Thread | None = None  # the latest delivery, for tests and shutdown
+        self.on_finish = on_finish  # called with the finished SongJob (metrics)
 
     def _notify(self, job_id: str, url: str) -> threading.Thread:
         """POST the final job to its webhook in the background (retries must not hold the GPU)."""
@@ -132,8 +134,14 @@ class JobRunner:
                 log.exception("job %s failed", job_id)
                 self.store.fail(job_id, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict())
         final = self.store.get(job_id)
-        if final is not None and final.state.finished and params.webhook_url:
-            self.last_webhook = self._notify(job_id, params.webhook_url)
+        if final is not None and final.state.finished:
+            if self.on_finish is not None:
+                try:
+                    self.on_finish(final)
+                except Exception:  # metrics must never fail a job
+                    log.warning("on_finish hook failed", exc_info=True)
+            if params.webhook_url:
+                self.last_webhook = self._notify(job_id, params.webhook_url)
         return final.state if final else None
 
     def _store_takes(self, job_id: str, p: SongParams, result) -> list[dict]:

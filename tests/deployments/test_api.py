@@ -206,3 +206,11 @@ def test_store_down_is_503_and_nothing_accepted_is_lost(tmp_path, pipe):
         assert http.post("/v1/songs", json=SONG).status_code == 202
     srv.stop()
     assert len(dispatched) == 2
+
+
+def test_metrics_endpoint_reports_the_queue(service):
+    service.pool.submit(time.sleep, 1.0)
+    job_id = service.post("/v1/songs", json=SONG).json()["id"]
+    text = service.get("/metrics").text
+    assert "musicgen_queue_depth 1.0" in text and "musicgen_jobs_running" in text
+    wait_done(service, job_id)

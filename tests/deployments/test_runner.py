@@ -129,3 +129,36 @@ def test_webhook_is_signed_and_retried(runner):
         payload["id"] == job.id and payload["status"] == "succeeded" and len(payload["result"]["takes"]) == 2
     )
     assert runner.store.r.hget(f"mg:job:{job.id}", "webhook") == b"delivered"
+
+
+def test_finished_jobs_reach_the_metrics_hook(runner):
+    from deployments.metrics import GeneratorMetrics
+
+    seen = []
+    runner.on_finish = seen.append
+    job, _ = runner.store.create(params().to_dict())
+    runner.run(job.id)
+    assert [j.id for j in seen] == [job.id] and seen[0].result["timings"]["sampling_s"] > 0
+
+    class Recorder:  # stands in for ray.serve.metrics objects, which need a Ray worker
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return lambda *a, **k: self.calls.append((name, a, k))
+
+    m = GeneratorMetrics.__new__(GeneratorMetrics)
+    m.finished, m.stage, m.inverse_rtf, m.takes = Recorder(), Recorder(), Recorder(), Recorder()
+    m.tags = {"model": "tiny"}
+    m.record(seen[0])
+    assert m.finished.calls == [("inc", (), {"tags": {"model": "tiny", "state": "succeeded", "code": ""}})]
+    assert {k["tags"]["stage"] for _, _, k in m.stage.calls} >= {"style", "sampling", "decoding"}
+    rtf = m.inverse_rtf.calls[0][1][0]
+    assert rtf == pytest.approx(
+        sum(t["duration_s"] for t in seen[0].result["takes"]) / seen[0].result["timings"]["total_s"]
+    )
+    assert m.takes.calls == [("observe", (2,), {"tags": {"model": "tiny"}})]
+
+    runner.on_finish = lambda job: 1 / 0  # a broken hook never fails a job
+    job2, _ = runner.store.create(params().to_dict())
+    assert runner.run(job2.id) == JobState.SUCCEEDED

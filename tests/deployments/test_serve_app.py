@@ -67,6 +67,7 @@ def test_submit_poll_and_download_through_ray_serve(service):
     assert body["parameters"]["lrc"].startswith("[")  # auto-timed plain lyrics
     audio = service.get(body["takes"][0]["audio_url"].replace(str(service.base_url), ""))
     assert audio.status_code == 200 and audio.headers["content-type"] == "audio/mpeg"
+    assert "musicgen_queue_depth" in service.get("/metrics").text
     models = service.get("/v1/models").json()
     assert models[0]["name"] == "tiny" and models[0]["loaded"] is True
 

@@ -1,0 +1,60 @@
+"""Project metrics.
+
+- Per job, from the generator replicas, through `ray.serve.metrics` (exported by Ray's metrics agent
+  next to Ray Serve's own request, latency and replica metrics): finished jobs by state and error
+  code, seconds per stage, seconds of audio per second of compute (inverse real-time factor) and
+  takes per batch.
+- Queue state, from the job store, at the ingress's GET /metrics (Prometheus text): queue depth and
+  running jobs, so that a scrape shows the backlog even when no replica is up.
+"""
+
+from __future__ import annotations
+
+from deployments.jobs import RUNNING, JobStore, SongJob
+
+
+class GeneratorMetrics:
+    """Created inside a replica (ray.serve.metrics needs a running Ray worker)."""
+
+    def __init__(self, model: str):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        tags = {"model": model}
+        self.finished = Counter("musicgen_jobs_finished", "Jobs finished, by state and error code",
+                                tag_keys=("model", "state", "code"))  # fmt: skip
+        self.stage = Histogram("musicgen_stage_seconds", "Seconds per generation stage",
+                               boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
+                               tag_keys=("model", "stage"))  # fmt: skip
+        self.inverse_rtf = Gauge("musicgen_audio_seconds_per_compute_second",
+                                 "Seconds of audio generated per second of model time (last job)",
+                                 tag_keys=("model",))  # fmt: skip
+        self.takes = Histogram("musicgen_takes_per_batch", "Takes generated in one sampler batch",
+                               boundaries=[1, 2, 3, 4, 8, 16], tag_keys=("model",))  # fmt: skip
+        # Serve's metrics carry their own default tags (deployment, replica, ...): pass ours per call
+        self.tags = tags
+
+    def record(self, job: SongJob) -> None:
+        code = (job.error or {}).get("code", "")
+        self.finished.inc(tags={**self.tags, "state": job.state.value, "code": code})
+        result = job.result or {}
+        timings = result.get("timings", {})
+        for key, seconds in timings.items():
+            if key.endswith("_s") and key not in ("total_s", "wall_s"):
+                self.stage.observe(seconds, tags={**self.tags, "stage": key[:-2]})
+        takes = result.get("takes", [])
+        if takes and timings.get("total_s"):
+            audio = sum(t["duration_s"] for t in takes)
+            self.inverse_rtf.set(audio / timings["total_s"], tags=self.tags)
+            self.takes.observe(len(takes), tags=self.tags)
+
+
+def queue_metrics_text(store: JobStore) -> str:
+    """Prometheus exposition of the job store's queue, computed at scrape time."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    Gauge("musicgen_queue_depth", "Jobs waiting for a generator", registry=registry).set(store.queue_depth())
+    Gauge("musicgen_jobs_running", "Jobs holding a worker lease", registry=registry).set(
+        store.r.zcard(RUNNING)
+    )
+    return generate_latest(registry).decode()
