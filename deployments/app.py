@@ -109,6 +109,7 @@ class SongGenerator:
         self.runner = JobRunner(
             store, pipeline, LocalStorage(paths["results"]), LocalStorage(paths["uploads"]), worker,
             webhook_secret=args.webhook_secret or "", on_finish=GeneratorMetrics(args.model).record,
+            timeout_s=args.generation_timeout_s,
         )  # fmt: skip
         self.device = pipeline.device
 

@@ -23,6 +23,10 @@ from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest
 log = logging.getLogger(__name__)
 
 
+class _TimedOut(Exception):
+    """Raised from the progress callback: the job is past its deadline."""
+
+
 class _Heartbeat:
     """Renews the job's lease every lease/3 seconds until stopped or the lease is lost."""
 
@@ -61,12 +65,14 @@ class JobRunner:
         webhook_secret: str = "",
         webhook_backoff_s: float = 1.0,
         on_finish=None,
+        timeout_s: float | None = None,
     ):
         self.store, self.pipeline, self.worker = store, pipeline, worker
         self.results, self.uploads = results, uploads
         self.webhook_secret, self.webhook_backoff_s = webhook_secret, webhook_backoff_s
         self.last_webhook: threading.Thread | None = None  # the latest delivery, for tests and shutdown
         self.on_finish = on_finish  # called with the finished SongJob (metrics)
+        self.timeout_s = timeout_s  # a job running longer fails with GENERATION_TIMEOUT (checked per step)
 
     def _notify(self, job_id: str, url: str) -> threading.Thread:
         """POST the final job to its webhook in the background (retries must not hold the GPU)."""
@@ -103,11 +109,14 @@ class JobRunner:
             return None
         job = self.store.get(job_id)
         params = SongParams.from_dict(job.params)
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
         with _Heartbeat(self.store, job_id, self.worker) as beat:
 
             def on_progress(p: Progress) -> None:
                 if beat.lost.is_set() or self.store.cancel_requested(job_id):
                     raise GenerationCanceled("canceled")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _TimedOut()
                 self.store.set_progress(
                     job_id, {"stage": p.stage, "fraction": p.fraction, "step": p.step, "total": p.total},
                     force=p.fraction in (0.0, 1.0),
@@ -124,6 +133,13 @@ class JobRunner:
                     "sample_rate": result.sample_rate,
                 }
                 self.store.complete(job_id, outcome)
+            except _TimedOut:
+                self.store.fail(
+                    job_id,
+                    ServiceError(
+                        "GENERATION_TIMEOUT", f"the song took longer than {self.timeout_s:g} s to generate"
+                    ).to_dict(),
+                )
             except GenerationCanceled:
                 if beat.lost.is_set():
                     return self.store.get(job_id).state  # someone else owns it now

@@ -34,6 +34,7 @@ class AppArgs(BaseModel):
     lease_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     device: str = "auto"
+    generation_timeout_s: float = Field(1800.0, gt=0)
     webhook_secret: str | None = Field(None, repr=False)
 
     def resolved(self) -> AppArgs:

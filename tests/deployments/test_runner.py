@@ -162,3 +162,11 @@ def test_finished_jobs_reach_the_metrics_hook(runner):
     runner.on_finish = lambda job: 1 / 0  # a broken hook never fails a job
     job2, _ = runner.store.create(params().to_dict())
     assert runner.run(job2.id) == JobState.SUCCEEDED
+
+
+def test_generation_timeout_fails_the_job(runner):
+    runner.timeout_s = 1e-6
+    job, _ = runner.store.create(params(steps=5).to_dict())
+    assert runner.run(job.id) == JobState.FAILED
+    err = runner.store.get(job.id).error
+    assert err["code"] == "GENERATION_TIMEOUT" and "shorter" in err["recovery"]
