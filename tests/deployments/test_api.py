@@ -21,22 +21,10 @@ from deployments.storage import LocalStorage
 from deployments.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.lyrics.g2p import PhoneTokenizer
-from musicgen.pipeline import SongPipeline
 from tests.conftest import ASSETS
 
 SONG = {"lyrics": "[00:01.00]Hello there\n[00:03.00]good night", "style_prompt": "calm piano", "model": "tiny",
         "duration_s": 8, "steps": 3, "num_takes": 2, "seed": 9, "output_format": "wav"}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model_paths):
-    return SongPipeline.from_pretrained("tiny", device="cpu")
 
 
 @pytest.fixture()

@@ -12,12 +12,6 @@ from deployments.jobs import JobState, JobStore, job_key
 from deployments.redis_server import EmbeddedRedis
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as srv:
-        yield srv
-
-
 @pytest.fixture()
 def store(server):
     client = redis.Redis.from_url(server.url)

@@ -9,25 +9,12 @@ import soundfile as sf
 
 from deployments.jobs import JobState, JobStore
 from deployments.params import SongParams
-from deployments.redis_server import EmbeddedRedis
 from deployments.runner import JobRunner
 from deployments.storage import LocalStorage
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.lyrics.g2p import PhoneTokenizer
-from musicgen.pipeline import SongPipeline
 from musicgen.registry import MODELS
 from tests.conftest import ASSETS
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model_paths):
-    return SongPipeline.from_pretrained("tiny", device="cpu")
 
 
 @pytest.fixture()
