@@ -219,7 +219,7 @@ class JobStore:
             return self.create(params, idempotency_key)
         created = got == job_id
         if created:
-            self._publish(job)
+            self._publish(job.id, job.state)
         return job, created
 
     def claim(self, job_id: str, worker: str) -> bool:
@@ -230,7 +230,7 @@ class JobStore:
             )
         )
         if ok:
-            self._publish_id(job_id)
+            self._publish(job_id, JobState.RUNNING)
         return ok
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
@@ -263,7 +263,7 @@ class JobStore:
         )  # fmt: skip
         if ok:
             self._last_progress.pop(job_id, None)
-            self._publish_id(job_id)
+            self._publish(job_id, state)
         return ok
 
     def complete(self, job_id: str, result: dict[str, Any]) -> bool:
@@ -283,7 +283,7 @@ class JobStore:
             return None
         if job.state == JobState.RUNNING:
             self.r.hset(job_key(job_id), "cancel_requested", "1")
-            self._publish(job)
+            self._publish(job_id, job.state)
         return job.state
 
     def finish_canceled(self, job_id: str) -> bool:
@@ -308,10 +308,10 @@ class JobStore:
             )
             if res == 1:
                 out["requeued"].append(job_id)
+                self._publish(job_id, JobState.QUEUED)
             elif res == 2:
                 out["failed"].append(job_id)
-            if res:
-                self._publish_id(job_id)
+                self._publish(job_id, JobState.FAILED)
         return out
 
     def set_webhook_status(self, job_id: str, status: str) -> None:
@@ -347,10 +347,6 @@ class JobStore:
 
     # -- events ------------------------------------------------------------------------------
 
-    def _publish_id(self, job_id: str) -> None:
-        job = self.get(job_id)
-        if job is not None:
-            self._publish(job)
-
-    def _publish(self, job: SongJob) -> None:
-        self.r.publish(events_channel(job.id), json.dumps({"id": job.id, "state": job.state.value}))
+    def _publish(self, job_id: str, state: JobState) -> None:
+        """Each transition knows the state it wrote: no read-back needed to announce it."""
+        self.r.publish(events_channel(job_id), json.dumps({"id": job_id, "state": state.value}))

@@ -109,9 +109,9 @@ def cmd_generate(args) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     edit = EditSpec(args.edit_audio, _parse_segments(args.edit_segments)) if args.edit_audio else None
     if args.ref_audio is not None:  # check the clip before loading any weights
-        from musicgen.model.style import load_reference_clip
+        from musicgen.model.style import check_reference_audio
 
-        load_reference_clip(args.ref_audio)
+        check_reference_audio(args.ref_audio)
 
     download = not args.offline
     if not download or hub.hub_offline():  # name every missing file at once, before any work

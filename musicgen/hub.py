@@ -43,11 +43,11 @@ def hub_offline() -> bool:
 
 def hub_file(repo_id: str, filename: str, *, download: bool = True, pull_target: str = "") -> Path:
     """Path of `filename` of `repo_id` in the cache, downloading it when allowed and needed."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
 
-    cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir()))
-    if isinstance(cached, str) and Path(cached).is_file():
-        return Path(cached)
+    cached = hub_file_cached(repo_id, filename)
+    if cached is not None:
+        return cached
     if not download or hub_offline():
         raise _missing([f"{repo_id}/{filename}"], pull_target, offline=hub_offline())
     try:
@@ -77,7 +77,7 @@ def hub_file_cached(repo_id: str, filename: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir()))
-    return Path(cached) if isinstance(cached, str) else None
+    return Path(cached) if isinstance(cached, str) and Path(cached).is_file() else None
 
 
 def _missing(

@@ -9,19 +9,17 @@ the song's end are not sung; the base (2048-frame) models also drop the last lin
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from musicgen.errors import InvalidLyrics
-from musicgen.lyrics.g2p import LinePhones, PhoneTokenizer, unsupported_letters
+from musicgen.lyrics.g2p import LinePhones, PhoneTokenizer, has_mandarin, unsupported_letters
 from musicgen.lyrics.lrc import LrcLine, format_time, parse_lrc, to_lrc
 from musicgen.lyrics.timing import auto_time
 from musicgen.registry import LATENT_HOP, SAMPLE_RATE, ModelSpec
 
 COMMA_ID, PERIOD_ID = 1, 2  # model ids of "," and "."
-_HAS_CJK = re.compile("[\u4e00-\u9fa5]")
 MAX_LINE_CHARS = 300  # one sung line; longer ones are pasted paragraphs
 
 
@@ -143,7 +141,7 @@ class LyricsFrontEnd:
                     f"line {last.line_no} ({last.text[:30]!r}) is the last line: {spec.name} does not sing it; "
                     "end the lyrics with an empty timestamp line such as [01:34.00] to keep it"
                 )
-        if any(_HAS_CJK.search(ln.text) for ln in lines):
+        if any(has_mandarin(ln.text) for ln in lines):
             warnings += [f"Mandarin: {reason}" for reason in self.tokenizer.mandarin.fallback_reasons]
         placed_input, kept = [], []
         for ln in sung:

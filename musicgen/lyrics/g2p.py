@@ -24,6 +24,10 @@ def _script(ch: str) -> str:
     return "other"
 
 
+def has_mandarin(text: str) -> bool:
+    return any(_script(ch) == "zh" for ch in text)
+
+
 def unsupported_letters(text: str) -> list[str]:
     """Letters of scripts the model was not trained on (Latin and CJK ideographs are supported)."""
     bad = []

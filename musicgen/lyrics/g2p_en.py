@@ -125,31 +125,26 @@ def normalize_english(text: str) -> str:
 # -- 2./3. punctuation and espeak ----------------------------------------------------------------
 
 PUNCTUATION = ",.?!;:'…"
-_PUNCT_MAP = [
-    ("，", ","),
-    ("。", "."),
-    ("！", "!"),
-    ("？", "?"),
-    ("；", ";"),
-    ("：", ":"),
-    ("、", ","),
-    ("‘", "'"),
-    ("’", "'"),
-    ("⋯", "…"),
-    ("···", "…"),
-    ("・・・", "…"),
-    ("...", "…"),
-]
+# CJK and typographic punctuation to the ASCII marks the vocabulary has (the Mandarin g2p uses it too)
+PUNCT_MAP = [
+    ("，", ","), ("。", "."), ("！", "!"), ("？", "?"), ("；", ";"), ("：", ":"), ("、", ","),
+    ("‘", "'"), ("’", "'"), ("⋯", "…"), ("···", "…"), ("・・・", "…"), ("...", "…"),
+]  # fmt: skip
+
+
+def ascii_punctuation(text: str) -> str:
+    for a, b in PUNCT_MAP:
+        text = text.replace(a, b)
+    return text
+
+
 _NOT_KEPT = re.compile(r"[^\w\s_,\.\?!;:\'…]")
 _SPACE_AROUND_PUNCT = re.compile(r"\s*([,\.\?!;:\'…])\s*")
 _PUNCT_PHONE = re.compile(r"([,\.\?!;:\'…])")
 
 
 def normalize_punctuation(line: str) -> str:
-    line = line.strip()
-    for a, b in _PUNCT_MAP:
-        line = line.replace(a, b)
-    line = _NOT_KEPT.sub("", line)
+    line = _NOT_KEPT.sub("", ascii_punctuation(line.strip()))
     line = _SPACE_AROUND_PUNCT.sub(r"\1", line)
     return re.sub(r"\s+", " ", line)
 

@@ -19,6 +19,8 @@ import json
 import re
 from pathlib import Path
 
+from musicgen.lyrics.g2p_en import ascii_punctuation
+
 _CJK = re.compile("[\u4e00-\u9fff]")
 TONE_MARK = {"0": "˙", "5": "˙", "1": "", "2": "ˊ", "3": "ˇ", "4": "ˋ"}
 _NO_ER_SANDHI = {"女儿", "老儿", "男儿", "少儿", "小儿"}
@@ -40,16 +42,9 @@ _BOPOMOFO_TO_PHONES = [
     ("ㄩ", "|ɥ"), ("ˉ", "→|"), ("ˊ", "↑|"), ("ˇ", "↓↑|"), ("ˋ", "↓|"), ("˙", "|"),
 ]  # fmt: skip
 
-_PUNCT_MAP = [
-    ("，", ","), ("。", "."), ("！", "!"), ("？", "?"), ("；", ";"), ("：", ":"), ("、", ","),
-    ("‘", "'"), ("’", "'"), ("⋯", "…"), ("···", "…"), ("・・・", "…"), ("...", "…"),
-]  # fmt: skip
-
 
 def normalize_mandarin(text: str) -> str:
-    for a, b in _PUNCT_MAP:
-        text = text.replace(a, b)
-    text = re.sub(r"\s+", "", text)
+    text = re.sub(r"\s+", "", ascii_punctuation(text))
     text = re.sub(r"[^\u4e00-\u9fff\s_,\.\?!;:\'…]", "", text)
     return re.sub(r"\s*([,\.\?!;:\'…])\s*", r"\1", text)
 
@@ -226,12 +221,8 @@ class MandarinG2P:
             from pypinyin import BOPOMOFO, lazy_pinyin
 
             return lazy_pinyin(word, BOPOMOFO)
-        if (
-            lex is None
-            and not any(ch in self.poly_chars for ch in word)
-            or (lex is None and self.bert is None)
-        ):
-            return self._pypinyin(word)
+        if lex is None and (self.bert is None or not any(ch in self.poly_chars for ch in word)):
+            return self._pypinyin(word)  # no lexicon, and no polyphone the model could settle
         out = []
         for i, ch in enumerate(word):
             if ch in self.poly_chars:

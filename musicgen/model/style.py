@@ -106,14 +106,20 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
-def load_reference_clip(path: str | Path) -> torch.Tensor:
-    """The middle 10 s of a reference song as (samples,) mono 24 kHz, as the official code picks it."""
+def check_reference_audio(path: str | Path) -> float:
+    """The file's length in seconds, from its header only; a clear error if it cannot be a reference."""
     seconds, _, _ = audio_info(path)
     if seconds < CLIP_SECONDS:
         raise InvalidPrompt(
             f"reference audio {Path(path).name} is {seconds:.2f} s long; at least {CLIP_SECONDS:g} s are needed",
             recovery="use a reference clip of at least 10 seconds",
         )
+    return seconds
+
+
+def load_reference_clip(path: str | Path) -> torch.Tensor:
+    """The middle 10 s of a reference song as (samples,) mono 24 kHz, as the official code picks it."""
+    seconds = check_reference_audio(path)
     start = seconds // 2 - CLIP_SECONDS / 2  # official: mid = len // 2, start = mid - 5
     audio, sr = read_audio(path, offset_s=start, duration_s=CLIP_SECONDS)
     mono = resample(audio.mean(dim=0), sr, MULAN_SAMPLE_RATE)

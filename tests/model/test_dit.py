@@ -108,33 +108,24 @@ def test_attention_is_full_in_v12_and_causal_in_v10():
 
 
 def test_registry_pins_official_differences():
-    base, full = MODELS["diffrhythm-1.2-base"], MODELS["diffrhythm-1.2-full"]
-    v10_base, v10_full = MODELS["diffrhythm-1.0-base"], MODELS["diffrhythm-1.0-full"]
-    assert (base.repo_id, base.max_frames, base.dit.duration_embed, base.dit.causal) == (
-        "ASLP-lab/DiffRhythm-1_2",
-        2048,
-        False,
-        False,
+    # name: (repo, max_frames, duration embedding, causal attention)
+    expected = {
+        "diffrhythm-1.2-base": ("ASLP-lab/DiffRhythm-1_2", 2048, False, False),
+        "diffrhythm-1.2-full": ("ASLP-lab/DiffRhythm-1_2-full", 6144, True, False),
+        "diffrhythm-1.0-base": ("ASLP-lab/DiffRhythm-base", 2048, False, True),
+        "diffrhythm-1.0-full": ("ASLP-lab/DiffRhythm-full", 6144, False, True),
+    }
+    for name, want in expected.items():
+        spec = MODELS[name]
+        assert (spec.repo_id, spec.max_frames, spec.dit.duration_embed, spec.dit.causal) == want, name
+    base, full, v10_full = (
+        MODELS["diffrhythm-1.2-base"],
+        MODELS["diffrhythm-1.2-full"],
+        MODELS["diffrhythm-1.0-full"],
     )
-    assert (full.repo_id, full.max_frames, full.dit.duration_embed, full.dit.causal) == (
-        "ASLP-lab/DiffRhythm-1_2-full",
-        6144,
-        True,
-        False,
-    )
-    assert (v10_base.repo_id, v10_base.max_frames, v10_base.dit.duration_embed, v10_base.dit.causal) == (
-        "ASLP-lab/DiffRhythm-base",
-        2048,
-        False,
-        True,
-    )
-    assert (v10_full.repo_id, v10_full.max_frames, v10_full.dit.duration_embed, v10_full.dit.causal) == (
-        "ASLP-lab/DiffRhythm-full",
-        6144,
-        False,
-        True,
-    )
-    for spec in (base, full, v10_base, v10_full):  # config/diffrhythm-1b.json, 32 heads (LlamaConfig default)
+    for spec in (
+        MODELS[name] for name in expected
+    ):  # config/diffrhythm-1b.json, 32 heads (LlamaConfig default)
         d = spec.dit
         assert (
             d.dim,
