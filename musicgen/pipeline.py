@@ -7,6 +7,7 @@ frame-aligned lyric tokens (see `musicgen.lyrics`) and returns audio for every t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
 from musicgen.model.device import resolve_device, resolve_dtype
 from musicgen.model.dit import DiT
 from musicgen.model.loading import load_dit, load_vae
-from musicgen.model.sampler import SamplerSettings, SongConditions, sample, take_noise
+from musicgen.model.sampler import SamplerSettings, SongConditions, sample_many, take_noise
 from musicgen.model.style import StyleEncoder, load_negative_style
 from musicgen.model.vae import SongVAE, peak_normalize, posterior_sample
 from musicgen.registry import (
@@ -33,6 +34,7 @@ from musicgen.registry import (
     get_model_spec,
 )
 
+log = logging.getLogger(__name__)
 MAX_TAKES = 4
 MAX_SEED = 2**63 - 1 - MAX_TAKES
 
@@ -98,7 +100,31 @@ def edit_mask(segments, frames: int, max_frames: int) -> torch.Tensor:
     return mask
 
 
+def _no_report(progress: Progress) -> None:
+    pass
+
+
+@dataclass
+class _Prepared:
+    """A request with its conditions and noise, ready to join a sampler batch."""
+
+    index: int
+    req: SongRequest
+    report: ProgressCallback
+    cond: SongConditions
+    noise: torch.Tensor
+    settings: SamplerSettings
+    seeds: list[int]
+    timings: dict[str, float]
+    t0: float
+
+
 class SongPipeline:
+    max_batch_takes = 8  # takes sampled together at most (memory grows with takes x frames)
+    # Testing aid for the out-of-memory paths without filling a device: a batch of more takes than
+    # this raises torch.OutOfMemoryError as an exhausted GPU would. None (the default) disables it.
+    fault_oom_takes: int | None = None
+
     def __init__(
         self,
         spec: ModelSpec,
@@ -212,56 +238,143 @@ class SongPipeline:
         return prompt, mask
 
     def generate(self, req: SongRequest, progress: ProgressCallback | None = None) -> SongResult:
+        (out,) = self.generate_many([req], [progress])
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def generate_many(
+        self, reqs: list[SongRequest], progress: list[ProgressCallback | None] | None = None
+    ) -> list[SongResult | Exception]:
+        """Generate several songs; requests of the same frame and step count run as one sampler
+        batch (and one decoder batch), at most `max_batch_takes` takes at a time.
+
+        Returns per request its result or the exception that ended it, so that one bad, canceled or
+        timed-out request never costs the others theirs. A batch that runs out of memory is retried
+        one request at a time; a single request that runs out of memory gets `OutOfMemory`.
+        """
+        reports = list(progress) if progress is not None else [None] * len(reqs)
+        results: list[SongResult | Exception | None] = [None] * len(reqs)
+        ready: list[_Prepared] = []
+        for i, req in enumerate(reqs):
+            try:
+                ready.append(self._prepare(i, req, reports[i] or _no_report))
+            except Exception as exc:
+                results[i] = self._as_error(exc, req)
+        for batch in self._batches(ready):
+            self._run_batch(batch, results)
+        return results
+
+    def _batches(self, ready: list[_Prepared]) -> list[list[_Prepared]]:
+        by_shape: dict[tuple[int, int], list[list[_Prepared]]] = {}
+        for item in ready:
+            chunks = by_shape.setdefault((item.cond.frames, item.settings.steps), [[]])
+            if (
+                chunks[-1]
+                and sum(x.req.num_takes for x in chunks[-1]) + item.req.num_takes > self.max_batch_takes
+            ):
+                chunks.append([])
+            chunks[-1].append(item)
+        return [chunk for chunks in by_shape.values() for chunk in chunks]
+
+    def _prepare(self, index: int, req: SongRequest, report: ProgressCallback) -> _Prepared:
         self.check_inputs(req)
-        report = progress or (lambda p: None)
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
             report(Progress("encoding_style", 0.0))
             style = self.encode_style(req)
-            timings["style_s"] = time.perf_counter() - t0
-
             frames = req.tokens.shape[0]
-            seeds = [req.seed + i for i in range(req.num_takes)]
             prompt = mask = None
             if req.edit is not None:
                 prompt, mask = self.latent_prompt(req.edit, frames, req.seed)
-            cond = SongConditions(
-                text=req.tokens[None].long(),
-                style=style,
-                negative_style=self.negative_style,
-                song_duration=torch.tensor([req.song_duration], dtype=torch.float32),
-                latent_prompt=prompt,
-                generate_mask=mask,
-            )
-            noise = take_noise(seeds, frames, self.spec.dit.mel_dim)
-            settings = SamplerSettings(req.steps, req.cfg_strength)
-
-            t1 = time.perf_counter()
-            latents = sample(
-                self.dit,
-                cond,
-                noise,
-                settings,
-                on_step=lambda k, n: report(Progress("sampling", k / n, k, n)),
-            )
-            self._sync()
-            timings["sampling_s"] = time.perf_counter() - t1
-
-            t2 = time.perf_counter()
-            report(Progress("decoding", 0.0))
-            audio = peak_normalize(self.vae.decode(latents)).cpu()
-            self._sync()
-            timings["decoding_s"] = time.perf_counter() - t2
-            report(Progress("decoding", 1.0))
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise OutOfMemory(
+            self._free()
+            raise
+        cond = SongConditions(
+            text=req.tokens[None].long(),
+            style=style,
+            negative_style=self.negative_style,
+            song_duration=torch.tensor([req.song_duration], dtype=torch.float32),
+            latent_prompt=prompt,
+            generate_mask=mask,
+        )
+        seeds = [req.seed + i for i in range(req.num_takes)]
+        return _Prepared(
+            index, req, report, cond, take_noise(seeds, frames, self.spec.dit.mel_dim),
+            SamplerSettings(req.steps, req.cfg_strength), seeds, {"style_s": time.perf_counter() - t0}, t0,
+        )  # fmt: skip
+
+    def _as_error(self, exc: Exception, req: SongRequest) -> Exception:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return OutOfMemory(
                 f"out of memory generating {req.num_takes} take(s) of {req.tokens.shape[0]} frames"
-            ) from None
-        timings["total_s"] = time.perf_counter() - t0
-        return SongResult(audio=audio, latents=latents.cpu(), seeds=seeds, timings=timings)
+            )
+        return exc
+
+    def _run_batch(self, batch: list[_Prepared], results: list) -> None:
+        try:
+            for item, out in zip(batch, self._sample_and_decode(batch), strict=True):
+                results[item.index] = out
+        except torch.OutOfMemoryError as exc:
+            self._free()
+            if len(batch) == 1:
+                results[batch[0].index] = self._as_error(exc, batch[0].req)
+                return
+            log.warning("out of memory on a batch of %d requests: running them one at a time", len(batch))
+            for item in batch:
+                self._run_batch([item], results)
+
+    def _sample_and_decode(self, batch: list[_Prepared]) -> list[SongResult | Exception]:
+        takes = sum(item.req.num_takes for item in batch)
+        if self.fault_oom_takes is not None and takes > self.fault_oom_takes:
+            raise torch.OutOfMemoryError(f"simulated: {takes} takes > fault_oom_takes={self.fault_oom_takes}")
+
+        def on_step(item: _Prepared):
+            return lambda k, n: item.report(Progress("sampling", k / n, k, n))
+
+        t1 = time.perf_counter()
+        latents = sample_many(
+            self.dit, [i.cond for i in batch], [i.noise for i in batch], [i.settings for i in batch],
+            [on_step(i) for i in batch],
+        )  # fmt: skip
+        self._sync()
+        sampling_s = time.perf_counter() - t1
+        outs: list[SongResult | Exception] = list(latents)
+        alive = []
+        for j, item in enumerate(batch):
+            if isinstance(outs[j], torch.Tensor):
+                try:
+                    item.report(Progress("decoding", 0.0))
+                    alive.append(j)
+                except Exception as exc:  # canceled or timed out between sampling and decoding
+                    outs[j] = exc
+        if not alive:
+            return outs
+        t2 = time.perf_counter()
+        audio = peak_normalize(self.vae.decode(torch.cat([outs[j] for j in alive]))).cpu()
+        self._sync()
+        decoding_s = time.perf_counter() - t2
+        offset = 0
+        for j in alive:
+            item, lat = batch[j], outs[j]
+            k = lat.shape[0]
+            timings = {
+                **item.timings, "sampling_s": sampling_s, "decoding_s": decoding_s,
+                "total_s": time.perf_counter() - item.t0, "batch_requests": len(batch), "batch_takes": takes,
+            }  # fmt: skip
+            outs[j] = SongResult(
+                audio=audio[offset : offset + k], latents=lat.cpu(), seeds=item.seeds, timings=timings
+            )
+            offset += k
+            try:
+                item.report(Progress("decoding", 1.0))
+            except Exception as exc:
+                outs[j] = exc
+        return outs
+
+    def _free(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from musicgen.errors import InvalidParameter, InvalidPrompt, UnsupportedMedia
+from musicgen.errors import GenerationCanceled, InvalidParameter, InvalidPrompt, OutOfMemory, UnsupportedMedia
 from musicgen.pipeline import EditSpec, SongPipeline, SongRequest, edit_mask
 
 
@@ -124,3 +124,65 @@ def test_style_embeddings_are_cached_by_text_and_by_audio_content(pipe, tmp_path
     assert torch.equal(e1, e2) and enc.hits == hits + 1
     sf.write(second, clip * 0.5, 44100)
     assert not torch.equal(enc.embed_audio_file(second), e1)
+
+
+# --------------------------------------------------------------------------------------------------
+# several requests at once (the service's batches)
+
+
+def test_compatible_requests_share_one_batch_and_match_running_alone(pipe):
+    reqs = [
+        request(pipe, seed=1),
+        request(pipe, seed=5, num_takes=2, style_prompt="loud metal", cfg_strength=2.0),
+    ]
+    outs = pipe.generate_many(reqs)
+    for req, out in zip(reqs, outs, strict=True):
+        assert out.timings["batch_requests"] == 2 and out.timings["batch_takes"] == 3
+        alone = pipe.generate(req)
+        assert alone.timings["batch_requests"] == 1
+        assert out.seeds == alone.seeds
+        assert torch.allclose(out.latents, alone.latents, atol=2e-5), (
+            (out.latents - alone.latents).abs().max()
+        )
+        assert torch.allclose(out.audio, alone.audio, atol=1e-4)
+
+
+def test_requests_of_other_lengths_or_steps_run_in_their_own_batches(pipe):
+    outs = pipe.generate_many([request(pipe, seed=1), request(pipe, 6.0, seed=1), request(pipe, steps=2)])
+    assert [o.timings["batch_requests"] for o in outs] == [1, 1, 1]
+    assert outs[1].audio.shape[-1] < outs[0].audio.shape[-1]
+
+
+def test_batches_hold_at_most_max_batch_takes(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "max_batch_takes", 3)
+    outs = pipe.generate_many([request(pipe, num_takes=2), request(pipe, num_takes=2), request(pipe)])
+    assert [o.timings["batch_takes"] for o in outs] == [2, 3, 3]
+
+
+def test_one_failing_request_costs_the_others_nothing(pipe):
+    canceled = []
+
+    def cancel_at_step_2(p):
+        if p.stage == "sampling" and p.step == 2:
+            canceled.append(p)
+            raise GenerationCanceled("canceled")
+
+    bad = request(pipe, style_prompt=None)  # no style: refused before sampling
+    outs = pipe.generate_many(
+        [request(pipe, seed=1), bad, request(pipe, seed=2)], [None, None, cancel_at_step_2]
+    )
+    assert isinstance(outs[1], InvalidParameter) and isinstance(outs[2], GenerationCanceled) and canceled
+    assert outs[0].timings["batch_requests"] == 2  # the canceled request sampled with it until it left
+    assert torch.allclose(outs[0].latents, pipe.generate(request(pipe, seed=1)).latents, atol=2e-5)
+
+
+def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "fault_oom_takes", 2)
+    outs = pipe.generate_many(
+        [request(pipe, seed=1), request(pipe, seed=2), request(pipe, seed=3, num_takes=3)]
+    )
+    assert [o.timings["batch_requests"] for o in outs[:2]] == [1, 1]  # 2 + 3 takes did not fit: one at a time
+    assert isinstance(outs[2], OutOfMemory) and "fewer takes" in outs[2].recovery
+    assert torch.allclose(outs[0].latents, pipe.generate(request(pipe, seed=1)).latents, atol=2e-5)
+    monkeypatch.setattr(pipe, "fault_oom_takes", None)
+    assert pipe.generate(request(pipe, seed=3, num_takes=3)).audio.shape[0] == 3  # the pipeline recovered

@@ -197,20 +197,37 @@ class InputEmbedding(nn.Module):
         per_frame = F.linear(cond, w_cond) + F.linear(text_emb, w_text)
         return per_frame + (F.linear(style, w_style) + self.proj.bias)[:, None, :]
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, invariant: torch.Tensor) -> torch.Tensor:
-        """x (g*k, n, mel), c (g*k, COND_DIM), invariant (g, n, out) -> (g*k, n, out)."""
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, invariant: torch.Tensor, rows: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """x (rows, n, mel), c (rows, COND_DIM), invariant (g, n, out) -> (rows, n, out)."""
         w_x, *_, w_time = self._weights()
         h = F.linear(x, w_x) + F.linear(c, w_time)[:, None, :]
-        h = _add_grouped(h, invariant)
+        h = _add_grouped(h, invariant, rows)
         return self.conv_pos_embed(h) + h
 
 
-def _add_grouped(x: torch.Tensor, per_group: torch.Tensor) -> torch.Tensor:
-    """x (g*k, ...) + per_group (g, ...) broadcast over the k rows of each group, without copying."""
+def _add_grouped(
+    x: torch.Tensor, per_group: torch.Tensor, rows: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """x (sum(rows), ...) + per_group (g, ...): group j is added to its rows[j] consecutive rows of x.
+
+    rows=None means the same number of rows per group (broadcast, no copy of per_group); uneven groups
+    (a batch of requests with different numbers of takes) are added slice by slice.
+    """
     g = per_group.shape[0]
-    if x.shape[0] == g:
-        return x + per_group
-    return (x.unflatten(0, (g, -1)) + per_group.unsqueeze(1)).flatten(0, 1)
+    if rows is None or len(set(rows)) == 1:
+        if x.shape[0] == g:
+            return x + per_group
+        return (x.unflatten(0, (g, -1)) + per_group.unsqueeze(1)).flatten(0, 1)
+    if len(rows) != g or sum(rows) != x.shape[0]:
+        raise ValueError(f"row layout {rows} does not fit {x.shape[0]} rows in {g} groups")
+    out = torch.empty_like(x)
+    start = 0
+    for j, r in enumerate(rows):
+        torch.add(x[start : start + r], per_group[j], out=out[start : start + r])
+        start += r
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -307,20 +324,33 @@ class AdaLayerNormFinal(nn.Module):
 
 @dataclass
 class Conditioning:
-    """Step-invariant tensors of one request, for g groups (e.g. g=2: conditional and null branch).
+    """Step-invariant tensors for g groups (e.g. g=2: the conditional and the null branch of one
+    request; or R requests' conditional groups plus their shared null groups).
 
-    A batch passed to `DiT.velocity` has g*k rows: k consecutive rows per group (the takes), which
-    share these tensors by broadcasting.
+    A batch passed to `DiT.velocity` has one block of consecutive rows per group (the takes), which
+    share these tensors: `rows[j]` rows for group j, or the same number for every group when None.
     """
 
     input_bias: torch.Tensor  # (g, n, dim): cond/text/style part of the input projection, with bias
     fusion: list[torch.Tensor]  # depth//2 x (g, n, dim): text-fusion residuals
     extra_time: torch.Tensor  # (g, COND_DIM): start-time (+ duration) embedding
     rope: tuple[torch.Tensor, torch.Tensor] = field(repr=False)  # fp32 (n, head_dim) cos, sin
+    rows: tuple[int, ...] | None = None  # rows of the batch per group; None: evenly split
 
     @property
     def groups(self) -> int:
         return self.input_bias.shape[0]
+
+    def select(self, groups: list[int], rows: tuple[int, ...]) -> Conditioning:
+        """The conditioning of a subset of the groups (in that order), for a new row layout."""
+        idx = torch.tensor(groups, device=self.input_bias.device)
+        return Conditioning(
+            input_bias=self.input_bias.index_select(0, idx),
+            fusion=[f.index_select(0, idx) for f in self.fusion],
+            extra_time=self.extra_time.index_select(0, idx),
+            rope=self.rope,
+            rows=rows,
+        )
 
 
 class DiT(nn.Module):
@@ -390,15 +420,15 @@ class DiT(nn.Module):
         )
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, pre: Conditioning) -> torch.Tensor:
-        """x (g*k, n, mel), t (g*k,) or scalar -> predicted flow (g*k, n, mel)."""
+        """x (rows, n, mel), t (rows,) or scalar -> predicted flow (rows, n, mel); see Conditioning."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        c = _add_grouped(self.time_embed(t), pre.extra_time)  # (g*k, COND_DIM)
-        h = self.input_embed(x.to(self.dtype), c, pre.input_bias)
+        c = _add_grouped(self.time_embed(t), pre.extra_time, pre.rows)  # (rows, COND_DIM)
+        h = self.input_embed(x.to(self.dtype), c, pre.input_bias, pre.rows)
         for i, block in enumerate(self.transformer_blocks):
             h = block(h, pre.rope)
             if i < len(pre.fusion):
-                h = _add_grouped(h, pre.fusion[i])
+                h = _add_grouped(h, pre.fusion[i], pre.rows)
         return self.proj_out(self.norm_out(h, c))
 
     def forward(

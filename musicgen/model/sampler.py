@@ -6,6 +6,8 @@ Same algorithm as the official `CFM.sample` (Euler on `t = linspace(0, 1, steps 
 negative style), organised so that the numbers stay the same while the work shrinks:
 
 - both CFG branches and all takes of a request run as one batch: rows are [cond x k, null x k];
+- several requests of the same length run as one batch too (`sample_many`): one conditional group
+  per request and one null group for all that share the null conditioning;
 - everything step-invariant is computed once per request (`DiT.prepare`), and the null branch's
   all-filler lyric embedding is shared by every request of the same length;
 - each take gets its own reproducible noise, drawn on the CPU from `torch.Generator(seed + i)`, so a
@@ -80,7 +82,6 @@ def _prompt_and_mask(model: DiT, cond: SongConditions, device) -> tuple[torch.Te
     return prompt.to(device=device, dtype=torch.float32), mask.to(device)
 
 
-@torch.inference_mode()
 def sample(
     model: DiT,
     cond: SongConditions,
@@ -88,41 +89,155 @@ def sample(
     settings: SamplerSettings,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Latents (k, n, 64) in fp32, one row per take."""
+    """Latents (k, n, 64) in fp32, one row per take. An exception raised by `on_step` propagates."""
+    (out,) = sample_many(model, [cond], [noise], [settings], [on_step])
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def _null_groups(conds: list[SongConditions]) -> list[int]:
+    """For each request, the index of its null-branch group. The null branch sees no lyrics and no
+    latent prompt, so requests with equal start time, duration and negative style share one."""
+    keys: list[tuple[float, float, torch.Tensor]] = []
+    out = []
+    for c in conds:
+        start = float(c.start_time[0]) if c.start_time is not None else 0.0
+        duration = float(c.song_duration[0])
+        for j, (s, d, neg) in enumerate(keys):
+            if s == start and d == duration and torch.equal(neg, c.negative_style):
+                out.append(j)
+                break
+        else:
+            keys.append((start, duration, c.negative_style))
+            out.append(len(keys) - 1)
+    return out
+
+
+@torch.inference_mode()
+def sample_many(
+    model: DiT,
+    conds: list[SongConditions],
+    noises: list[torch.Tensor],  # per request (k_r, n, 64)
+    settings: list[SamplerSettings],
+    on_step: list[StepCallback | None] | None = None,
+) -> list[torch.Tensor | BaseException]:
+    """Sample several requests of the same length and step count as one batch.
+
+    Rows are [cond rows of every request, null rows]; each request is its own conditional group, and
+    requests with the same null conditioning share one null group (see `_null_groups`). Each request
+    keeps its own guidance strength. When a request's `on_step` raises (canceled, timed out), the
+    request leaves the batch before the next step and its slot in the result holds the exception;
+    the others go on. Returns per request the latents (k_r, n, 64) in fp32, or that exception.
+    """
+    r_count = len(conds)
+    if not r_count or not len(noises) == len(settings) == r_count:
+        raise ValueError("give one noise tensor and one settings object per request")
+    n, steps = conds[0].frames, settings[0].steps
+    if any(c.frames != n for c in conds) or any(s.steps != steps for s in settings):
+        raise ValueError("a batch needs requests of the same frame count and step count")
+    for noise in noises:
+        if noise.shape[1:] != (n, model.cfg.mel_dim):
+            raise ValueError(f"noise {tuple(noise.shape)} does not fit {n} frames")
+    callbacks = list(on_step) if on_step is not None else [None] * r_count
     device = next(model.parameters()).device
-    k, n = noise.shape[0], cond.frames
-    if noise.shape[1:] != (n, model.cfg.mel_dim):
-        raise ValueError(f"noise {tuple(noise.shape)} does not fit {n} frames")
-    prompt, mask = _prompt_and_mask(model, cond, device)
-    step_cond = torch.where(mask[None, :, None], 0.0, prompt)  # frames to generate are hidden
+    guided = any(s.uses_guidance for s in settings)
 
-    text = cond.text.to(device)
-    start = cond.start_time if cond.start_time is not None else torch.zeros(1)
-    start, duration = start.to(device, torch.float32), cond.song_duration.to(device, torch.float32)
-    style = cond.style.to(device)
-    if settings.uses_guidance:
-        pre = model.prepare(
-            torch.cat((step_cond, torch.zeros_like(step_cond))),
-            torch.cat((model.embed_text(text), model.null_text_embedding(n, device))),
-            torch.cat((style, cond.negative_style.to(device))),
-            start.repeat(2),
-            duration.repeat(2),
+    # Work in an order where requests sharing a null group are adjacent, so that the null rows are
+    # the conditional rows' x in the same order.
+    null_of = _null_groups(conds)
+    order = sorted(range(r_count), key=lambda r: null_of[r])
+    takes = {r: noises[r].shape[0] for r in range(r_count)}
+    prompts, masks, step_conds = {}, {}, []
+    for r in order:
+        prompts[r], masks[r] = _prompt_and_mask(model, conds[r], device)
+        step_conds.append(torch.where(masks[r][None, :, None], 0.0, prompts[r]))  # generated frames hidden
+
+    def per_request(get) -> torch.Tensor:
+        return torch.cat([get(conds[r]) for r in order]).to(device)
+
+    starts = per_request(lambda c: c.start_time if c.start_time is not None else torch.zeros(1)).float()
+    durations = per_request(lambda c: c.song_duration).float()
+    groups_cond, groups_text = torch.cat(step_conds), model.embed_text(per_request(lambda c: c.text))
+    groups_style = per_request(lambda c: c.style)
+    null_ids = sorted(set(null_of))
+    if guided:
+        first = [order[[null_of[r] for r in order].index(j)] for j in null_ids]  # a request of each group
+        u = len(null_ids)
+        groups_cond = torch.cat((groups_cond, torch.zeros(u, n, groups_cond.shape[-1], device=device)))
+        groups_text = torch.cat((groups_text, model.null_text_embedding(n, device).expand(u, -1, -1)))
+        groups_style = torch.cat(
+            (groups_style, torch.cat([conds[r].negative_style for r in first]).to(device))
         )
-    else:
-        pre = model.prepare(step_cond, model.embed_text(text), style, start, duration)
+        starts = torch.cat((starts, torch.stack([starts[order.index(r)] for r in first])))
+        durations = torch.cat((durations, torch.stack([durations[order.index(r)] for r in first])))
+    pre = model.prepare(groups_cond, groups_text, groups_style, starts, durations)
 
-    x = noise.to(device=device, dtype=torch.float32)
-    t = settings.time_grid().to(device)
-    for i in range(settings.steps):
-        rows = torch.cat((x, x)) if settings.uses_guidance else x
-        v = model.velocity(rows, t[i], pre).float()
-        if settings.uses_guidance:
+    active = list(order)  # requests still in the batch, in row order
+
+    def layout(active: list[int]) -> tuple[list[int], tuple[int, ...]]:
+        groups = [order.index(r) for r in active]
+        rows = [takes[r] for r in active]
+        if guided:
+            for j in null_ids:
+                members = [takes[r] for r in active if null_of[r] == j]
+                if members:
+                    groups.append(r_count + null_ids.index(j))
+                    rows.append(sum(members))
+        return groups, tuple(rows)
+
+    groups, rows = layout(active)  # all groups, in the order prepared
+    pre.rows = rows
+    x = torch.cat([noises[r] for r in order]).to(device=device, dtype=torch.float32)
+
+    def guidance(active: list[int]) -> torch.Tensor:
+        per_row = [settings[r].cfg_strength for r in active for _ in range(takes[r])]
+        return torch.tensor(per_row, device=device, dtype=torch.float32)[:, None, None]
+
+    cfg = guidance(active)
+    results: list[torch.Tensor | BaseException | None] = [None] * r_count
+    t = settings[0].time_grid().to(device)
+    for i in range(steps):
+        rows_in = torch.cat((x, x)) if guided else x
+        v = model.velocity(rows_in, t[i], pre).float()
+        if guided:
+            k = x.shape[0]
             pred, null = v[:k], v[k:]
-            v = pred + (pred - null) * settings.cfg_strength
+            v = pred + (pred - null) * cfg
         x = x + (t[i + 1] - t[i]) * v
-        if on_step is not None:
-            on_step(i + 1, settings.steps)
-    return torch.where(mask[None, :, None], x, prompt)
+        stopped = []
+        for r in active:
+            if callbacks[r] is None:
+                continue
+            try:
+                callbacks[r](i + 1, steps)
+            except Exception as exc:
+                results[r] = exc
+                stopped.append(r)
+        if stopped:
+            if len(stopped) == len(active):
+                active = []
+                break
+            keep_rows = torch.cat(
+                [
+                    torch.arange(takes[r]) + sum(takes[q] for q in active[: active.index(r)])
+                    for r in active
+                    if r not in stopped
+                ]  # fmt: skip
+            ).to(device)
+            x = x.index_select(0, keep_rows)
+            active = [r for r in active if r not in stopped]
+            old_groups = groups
+            groups, rows = layout(active)
+            pre = pre.select([old_groups.index(g) for g in groups], rows)
+            cfg = guidance(active)
+
+    offset = 0
+    for r in active:
+        rows_r = x[offset : offset + takes[r]]
+        offset += takes[r]
+        results[r] = torch.where(masks[r][None, :, None], rows_r, prompts[r])
+    return results
 
 
 @torch.inference_mode()

@@ -7,7 +7,14 @@ import torch
 
 from musicgen.errors import GenerationCanceled
 from musicgen.model.dit import DiT, DiTConfig
-from musicgen.model.sampler import SamplerSettings, SongConditions, sample, sample_reference, take_noise
+from musicgen.model.sampler import (
+    SamplerSettings,
+    SongConditions,
+    sample,
+    sample_many,
+    sample_reference,
+    take_noise,
+)
 
 FRAMES = 96
 CFG = DiTConfig(dim=64, depth=2, heads=4, ff_mult=2, conv_layers=1, max_frames=256, duration_embed=True)
@@ -132,3 +139,77 @@ def test_bf16_weights_keep_fp32_rope_and_time(model, cond):
     b = sample(m16, cond, noise, SETTINGS)
     assert b.dtype == torch.float32
     assert (a - b).abs().max() < 0.25 * a.abs().max()
+
+
+# --------------------------------------------------------------------------------------------------
+# several requests in one batch (the service's @serve.batch path)
+
+
+def _request(seed: int, duration: float = FRAMES / CFG.max_frames, edit: bool = False) -> SongConditions:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, 364, (1, FRAMES), generator=g)
+    text[:, ::4] = 0
+    cond = SongConditions(
+        text=text,
+        style=torch.randn(1, 512, generator=g),
+        negative_style=torch.ones(1, 512) * 0.1,  # the pipeline's one negative style for every request
+        song_duration=torch.tensor([duration]),
+    )
+    if edit:
+        cond.latent_prompt = torch.randn(1, FRAMES, 64, generator=g)
+        cond.generate_mask = torch.zeros(FRAMES, dtype=torch.bool)
+        cond.generate_mask[10:40] = True
+    return cond
+
+
+def test_batch_of_requests_equals_each_request_alone(model):
+    """Uneven takes, two null groups (different durations), an edit request and per-request guidance
+    (one without any) in one batch give what each request gives alone."""
+    conds = [_request(1), _request(2, duration=0.5), _request(3, edit=True), _request(4), _request(5)]
+    noises = [take_noise([10], FRAMES, 64), take_noise([20, 21, 22], FRAMES, 64),
+              take_noise([30, 31], FRAMES, 64), take_noise([40], FRAMES, 64), take_noise([50], FRAMES, 64)]  # fmt: skip
+    settings = [SETTINGS, SamplerSettings(4, 2.5), SETTINGS, SamplerSettings(4, 7.0), SamplerSettings(4, 0.0)]
+    batched = sample_many(model, conds, noises, settings)
+    for cond, noise, s, got in zip(conds, noises, settings, batched, strict=True):
+        alone = sample(model, cond, noise, s)
+        assert got.shape == alone.shape
+        assert torch.allclose(got, alone, atol=2e-5, rtol=0), (got - alone).abs().max()
+        assert torch.allclose(got, sample_reference(model, cond, noise, s), atol=2e-5, rtol=0)
+
+
+def test_a_request_that_stops_leaves_the_batch_and_the_others_finish(model):
+    conds = [_request(1), _request(2), _request(3, duration=0.4)]
+    noises = [take_noise([1, 2], FRAMES, 64), take_noise([3], FRAMES, 64), take_noise([4, 5], FRAMES, 64)]
+    steps_seen = {0: [], 1: [], 2: []}
+
+    def cb(r, stop_at=None):
+        def on_step(k, n):
+            steps_seen[r].append(k)
+            if k == stop_at:
+                raise GenerationCanceled(f"request {r} canceled")
+
+        return on_step
+
+    out = sample_many(model, conds, noises, [SETTINGS] * 3, [cb(0, stop_at=2), cb(1), cb(2, stop_at=3)])
+    assert isinstance(out[0], GenerationCanceled) and isinstance(out[2], GenerationCanceled)
+    assert steps_seen == {0: [1, 2], 1: [1, 2, 3, 4], 2: [1, 2, 3]}
+    assert torch.allclose(out[1], sample(model, conds[1], noises[1], SETTINGS), atol=2e-5, rtol=0)
+
+
+def test_everyone_stopping_ends_the_batch(model):
+    def stop(k, n):
+        raise GenerationCanceled("stop")
+
+    out = sample_many(model, [_request(1), _request(2)], [take_noise([1], FRAMES, 64)] * 2, [SETTINGS] * 2,
+                      [stop, stop])  # fmt: skip
+    assert all(isinstance(o, GenerationCanceled) for o in out)
+
+
+def test_batch_rejects_incompatible_requests(model):
+    noise = take_noise([1], FRAMES, 64)
+    with pytest.raises(ValueError, match="same frame count and step count"):
+        sample_many(model, [_request(1)] * 2, [noise] * 2, [SETTINGS, SamplerSettings(5, 4.0)])
+    short = SongConditions(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 512), torch.zeros(1, 512),
+                           torch.tensor([0.1]))  # fmt: skip
+    with pytest.raises(ValueError, match="same frame count"):
+        sample_many(model, [_request(1), short], [noise, take_noise([1], 8, 64)], [SETTINGS] * 2)
