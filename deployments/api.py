@@ -5,6 +5,7 @@ and the storage folders. The Ray Serve ingress wraps this app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import tempfile
@@ -23,7 +24,7 @@ from deployments.api_models import JobView, SongCreate, TakeView
 from deployments.errors import ServiceError
 from deployments.jobs import JobState, JobStore, SongJob, events_channel
 from deployments.params import SongParams
-from deployments.storage import LocalStorage
+from deployments.storage import Storage
 
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "ogg": "audio/ogg"}
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -55,8 +56,8 @@ def create_api(
     store: JobStore,
     validate: Callable[[SongCreate], SongParams],
     dispatch: Callable[[str], None],
-    results: LocalStorage,
-    uploads: LocalStorage,
+    results: Storage,
+    uploads: Storage,
     *,
     ready: Callable[[], tuple[bool, str]] = lambda: (True, "ready"),
     models: Callable[[], list[dict]] = lambda: [],
@@ -114,6 +115,7 @@ def create_api(
         ):
             elapsed = time.time() - (job.started_at or time.time())
             eta = elapsed * (1 - job.progress["fraction"]) / max(job.progress["fraction"], 1e-3)
+        timings = (job.result or {}).get("timings", {})
         takes = [
             TakeView(n=t["n"], format=t["format"], duration_s=t["duration_s"], seed=t["seed"],
                      audio_url=f"{base}/v1/songs/{job.id}/takes/{t['n']}/audio")
@@ -125,7 +127,9 @@ def create_api(
             step=job.progress.get("step"), total_steps=job.progress.get("total"), queue_position=pos,
             eta_s=eta, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
             attempts=job.attempts, parameters=params.public(), warnings=params.warnings,
-            error=job.error, takes=takes, timings=(job.result or {}).get("timings", {}),
+            error=job.error, takes=takes,
+            timings={k: v for k, v in timings.items() if k.endswith("_s")},
+            batch={k[len("batch_"):]: int(v) for k, v in timings.items() if k.startswith("batch_")},
             links={
                 "self": f"{base}/v1/songs/{job.id}", "events": f"{base}/v1/songs/{job.id}/events",
                 "cancel": f"{base}/v1/songs/{job.id}/cancel", "audio": f"{base}/v1/songs/{job.id}/takes/1/audio",
@@ -260,20 +264,20 @@ def create_api(
         if kind is None:
             raise ServiceError("UNSUPPORTED_MEDIA", "the upload is not WAV, FLAC, MP3 or OGG audio")
         upload_id = f"{uuid.uuid4().hex}.{kind}"
-        path = uploads.path(upload_id)
-        path.write_bytes(bytes(data))
-        try:
-            from musicgen.audio import audio_info
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / upload_id
+            path.write_bytes(bytes(data))
+            try:
+                from musicgen.audio import audio_info
 
-            seconds, sr, channels = audio_info(path)
-        except Exception:
-            path.unlink(missing_ok=True)
-            raise ServiceError("UNSUPPORTED_MEDIA", f"the {kind} upload cannot be decoded") from None
-        if seconds > cfg.max_upload_seconds:
-            path.unlink(missing_ok=True)
-            raise ServiceError(
-                "PAYLOAD_TOO_LARGE", f"{seconds:.0f} s of audio; at most {cfg.max_upload_seconds:.0f} s"
-            )
+                seconds, sr, channels = audio_info(path)
+            except Exception:
+                raise ServiceError("UNSUPPORTED_MEDIA", f"the {kind} upload cannot be decoded") from None
+            if seconds > cfg.max_upload_seconds:
+                raise ServiceError(
+                    "PAYLOAD_TOO_LARGE", f"{seconds:.0f} s of audio; at most {cfg.max_upload_seconds:.0f} s"
+                )
+            await asyncio.to_thread(uploads.put_file, upload_id, path)
         return {
             "id": upload_id,
             "format": kind,
@@ -305,7 +309,7 @@ def create_api(
     return app
 
 
-def _converted(results: LocalStorage, key: str, fmt: str) -> str:
+def _converted(results: Storage, key: str, fmt: str) -> str:
     """The take in another format, converted once and kept next to the original."""
     if fmt not in MEDIA_TYPES or fmt == "ogg":
         raise ServiceError(
@@ -315,7 +319,8 @@ def _converted(results: LocalStorage, key: str, fmt: str) -> str:
     if not results.exists(target):
         from musicgen.audio import read_audio, write_audio
 
-        audio, sr = read_audio(results.path(key))
+        with results.local_copy(key) as local:
+            audio, sr = read_audio(local)
         with tempfile.TemporaryDirectory() as tmp:
             results.put_file(target, write_audio(Path(tmp) / f"take.{fmt}", audio, sr, fmt))
     return target

@@ -70,4 +70,5 @@ class JobView(Strict):
     error: ErrorBody | None = None
     takes: list[TakeView] = []
     timings: dict[str, float] = {}  # seconds per stage of the finished job (style, sampling, decoding, ...)
+    batch: dict[str, int] = {}  # the sampler batch the job ran in: {"requests": jobs, "takes": takes}
     links: dict[str, str]

@@ -28,9 +28,11 @@ RECONCILE_EVERY_S = 5.0
 GENERATION_GRACE_S = 900  # graceful shutdown: longer than the longest song takes on a GPU
 
 
-def _paths(args: AppArgs) -> dict[str, Path]:
-    root = Path(args.data_dir)
-    return {"results": root / "results", "uploads": root / "uploads", "redis": root / "redis"}
+def _storage(args: AppArgs, area: str):
+    """Results or uploads: under data_dir, or in the bucket of storage_url (s3://...)."""
+    from deployments.storage import open_storage
+
+    return open_storage(args.storage_url or args.data_dir, area)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, health_check_period_s=5)
@@ -57,12 +59,11 @@ class RedisServer:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class PromptValidator:
     def __init__(self, args: AppArgs):
-        from deployments.storage import LocalStorage
         from deployments.validator import SongValidator
         from musicgen.lyrics.frontend import LyricsFrontEnd
 
         self.validator = SongValidator(
-            LyricsFrontEnd.from_assets(), LocalStorage(_paths(args)["uploads"]), args.model, {args.model}
+            LyricsFrontEnd.from_assets(), _storage(args, "uploads"), args.model, {args.model}
         )
 
     def validate(self, body: dict) -> dict:
@@ -78,49 +79,81 @@ class PromptValidator:
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=1,  # one song at a time per replica; the rest wait and drive autoscaling
     graceful_shutdown_timeout_s=GENERATION_GRACE_S,
     health_check_period_s=10,
 )
 class SongGenerator:
+    """Runs jobs in batches: `@serve.batch` gathers the job ids that reach this replica within
+    `batch_wait_s` (up to `max_batch_size`), and the pipeline samples those of the same frame and step
+    count as one batch. Reports its own status to the job store every few seconds."""
+
     def __init__(self, args: AppArgs, redis_url: str):
         import socket
 
         from deployments.jobs import JobStore
         from deployments.metrics import GeneratorMetrics
         from deployments.runner import JobRunner
-        from deployments.storage import LocalStorage
         from musicgen.errors import MusicgenError
         from musicgen.pipeline import SongPipeline
 
         self.args = args
         self.load_error: dict | None = None
         self.runner = None
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.store = JobStore.from_url(redis_url, retention_s=args.retention_s, lease_s=args.lease_s,
+                                       max_attempts=args.max_attempts)  # fmt: skip
+        self.run.set_max_batch_size(args.max_batch_size)
+        self.run.set_batch_wait_timeout_s(args.batch_wait_s)
+        self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
         try:
             pipeline = SongPipeline.from_pretrained(args.model, device=args.device)
         except MusicgenError as exc:
             self.load_error = {"code": exc.code, "message": exc.message, "recovery": exc.recovery}
             log.error("model %s not loaded: %s", args.model, exc)
             return
-        paths = _paths(args)
-        store = JobStore.from_url(redis_url, retention_s=args.retention_s, lease_s=args.lease_s,
-                                  max_attempts=args.max_attempts)  # fmt: skip
-        worker = f"{socket.gethostname()}:{os.getpid()}"
+        pipeline.max_batch_takes = args.max_batch_takes
+        pipeline.fault_oom_takes = args.fault_oom_takes
         self.runner = JobRunner(
-            store, pipeline, LocalStorage(paths["results"]), LocalStorage(paths["uploads"]), worker,
+            self.store, pipeline, _storage(args, "results"), _storage(args, "uploads"), self.worker,
             webhook_secret=args.webhook_secret or "", on_finish=GeneratorMetrics(args.model).record,
             timeout_s=args.generation_timeout_s,
         )  # fmt: skip
         self.device = pipeline.device
 
-    async def run(self, job_id: str) -> str | None:
+    async def _report_forever(self) -> None:
+        from deployments.jobs import GENERATOR_STATUS_EVERY_S
+
+        while True:
+            try:
+                await asyncio.to_thread(self.store.put_generator_status, self.worker, self.status())
+            except Exception:
+                log.warning("could not report generator status (job store unreachable?)", exc_info=True)
+            await asyncio.sleep(GENERATOR_STATUS_EVERY_S)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # both set from AppArgs in __init__
+    async def run(self, job_ids: list[str]) -> list[str | None]:
         if self.runner is None:
-            return None
-        state = await asyncio.to_thread(self.runner.run, job_id)
-        return state.value if state else None
+            return await asyncio.to_thread(self._refuse, job_ids)
+        states = await asyncio.to_thread(self.runner.run_many, job_ids)
+        return [state.value if state else None for state in states]
+
+    def _refuse(self, job_ids: list[str]) -> list[str | None]:
+        """Without a model, jobs sent here (accepted while scaled to zero, or queued before a restart)
+        fail with MODEL_NOT_LOADED rather than wait forever."""
+        out: list[str | None] = []
+        for job_id in job_ids:
+            if self.store.claim(job_id, self.worker):
+                self.store.fail(
+                    job_id, {**(self.load_error or {}), "code": "MODEL_NOT_LOADED", "details": {}}
+                )
+                out.append("failed")
+            else:
+                out.append(None)
+        return out
 
     def status(self) -> dict:
-        return {"loaded": self.runner is not None, "model": self.args.model, "error": self.load_error}
+        return {"loaded": self.runner is not None, "model": self.args.model, "error": self.load_error,
+                "worker": self.worker}  # fmt: skip
 
     def check_health(self) -> None:
         if self.runner is not None and self.device.type == "cuda":
@@ -141,14 +174,14 @@ class Ingress:
         redis_server=None,
     ):
         from deployments.jobs import JobStore
-        from deployments.storage import LocalStorage
 
         self.args, self.validator, self.generator = args, validator, generator
-        paths = _paths(args)
         self.store = JobStore.from_url(redis_url, retention_s=args.retention_s, lease_s=args.lease_s,
                                        max_attempts=args.max_attempts)  # fmt: skip
-        self.results, self.uploads = LocalStorage(paths["results"]), LocalStorage(paths["uploads"])
-        self._reconciler = asyncio.get_event_loop().create_task(self._reconcile_forever())
+        self.results, self.uploads = _storage(args, "results"), _storage(args, "uploads")
+        self._loop = asyncio.get_event_loop()
+        self._inflight: set[str] = set()  # job ids sent to a generator whose call has not returned
+        self._reconciler = self._loop.create_task(self._reconcile_forever())
 
     async def _reconcile_forever(self) -> None:
         """Re-queue jobs of lost workers and (re)dispatch queued jobs: after an ingress restart, a
@@ -157,13 +190,27 @@ class Ingress:
             try:
                 await asyncio.to_thread(self.store.reconcile)
                 for job_id in await asyncio.to_thread(self.store.queued_ids):
-                    self._dispatch(job_id)
+                    self._start(job_id)
             except Exception:
                 log.warning("reconcile failed (job store unreachable?)", exc_info=True)
             await asyncio.sleep(RECONCILE_EVERY_S)
 
     def _dispatch(self, job_id: str) -> None:
-        self.generator.run.remote(job_id)
+        """Send a job to the generators (from any thread); at most one call per job in flight."""
+        self._loop.call_soon_threadsafe(self._start, job_id)
+
+    def _start(self, job_id: str) -> None:
+        if job_id not in self._inflight:
+            self._inflight.add(job_id)
+            self._loop.create_task(self._send(job_id))
+
+    async def _send(self, job_id: str) -> None:
+        try:
+            await self.generator.run.remote(job_id)
+        except Exception:  # the replica died: the lease expires and the reconciler sends it again
+            log.warning("generator call for %s failed", job_id, exc_info=True)
+        finally:
+            self._inflight.discard(job_id)
 
     def _validate(self, body):
         from deployments.errors import ServiceError
@@ -176,14 +223,23 @@ class Ingress:
         return SongParams.from_dict(out["params"])
 
     def _ready(self) -> tuple[bool, str]:
-        try:
-            st = self.generator.status.remote().result(timeout_s=5)
-        except Exception as exc:
-            return False, f"no generator answered: {type(exc).__name__}"
-        if not st["loaded"]:
-            err = st["error"] or {}
-            return False, f"{err.get('message', 'model not loaded')}; {err.get('recovery', '')}".strip("; ")
-        return True, f"serving {st['model']}"
+        """From the generators' own reports in the job store (asking a replica would wait behind the
+        songs it is generating)."""
+        reports = [r for r in self.store.generator_statuses() if r.get("model") == self.args.model]
+        loaded = [r for r in reports if r.get("loaded")]
+        if loaded:
+            return True, f"serving {self.args.model} on {len(loaded)} generator(s)"
+        failed = [r["error"] for r in reports if r.get("error")]
+        if failed:
+            return (
+                False,
+                f"{failed[0].get('message', 'model not loaded')}; {failed[0].get('recovery', '')}".strip(
+                    "; "
+                ),
+            )
+        if self.args.min_generators == 0:
+            return True, "scaled to zero: the first song starts a generator, which loads the model first"
+        return False, "no generator has reported yet: the model is loading"
 
     def _models(self) -> list[dict]:
         from musicgen.registry import MODELS
@@ -214,14 +270,16 @@ def build_app(raw_args: dict) -> serve.Application:
 
         port = free_port()
         redis_url = f"redis://127.0.0.1:{port}/0"
-        redis_server = RedisServer.bind(str(_paths(args)["redis"]), port)
+        redis_server = RedisServer.bind(str(Path(args.data_dir) / "redis"), port)
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     generator = SongGenerator.options(
         ray_actor_options={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+        # a full batch running and the next one gathering; the rest wait in the handles' queues
+        max_ongoing_requests=2 * args.max_batch_size,
         autoscaling_config={
             "min_replicas": args.min_generators,
             "max_replicas": max(args.max_generators, args.min_generators, 1),
-            "target_ongoing_requests": 1,  # scale on queued work: one song in flight per replica
+            "target_ongoing_requests": args.max_batch_size,  # scale on queued work: more than a batch each
             "upscale_delay_s": 5,
             "downscale_delay_s": 300,
         },

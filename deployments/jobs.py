@@ -14,6 +14,10 @@ Keys (prefix `mg:`), with their lifetimes and why:
 - `mg:idem:{key}` string -> job id, TTL `IDEMPOTENCY_TTL_S` (24 h): clients retry a submission within
   minutes or hours; after a day the same key may start a new job.
 - `mg:events:{id}` pub/sub channel: a message on every state or progress change (SSE streams).
+- `mg:generator:{worker}` string (JSON), TTL `GENERATOR_STATUS_TTL_S`: what a generator replica says
+  of itself (model loaded or why not), renewed every `GENERATOR_STATUS_EVERY_S`; a replica that dies
+  stops renewing and its record expires. Readiness reads these instead of asking the replicas,
+  which would queue behind the songs they are generating.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600
 DEFAULT_LEASE_S = 30.0  # a worker renews its lease every lease/3 seconds
 DEFAULT_MAX_ATTEMPTS = 3
 PROGRESS_MIN_INTERVAL_S = 0.5  # progress writes per job are rate-limited to this
+GENERATOR_STATUS_EVERY_S = 5.0
+GENERATOR_STATUS_TTL_S = 3 * GENERATOR_STATUS_EVERY_S  # two missed renewals: the replica is gone
 
 
 def job_key(job_id: str) -> str:
@@ -44,6 +50,10 @@ def job_key(job_id: str) -> str:
 
 def idem_key(key: str) -> str:
     return f"{PREFIX}idem:{key}"
+
+
+def generator_key(worker: str) -> str:
+    return f"{PREFIX}generator:{worker}"
 
 
 def events_channel(job_id: str) -> str:
@@ -313,6 +323,16 @@ class JobStore:
                 out["failed"].append(job_id)
                 self._publish(job_id, JobState.FAILED)
         return out
+
+    def put_generator_status(self, worker: str, status: dict[str, Any]) -> None:
+        self.r.set(
+            generator_key(worker), json.dumps({**status, "at": time.time()}), ex=int(GENERATOR_STATUS_TTL_S)
+        )
+
+    def generator_statuses(self) -> list[dict[str, Any]]:
+        """The live generator replicas' own reports (expired ones are gone)."""
+        keys = list(self.r.scan_iter(match=generator_key("*"), count=100))
+        return [json.loads(v) for v in self.r.mget(keys) if v is not None] if keys else []
 
     def set_webhook_status(self, job_id: str, status: str) -> None:
         self.r.hset(job_key(job_id), "webhook", status)

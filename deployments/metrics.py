@@ -28,8 +28,11 @@ class GeneratorMetrics:
         self.inverse_rtf = Gauge("musicgen_audio_seconds_per_compute_second",
                                  "Seconds of audio generated per second of model time (last job)",
                                  tag_keys=("model",))  # fmt: skip
-        self.takes = Histogram("musicgen_takes_per_batch", "Takes generated in one sampler batch",
+        # batch sizes, observed once per job (so a batch of 3 jobs counts 3 times)
+        self.takes = Histogram("musicgen_takes_per_batch", "Takes in the sampler batch a job ran in",
                                boundaries=[1, 2, 3, 4, 8, 16], tag_keys=("model",))  # fmt: skip
+        self.requests = Histogram("musicgen_requests_per_batch", "Jobs in the sampler batch a job ran in",
+                                  boundaries=[1, 2, 3, 4, 8, 16], tag_keys=("model",))  # fmt: skip
         # Serve's metrics carry their own default tags (deployment, replica, ...): pass ours per call
         self.tags = tags
 
@@ -39,13 +42,14 @@ class GeneratorMetrics:
         result = job.result or {}
         timings = result.get("timings", {})
         for key, seconds in timings.items():
-            if key.endswith("_s") and key not in ("total_s", "wall_s"):
+            if key.endswith("_s") and key not in ("total_s", "wall_s"):  # style, sampling, decoding
                 self.stage.observe(seconds, tags={**self.tags, "stage": key[:-2]})
         takes = result.get("takes", [])
         if takes and timings.get("total_s"):
             audio = sum(t["duration_s"] for t in takes)
             self.inverse_rtf.set(audio / timings["total_s"], tags=self.tags)
-            self.takes.observe(len(takes), tags=self.tags)
+            self.takes.observe(timings.get("batch_takes", len(takes)), tags=self.tags)
+            self.requests.observe(timings.get("batch_requests", 1), tags=self.tags)
 
 
 def queue_metrics_text(store: JobStore) -> str:

@@ -4,6 +4,7 @@ store the takes and record the outcome exactly once. No Ray here: the GPU deploy
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
@@ -15,7 +16,7 @@ import torch
 from deployments.errors import ServiceError
 from deployments.jobs import JobState, JobStore
 from deployments.params import SongParams
-from deployments.storage import LocalStorage
+from deployments.storage import Storage
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
 from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest
@@ -59,8 +60,8 @@ class JobRunner:
         self,
         store: JobStore,
         pipeline: SongPipeline,
-        results: LocalStorage,
-        uploads: LocalStorage,
+        results: Storage,
+        uploads: Storage,
         worker: str,
         webhook_secret: str = "",
         webhook_backoff_s: float = 1.0,
@@ -90,13 +91,23 @@ class JobRunner:
         thread.start()
         return thread
 
-    def request_for(self, p: SongParams) -> SongRequest:
-        ref = self.uploads.path(p.reference_audio_id) if p.reference_audio_id else None
+    def request_for(self, p: SongParams, files: contextlib.ExitStack) -> SongRequest:
+        """The pipeline request of a job; uploads it needs are fetched into `files` (kept until the
+        stack closes)."""
+        local: dict[str, Path] = {}
+        for upload_id in (p.reference_audio_id, p.edit_source_id):
+            if upload_id:
+                try:
+                    local[upload_id] = files.enter_context(self.uploads.local_copy(upload_id))
+                except FileNotFoundError:
+                    raise ServiceError(
+                        "NOT_FOUND", f"upload {upload_id} no longer exists",
+                        recovery="upload the file again (uploads are kept for the retention period) and resubmit",
+                    ) from None  # fmt: skip
+        ref = local[p.reference_audio_id] if p.reference_audio_id else None
         edit = None
         if p.edit_source_id:
-            edit = EditSpec(
-                self.uploads.path(p.edit_source_id), tuple(tuple(s) for s in p.edit_segments or ())
-            )
+            edit = EditSpec(local[p.edit_source_id], tuple(tuple(s) for s in p.edit_segments or ()))
         return SongRequest(
             tokens=torch.tensor(p.tokens, dtype=torch.long), song_duration=p.song_duration,
             style_prompt=p.style_prompt, reference_audio=ref, seed=p.seed, num_takes=p.num_takes,
@@ -105,52 +116,91 @@ class JobRunner:
 
     def run(self, job_id: str) -> JobState | None:
         """Run the job if it can be claimed; returns its final state (None if another worker has it)."""
-        if not self.store.claim(job_id, self.worker):
-            return None
-        job = self.store.get(job_id)
-        params = SongParams.from_dict(job.params)
-        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
-        with _Heartbeat(self.store, job_id, self.worker) as beat:
+        return self.run_many([job_id])[0]
 
-            def on_progress(p: Progress) -> None:
-                if beat.lost.is_set() or self.store.cancel_requested(job_id):
-                    raise GenerationCanceled("canceled")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise _TimedOut()
-                self.store.set_progress(
-                    job_id, {"stage": p.stage, "fraction": p.fraction, "step": p.step, "total": p.total},
-                    force=p.fraction in (0.0, 1.0),
-                )  # fmt: skip
+    def run_many(self, job_ids: list[str]) -> list[JobState | None]:
+        """Run the jobs this worker can claim as one batch (the pipeline samples those of the same
+        length together); returns each job's final state, None for a job another worker has (or a
+        duplicate id in the same batch)."""
+        claimed: list[tuple[int, str, SongParams]] = []
+        for i, job_id in enumerate(job_ids):
+            if job_id in job_ids[:i] or not self.store.claim(job_id, self.worker):
+                continue
+            claimed.append((i, job_id, SongParams.from_dict(self.store.get(job_id).params)))
+        states: list[JobState | None] = [None] * len(job_ids)
+        if not claimed:
+            return states
+        with contextlib.ExitStack() as stack:
+            beats = [
+                stack.enter_context(_Heartbeat(self.store, job_id, self.worker)) for _, job_id, _ in claimed
+            ]
+            t0 = time.perf_counter()
+            deadline = t0 + self.timeout_s if self.timeout_s else None
+            requests, reports, outcomes = [], [], {}
+            for (_, job_id, params), beat in zip(claimed, beats, strict=True):
+                try:
+                    requests.append(self.request_for(params, stack))
+                    reports.append(self._reporter(job_id, beat, deadline))
+                except Exception as exc:  # e.g. an upload that vanished: fails this job only
+                    outcomes[job_id] = exc
+            runnable = [c for c in claimed if c[1] not in outcomes]
+            results = self.pipeline.generate_many(requests, reports) if runnable else []
+            outcomes.update({job_id: r for (_, job_id, _), r in zip(runnable, results, strict=True)})
+            recorded = {
+                job_id: self._record(job_id, params, outcomes[job_id], beat, t0)
+                for (_, job_id, params), beat in zip(claimed, beats, strict=True)
+            }
+        for i, job_id, params in claimed:
+            states[i] = self._finished(job_id, params, hooks=recorded[job_id])
+        return states
 
-            try:
-                t0 = time.perf_counter()
-                result = self.pipeline.generate(self.request_for(params), progress=on_progress)
-                self.store.set_progress(job_id, {"stage": "encoding_audio", "fraction": 0.0}, force=True)
-                takes = self._store_takes(job_id, params, result)
-                outcome = {
-                    "takes": takes,
-                    "timings": {**result.timings, "wall_s": time.perf_counter() - t0},
-                    "sample_rate": result.sample_rate,
-                }
-                self.store.complete(job_id, outcome)
-            except _TimedOut:
-                self.store.fail(
-                    job_id,
-                    ServiceError(
-                        "GENERATION_TIMEOUT", f"the song took longer than {self.timeout_s:g} s to generate"
-                    ).to_dict(),
-                )
-            except GenerationCanceled:
-                if beat.lost.is_set():
-                    return self.store.get(job_id).state  # someone else owns it now
-                self.store.finish_canceled(job_id)
-            except MusicgenError as exc:
-                self.store.fail(job_id, ServiceError.from_library(exc).to_dict())
-            except Exception as exc:
-                log.exception("job %s failed", job_id)
-                self.store.fail(job_id, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict())
+    def _reporter(self, job_id: str, beat: _Heartbeat, deadline: float | None):
+        def on_progress(p: Progress) -> None:
+            if beat.lost.is_set() or self.store.cancel_requested(job_id):
+                raise GenerationCanceled("canceled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise _TimedOut()
+            self.store.set_progress(
+                job_id, {"stage": p.stage, "fraction": p.fraction, "step": p.step, "total": p.total},
+                force=p.fraction in (0.0, 1.0),
+            )  # fmt: skip
+
+        return on_progress
+
+    def _record(self, job_id: str, params: SongParams, outcome, beat: _Heartbeat, t0: float) -> bool:
+        """Write the job's outcome to the store; False when the store did not take it (the job was
+        canceled, requeued or finished meanwhile: a second completion is a no-op there)."""
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            self.store.set_progress(job_id, {"stage": "encoding_audio", "fraction": 0.0}, force=True)
+            t_enc = time.perf_counter()
+            takes = self._store_takes(job_id, params, outcome)
+            encoding_s = time.perf_counter() - t_enc
+            result = {
+                "takes": takes,
+                "timings": {**outcome.timings, "encoding_s": encoding_s, "wall_s": time.perf_counter() - t0},
+                "sample_rate": outcome.sample_rate,
+            }
+            return self.store.complete(job_id, result)
+        except _TimedOut:
+            message = f"the song took longer than {self.timeout_s:g} s to generate"
+            return self.store.fail(job_id, ServiceError("GENERATION_TIMEOUT", message).to_dict())
+        except GenerationCanceled:
+            # a lost lease means someone else owns the job now; else the user canceled it
+            return not beat.lost.is_set() and self.store.finish_canceled(job_id)
+        except MusicgenError as exc:
+            return self.store.fail(job_id, ServiceError.from_library(exc).to_dict())
+        except ServiceError as exc:
+            return self.store.fail(job_id, exc.to_dict())
+        except Exception as exc:
+            log.error("job %s failed", job_id, exc_info=exc)
+            return self.store.fail(job_id, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict())
+
+    def _finished(self, job_id: str, params: SongParams, hooks: bool) -> JobState | None:
+        """After the outcome is recorded: metrics and the webhook, once, by the worker that recorded it."""
         final = self.store.get(job_id)
-        if final is not None and final.state.finished:
+        if hooks and final is not None and final.state.finished:
             if self.on_finish is not None:
                 try:
                     self.on_finish(final)

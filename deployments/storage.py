@@ -1,14 +1,39 @@
-"""Where finished audio lives: a local folder by default (one machine, or a shared volume).
+"""Where finished audio and uploads live: a local folder by default (one machine, or a volume every
+node mounts), or an S3-compatible bucket (`MUSICGEN_STORAGE_URL=s3://bucket/prefix`), which replicas
+on several nodes need.
 
 Keys are relative paths such as `<job id>/take-1.mp3`. Audio is served from here by the ingress,
-never passed through Ray handles (large responses through the proxy are retained in memory).
+never passed through Ray handles (large responses through the proxy are retained in memory). Both
+backends have the same small interface; code that must read a file with a library that wants a
+path (audio decoding) asks for `local_copy(key)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+
+class Storage(Protocol):
+    def put_file(self, key: str, src: str | Path) -> str: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def read_range(self, key: str, start: int, end: int) -> bytes: ...
+    def local_copy(self, key: str) -> contextlib.AbstractContextManager[Path]: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+def _check_key(key: str) -> str:
+    parts = Path(key).parts
+    if not key or key.startswith("/") or ".." in parts or "\\" in key:
+        raise ValueError(f"bad storage key {key!r}")
+    return key
 
 
 class LocalStorage:
@@ -17,7 +42,7 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
-        p = (self.root / key).resolve()
+        p = (self.root / _check_key(key)).resolve()
         if not p.is_relative_to(self.root.resolve()):
             raise ValueError(f"bad storage key {key!r}")
         return p
@@ -43,5 +68,95 @@ class LocalStorage:
             f.seek(start)
             return f.read(end - start + 1)
 
+    @contextlib.contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(key)
+        yield path
+
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+
+class S3Storage:
+    """An S3-compatible bucket (AWS, MinIO, R2, GCS's XML API, ...) under a key prefix.
+
+    Credentials and the endpoint come from boto3's usual sources (AWS_ACCESS_KEY_ID, AWS_PROFILE,
+    instance roles, AWS_ENDPOINT_URL for non-AWS services); `endpoint_url` overrides the endpoint.
+    Objects are written whole by one PUT (or a multipart upload), so readers never see half a file.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client=None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.client = client or boto3.client(
+            "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 5, "mode": "standard"})
+        )
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, src: str | Path) -> str:
+        self.client.upload_file(str(src), self.bucket, self._key(key))
+        return key
+
+    def _head(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def size(self, key: str) -> int:
+        head = self._head(key)
+        if head is None:
+            raise FileNotFoundError(key)
+        return int(head["ContentLength"])
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        got = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
+        return got["Body"].read()
+
+    @contextlib.contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        from botocore.exceptions import ClientError
+
+        with tempfile.TemporaryDirectory(prefix="musicgen-") as tmp:
+            path = Path(tmp) / Path(key).name
+            try:
+                self.client.download_file(self.bucket, self._key(key), str(path))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    raise FileNotFoundError(key) from None
+                raise
+            yield path
+
+    def delete_prefix(self, prefix: str) -> None:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(prefix).rstrip("/") + "/"
+        )
+        for page in pages:
+            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objects:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+
+
+def open_storage(location: str, area: str) -> Storage:
+    """`area` ("results" or "uploads") of a storage location: a folder path or s3://bucket/prefix."""
+    if location.startswith("s3://"):
+        url = urlparse(location)
+        prefix = "/".join(p for p in (url.path.strip("/"), area) if p)
+        return S3Storage(url.netloc, prefix, endpoint_url=os.environ.get("MUSICGEN_S3_ENDPOINT_URL") or None)
+    if "://" in location:
+        raise ValueError(f"storage location {location!r}: use a folder path or s3://bucket/prefix")
+    return LocalStorage(Path(location) / area)

@@ -8,7 +8,7 @@ import secrets
 from deployments.api_models import SongCreate
 from deployments.errors import ServiceError
 from deployments.params import SongParams
-from deployments.storage import LocalStorage
+from deployments.storage import Storage
 from musicgen.errors import MusicgenError
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.model.style import check_prompt
@@ -17,7 +17,7 @@ from musicgen.registry import get_model_spec
 
 class SongValidator:
     def __init__(
-        self, frontend: LyricsFrontEnd, uploads: LocalStorage, default_model: str, served_models: set[str]
+        self, frontend: LyricsFrontEnd, uploads: Storage, default_model: str, served_models: set[str]
     ):
         self.frontend, self.uploads = frontend, uploads
         self.default_model, self.served_models = default_model, served_models

@@ -4,7 +4,13 @@
     .venv/bin/python loadtests/api_overhead.py --jobs 20 --base http://localhost:8000
 
 Prints p50/p95 of submit and status calls and, per job, end-to-end time (submit to the status poll
-that sees it finished) minus the model's own time (style + sampling + decoding) = the service's overhead.
+that sees it finished) minus the model's own time (style + sampling + decoding) = the service's overhead,
+and where that overhead goes (from the job's own timestamps and timings, same clock on one machine):
+  queue     accepted -> claimed by a generator (dispatch hop, batch wait, claim)
+  encoding  writing the takes (audio encoding + storage)
+  worker    the rest of the claimed time (reading the job, progress writes, recording the result)
+  observe   finished -> the client's poll that saw it (poll interval + status call)
+  submit    the POST itself (validation via the validator deployment, Redis write)
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ def main() -> None:
     song = {"lyrics": "Hello world\nGood night moon", "style_prompt": "happy pop", "duration_s": args.duration,
             "steps": args.steps, "output_format": "mp3"}  # fmt: skip
     submit, status, e2e, model, overhead = [], [], [], [], []
+    parts: dict[str, list[float]] = {"submit": [], "queue": [], "encoding": [], "worker": [], "observe": []}
     with httpx.Client(base_url=args.base, timeout=60) as http:
         for i in range(args.jobs):
             t0 = time.perf_counter()
@@ -42,10 +49,18 @@ def main() -> None:
                 body = http.get(f"/v1/songs/{job_id}").json()
                 status.append(time.perf_counter() - t1)
                 if body["status"] in ("succeeded", "failed", "canceled"):
+                    seen = time.time()
                     break
                 time.sleep(0.02)
             total = time.perf_counter() - t0
             t = body["timings"]
+            if body["status"] == "succeeded":
+                claimed = body["finished_at"] - body["started_at"]
+                parts["submit"].append(submit[-1])
+                parts["queue"].append(body["started_at"] - body["created_at"])
+                parts["encoding"].append(t.get("encoding_s", 0.0))
+                parts["worker"].append(claimed - t.get("total_s", 0.0) - t.get("encoding_s", 0.0))
+                parts["observe"].append(seen - body["finished_at"])
             e2e.append(total)
             model.append(t.get("total_s", 0.0))
             overhead.append(total - t.get("total_s", 0.0))
@@ -59,6 +74,10 @@ def main() -> None:
     for name, xs in (("POST /v1/songs", submit), ("GET /v1/songs/{id}", status), ("end to end", e2e),
                      ("model (style+sample+decode)", model), ("overhead (e2e - model)", overhead)):  # fmt: skip
         print(f"{name:>28} | {1000 * pct(xs, 0.5):>8.1f} | {1000 * pct(xs, 0.95):>8.1f}")
+    print("\nwhere the overhead goes (succeeded jobs):")
+    for name, xs in parts.items():
+        if xs:
+            print(f"{'  ' + name:>28} | {1000 * pct(xs, 0.5):>8.1f} | {1000 * pct(xs, 0.95):>8.1f}")
 
 
 if __name__ == "__main__":

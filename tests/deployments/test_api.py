@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,7 +18,7 @@ from deployments.api import ApiConfig, create_api, sniff_audio
 from deployments.jobs import JobStore
 from deployments.redis_server import EmbeddedRedis
 from deployments.runner import JobRunner
-from deployments.storage import LocalStorage
+from deployments.storage import LocalStorage, S3Storage
 from deployments.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.lyrics.g2p import PhoneTokenizer
@@ -28,11 +29,18 @@ SONG = {"lyrics": "[00:01.00]Hello there\n[00:03.00]good night", "style_prompt":
 
 
 @pytest.fixture()
-def service(server, pipe, tmp_path):
+def service(request, server, pipe, tmp_path):
+    """The API on the local-folder storage, or with `indirect` param "s3" on an S3-compatible bucket."""
     client = redis.Redis.from_url(server.url)
     client.flushdb()
     store = JobStore(client, lease_s=5)
-    results, uploads = LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads")
+    if getattr(request, "param", "local") == "s3":
+        _, s3_client, bucket = request.getfixturevalue("s3")
+        prefix = uuid.uuid4().hex[:8]
+        results = S3Storage(bucket, f"{prefix}/results", client=s3_client)
+        uploads = S3Storage(bucket, f"{prefix}/uploads", client=s3_client)
+    else:
+        results, uploads = LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads")
     runner = JobRunner(store, pipe, results, uploads, "w1")
     pool = ThreadPoolExecutor(1)
     validator = SongValidator(LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p")), uploads, "tiny", {"tiny"})
@@ -54,6 +62,7 @@ def wait_done(http, job_id, timeout=30):
     raise AssertionError(f"job {job_id} did not finish")
 
 
+@pytest.mark.parametrize("service", ["local", "s3"], indirect=True)
 def test_submit_poll_download(service):
     r = service.post("/v1/songs", json=SONG)
     assert r.status_code == 202
@@ -149,6 +158,7 @@ def test_queue_full_and_unknown_ids(service):
         wait_done(service, job_id)
 
 
+@pytest.mark.parametrize("service", ["local", "s3"], indirect=True)
 def test_uploads_sniff_content_and_limit_size(service, tmp_path):
     path = tmp_path / "ref.wav"
     sf.write(path, np.random.default_rng(0).normal(0, 0.1, (44100 * 11, 2)), 44100)

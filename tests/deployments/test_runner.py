@@ -135,7 +135,7 @@ def test_finished_jobs_reach_the_metrics_hook(runner):
             return lambda *a, **k: self.calls.append((name, a, k))
 
     m = GeneratorMetrics.__new__(GeneratorMetrics)
-    m.finished, m.stage, m.inverse_rtf, m.takes = Recorder(), Recorder(), Recorder(), Recorder()
+    m.finished, m.stage, m.inverse_rtf, m.takes, m.requests = (Recorder() for _ in range(5))
     m.tags = {"model": "tiny"}
     m.record(seen[0])
     assert m.finished.calls == [("inc", (), {"tags": {"model": "tiny", "state": "succeeded", "code": ""}})]
@@ -145,6 +145,7 @@ def test_finished_jobs_reach_the_metrics_hook(runner):
         sum(t["duration_s"] for t in seen[0].result["takes"]) / seen[0].result["timings"]["total_s"]
     )
     assert m.takes.calls == [("observe", (2,), {"tags": {"model": "tiny"}})]
+    assert m.requests.calls == [("observe", (1,), {"tags": {"model": "tiny"}})]
 
     runner.on_finish = lambda job: 1 / 0  # a broken hook never fails a job
     job2, _ = runner.store.create(params().to_dict())
@@ -157,3 +158,29 @@ def test_generation_timeout_fails_the_job(runner):
     assert runner.run(job.id) == JobState.FAILED
     err = runner.store.get(job.id).error
     assert err["code"] == "GENERATION_TIMEOUT" and "shorter" in err["recovery"]
+
+
+def test_a_batch_of_jobs_runs_together_and_each_ends_on_its_own(runner, monkeypatch):
+    """Three compatible jobs, a duplicate id, a job another worker holds, one canceled mid-batch and
+    one whose upload vanished: each gets its own outcome."""
+    a, _ = runner.store.create(params(seed=1, num_takes=1).to_dict())
+    b, _ = runner.store.create(params(seed=2, num_takes=2, steps=3).to_dict())
+    c, _ = runner.store.create(params(seed=3, num_takes=1).to_dict())
+    gone, _ = runner.store.create(params(style_prompt=None, reference_audio_id="deleted.wav").to_dict())
+    other, _ = runner.store.create(params().to_dict())
+    assert runner.store.claim(other.id, "w2")
+    original = runner.store.set_progress
+
+    def cancel_c_at_step_2(job_id, progress, force=False):
+        if job_id == c.id and progress.get("step") == 2:
+            runner.store.cancel(job_id)
+        return original(job_id, progress, force=force)
+
+    monkeypatch.setattr(runner.store, "set_progress", cancel_c_at_step_2)
+    states = runner.run_many([a.id, b.id, a.id, c.id, gone.id, other.id])
+    assert states == [JobState.SUCCEEDED, JobState.SUCCEEDED, None, JobState.CANCELED, JobState.FAILED, None]
+    for job in (a, b):
+        timings = runner.store.get(job.id).result["timings"]
+        assert timings["batch_requests"] == 3 and timings["batch_takes"] == 4  # c sampled with them
+    assert runner.store.get(gone.id).error["code"] == "NOT_FOUND"
+    assert runner.store.get(other.id).state == JobState.RUNNING  # untouched: w2 owns it

@@ -33,7 +33,8 @@ def service(tmp_path_factory, tiny_model_paths):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
-            build_app({"model": "tiny", "data_dir": str(data), "lease_s": 5}),
+            # fault_oom_takes: batches of more than 2 takes fail as a full GPU would (OUT_OF_MEMORY paths)
+            build_app({"model": "tiny", "data_dir": str(data), "lease_s": 5, "fault_oom_takes": 2}),
             name="musicgen",
             route_prefix="/",
         )
@@ -86,6 +87,32 @@ def wait_for(service, job_id, states, timeout=90):
             return body
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} never reached {states}: {body}")
+
+
+def test_compatible_jobs_share_a_batch_and_out_of_memory_is_contained(service):
+    """While one song runs, jobs queue at the generator; @serve.batch hands them over together."""
+    busy = service.post("/v1/songs", json={**SONG, "duration_s": 30, "steps": 150}).json()
+    wait_for(service, busy["id"], {"running"})
+    pair = [service.post("/v1/songs", json={**SONG, "seed": s}).json()["id"] for s in (1, 2)]
+    odd = service.post("/v1/songs", json={**SONG, "duration_s": 12}).json()["id"]  # another length
+    done = [wait_for(service, i, {"succeeded", "failed"}) for i in [busy["id"], *pair, odd]]
+    assert [d["status"] for d in done] == ["succeeded"] * 4, done
+    assert [d["batch"]["requests"] for d in done] == [1, 2, 2, 1]
+    assert done[1]["takes"][0]["seed"] == 1 and done[2]["takes"][0]["seed"] == 2
+
+    # a batch that does not fit (1 + 2 takes > 2) is split and both succeed; a job that cannot fit
+    # on its own (3 takes) fails with OUT_OF_MEMORY, and the replica goes on serving
+    busy = service.post("/v1/songs", json={**SONG, "duration_s": 30, "steps": 150}).json()
+    wait_for(service, busy["id"], {"running"})
+    split = [service.post("/v1/songs", json={**SONG, "num_takes": n}).json()["id"] for n in (1, 2)]
+    too_big = service.post("/v1/songs", json={**SONG, "num_takes": 3}).json()["id"]
+    done = [wait_for(service, i, {"succeeded", "failed"}) for i in [*split, too_big]]
+    assert [d["status"] for d in done] == ["succeeded", "succeeded", "failed"], done
+    assert [d["batch"]["requests"] for d in done[:2]] == [1, 1]
+    err = done[2]["error"]
+    assert err["code"] == "OUT_OF_MEMORY" and "fewer takes" in err["recovery"]
+    after = service.post("/v1/songs", json=SONG).json()["id"]
+    assert wait_for(service, after, {"succeeded", "failed"})["status"] == "succeeded"
 
 
 def test_killed_generator_replica_mid_job_is_retried_and_succeeds(service):
