@@ -116,7 +116,7 @@ class SongGenerator:
         self.runner = JobRunner(
             self.store, pipeline, _storage(args, "results"), _storage(args, "uploads"), self.worker,
             webhook_secret=args.webhook_secret or "", on_finish=GeneratorMetrics(args.model).record,
-            timeout_s=args.generation_timeout_s,
+            timeout_s=args.generation_timeout_s, encode_in_background=True,
         )  # fmt: skip
         self.device = pipeline.device
 
@@ -150,6 +150,12 @@ class SongGenerator:
             else:
                 out.append(None)
         return out
+
+    def __del__(self):
+        # graceful shutdown: Serve waited for the running batch; let its takes finish encoding (a job
+        # cut off here keeps no lease and is re-run elsewhere)
+        if getattr(self, "runner", None) is not None:
+            self.runner.drain(timeout=GENERATION_GRACE_S / 2)
 
     def status(self) -> dict:
         return {"loaded": self.runner is not None, "model": self.args.model, "error": self.load_error,

@@ -5,10 +5,12 @@ store the takes and record the outcome exactly once. No Ray here: the GPU deploy
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from deployments.params import SongParams
 from deployments.storage import Storage
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
-from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest
+from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest, SongResult
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,14 @@ class _Heartbeat:
             except Exception:  # Redis briefly away: keep trying, the lease has slack
                 log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
 
-    def __enter__(self):
+    def start(self) -> _Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
 
 class JobRunner:
@@ -67,6 +70,8 @@ class JobRunner:
         webhook_backoff_s: float = 1.0,
         on_finish=None,
         timeout_s: float | None = None,
+        encode_in_background: bool = False,
+        max_pending_encodes: int = 8,
     ):
         self.store, self.pipeline, self.worker = store, pipeline, worker
         self.results, self.uploads = results, uploads
@@ -74,6 +79,12 @@ class JobRunner:
         self.last_webhook: threading.Thread | None = None  # the latest delivery, for tests and shutdown
         self.on_finish = on_finish  # called with the finished SongJob (metrics)
         self.timeout_s = timeout_s  # a job running longer fails with GENERATION_TIMEOUT (checked per step)
+        # Audio encoding (MP3 runs at ~30x real time on one core) and storage happen on CPU threads
+        # while the model starts the next batch; the job holds its lease until its takes are stored.
+        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="encode") if encode_in_background else None
+        self._encode_slots = threading.BoundedSemaphore(max_pending_encodes)
+        self._encoding: set = set()
+        self._encoding_lock = threading.Lock()
 
     def _notify(self, job_id: str, url: str) -> threading.Thread:
         """POST the final job to its webhook in the background (retries must not hold the GPU)."""
@@ -120,8 +131,8 @@ class JobRunner:
 
     def run_many(self, job_ids: list[str]) -> list[JobState | None]:
         """Run the jobs this worker can claim as one batch (the pipeline samples those of the same
-        length together); returns each job's final state, None for a job another worker has (or a
-        duplicate id in the same batch)."""
+        length together). Returns each job's state: final, or RUNNING for a job whose takes are still
+        being encoded in the background; None for a job another worker has (or a repeated id)."""
         claimed: list[tuple[int, str, SongParams]] = []
         for i, job_id in enumerate(job_ids):
             if job_id in job_ids[:i] or not self.store.claim(job_id, self.worker):
@@ -130,29 +141,64 @@ class JobRunner:
         states: list[JobState | None] = [None] * len(job_ids)
         if not claimed:
             return states
-        with contextlib.ExitStack() as stack:
-            beats = [
-                stack.enter_context(_Heartbeat(self.store, job_id, self.worker)) for _, job_id, _ in claimed
-            ]
-            t0 = time.perf_counter()
-            deadline = t0 + self.timeout_s if self.timeout_s else None
-            requests, reports, outcomes = [], [], {}
-            for (_, job_id, params), beat in zip(claimed, beats, strict=True):
+        beats = {job_id: _Heartbeat(self.store, job_id, self.worker).start() for _, job_id, _ in claimed}
+        t0 = time.perf_counter()
+        try:
+            outcomes = self._generate(claimed, beats)
+        except BaseException:
+            for beat in beats.values():
+                beat.stop()
+            raise
+        for i, job_id, params in claimed:
+            finish = functools.partial(self._finish, job_id, params, outcomes[job_id], beats[job_id], t0)
+            if self.encoder is None or not isinstance(outcomes[job_id], SongResult):
+                states[i] = finish()
+                continue
+            self._encode_slots.acquire()  # back-pressure: the next batch waits for a free slot
+            future = self.encoder.submit(finish)
+            future.add_done_callback(lambda _: self._encode_slots.release())
+            with self._encoding_lock:
+                self._encoding.add(future)
+            future.add_done_callback(self._encoded)
+            states[i] = JobState.RUNNING
+        return states
+
+    def _generate(self, claimed, beats) -> dict[str, SongResult | Exception]:
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
+        requests, reports, outcomes = [], [], {}
+        with contextlib.ExitStack() as files:  # local copies of uploads, for the time of the batch
+            for _, job_id, params in claimed:
                 try:
-                    requests.append(self.request_for(params, stack))
-                    reports.append(self._reporter(job_id, beat, deadline))
+                    requests.append(self.request_for(params, files))
+                    reports.append(self._reporter(job_id, beats[job_id], deadline))
                 except Exception as exc:  # e.g. an upload that vanished: fails this job only
                     outcomes[job_id] = exc
-            runnable = [c for c in claimed if c[1] not in outcomes]
+            runnable = [job_id for _, job_id, _ in claimed if job_id not in outcomes]
             results = self.pipeline.generate_many(requests, reports) if runnable else []
-            outcomes.update({job_id: r for (_, job_id, _), r in zip(runnable, results, strict=True)})
-            recorded = {
-                job_id: self._record(job_id, params, outcomes[job_id], beat, t0)
-                for (_, job_id, params), beat in zip(claimed, beats, strict=True)
-            }
-        for i, job_id, params in claimed:
-            states[i] = self._finished(job_id, params, hooks=recorded[job_id])
-        return states
+        outcomes.update(zip(runnable, results, strict=True))
+        return outcomes
+
+    def _finish(
+        self, job_id: str, params: SongParams, outcome, beat: _Heartbeat, t0: float
+    ) -> JobState | None:
+        try:
+            recorded = self._record(job_id, params, outcome, beat, t0)
+        finally:
+            beat.stop()
+        return self._finished(job_id, params, hooks=recorded)
+
+    def _encoded(self, future) -> None:
+        with self._encoding_lock:
+            self._encoding.discard(future)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for background encodes to be recorded (shutdown, tests); False if some are still running."""
+        from concurrent.futures import wait
+
+        with self._encoding_lock:
+            futures = list(self._encoding)
+        _, pending = wait(futures, timeout=timeout)
+        return not pending
 
     def _reporter(self, job_id: str, beat: _Heartbeat, deadline: float | None):
         def on_progress(p: Progress) -> None:

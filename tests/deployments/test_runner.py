@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import redis
@@ -184,3 +186,39 @@ def test_a_batch_of_jobs_runs_together_and_each_ends_on_its_own(runner, monkeypa
         assert timings["batch_requests"] == 3 and timings["batch_takes"] == 4  # c sampled with them
     assert runner.store.get(gone.id).error["code"] == "NOT_FOUND"
     assert runner.store.get(other.id).state == JobState.RUNNING  # untouched: w2 owns it
+
+
+def test_background_encoding_frees_the_model_and_keeps_the_lease(server, pipe, tmp_path, monkeypatch):
+    """With encode_in_background, run_many returns once the audio is decoded; the takes are encoded
+    and stored on a CPU thread while the job keeps its lease, then recorded exactly once."""
+    import threading
+
+    import deployments.runner as runner_module
+
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    store = JobStore(client, lease_s=0.6)  # heartbeats every 0.2 s; encoding takes longer than a lease
+    runner = JobRunner(store, pipe, LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u"), "w1",
+                       encode_in_background=True, max_pending_encodes=4)  # fmt: skip
+    release = threading.Event()
+    real_write = runner_module.write_audio
+
+    def slow_write(*args, **kw):
+        release.wait(10)
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(runner_module, "write_audio", slow_write)
+    first, _ = store.create(params(seed=1).to_dict())
+    second, _ = store.create(params(seed=2).to_dict())
+    assert runner.run_many([first.id]) == [JobState.RUNNING]  # returned while its takes wait to encode
+    assert runner.run_many([second.id]) == [JobState.RUNNING]  # the next batch ran meanwhile
+    time.sleep(1.5)  # more than two leases: only heartbeats keep the jobs ours
+    assert store.reconcile() == {"requeued": [], "failed": []}  # no lease expired
+    assert store.get(first.id).state == JobState.RUNNING
+    release.set()
+    assert runner.drain(timeout=30)
+    for job in (first, second):
+        done = store.get(job.id)
+        assert done.state == JobState.SUCCEEDED and done.attempts == 1
+        assert done.result["timings"]["encoding_s"] > 0
+        assert runner.results.exists(done.result["takes"][0]["key"])
