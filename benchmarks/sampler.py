@@ -8,6 +8,11 @@ the step-invariant work once per request.
     python benchmarks/sampler.py                                   # mid-size on CPU (dim 512, depth 8, 2048 frames)
     python benchmarks/sampler.py --real-size --device cuda --dtype bf16 # DiffRhythm's real size, random weights
     python benchmarks/sampler.py --plot benchmarks/sampler.png
+    python benchmarks/sampler.py --takes --requests 2 4             # the service's batches only
+
+The second table is the service's batching: R different requests of the same length, one take
+each, sampled one after another (`sample` per request) vs together (`sample_many`, one conditional
+group per request and one shared null group).
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ import torch
 
 from musicgen.model.device import resolve_device, resolve_dtype
 from musicgen.model.dit import DiT, DiTConfig
-from musicgen.model.sampler import SamplerSettings, SongConditions, sample, sample_reference, take_noise
+from musicgen.model.sampler import (
+    SamplerSettings,
+    SongConditions,
+    sample,
+    sample_many,
+    sample_reference,
+    take_noise,
+)
 from musicgen.registry import MODELS
 
 
@@ -30,14 +42,14 @@ def build(cfg: DiTConfig, device, dtype) -> DiT:
     return model.to(dtype).eval()
 
 
-def conditions(frames: int, max_frames: int) -> SongConditions:
-    g = torch.Generator().manual_seed(0)
+def conditions(frames: int, max_frames: int, seed: int = 0) -> SongConditions:
+    g = torch.Generator().manual_seed(seed)
     text = torch.randint(1, 364, (1, frames), generator=g)
     text[:, torch.rand(frames, generator=g) < 0.6] = 0  # mostly fillers, as in real lyrics
     return SongConditions(
         text=text,
         style=torch.randn(1, 512, generator=g),
-        negative_style=torch.randn(1, 512, generator=g),
+        negative_style=torch.linspace(-1, 1, 512)[None],  # one negative style, as in the pipeline
         song_duration=torch.tensor([frames / max_frames]),
     )
 
@@ -52,6 +64,10 @@ def timed(device, fn, *args) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, out
 
 
+def one_by_one(model, conds, noises, settings) -> list[torch.Tensor]:
+    return [sample(model, c, n, settings) for c, n in zip(conds, noises, strict=True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -61,7 +77,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--frames", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4, help="Euler steps per song (the default song uses 31)")
-    ap.add_argument("--takes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--takes", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--requests", type=int, nargs="*", default=[2, 4], help="batch sizes of the second table")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--plot", help="write a bar chart (PNG) here")
@@ -100,7 +117,20 @@ def main() -> None:
         rows.append((k, t_ref / k, t_opt / k))
         print(f"{k:>5} | {t_ref / k:>16.3f} | {t_opt / k:>16.3f} | {t_ref / t_opt:>7.2f}x | {diff:>10.2e}")
 
-    if args.plot:
+    if args.requests:
+        print()
+        header = f"{'requests':>8} | {'one by one s/song':>17} | {'batched s/song':>14} | {'speed-up':>8} | {'max |diff|':>10}"
+        print(header)
+        print("-" * len(header))
+    for r in args.requests:
+        conds = [conditions(args.frames, cfg.max_frames, seed=i) for i in range(r)]
+        noises = [take_noise([i], args.frames, 64) for i in range(r)]
+        t_one, ones = timed(device, one_by_one, model, conds, noises, settings)
+        t_many, many = timed(device, sample_many, model, conds, noises, [settings] * r)
+        diff = max((a - b).abs().max().item() for a, b in zip(ones, many, strict=True))
+        print(f"{r:>8} | {t_one / r:>17.3f} | {t_many / r:>14.3f} | {t_one / t_many:>7.2f}x | {diff:>10.2e}")
+
+    if args.plot and rows:
         import matplotlib
 
         matplotlib.use("Agg")

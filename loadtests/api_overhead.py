@@ -32,9 +32,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=20)
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--format", default="mp3", choices=["mp3", "flac", "wav"])
+    ap.add_argument("--burst", type=int, default=0,
+                    help="instead: submit this many jobs back to back, then wait for all (throughput, batch sizes)")  # fmt: skip
     args = ap.parse_args()
     song = {"lyrics": "Hello world\nGood night moon", "style_prompt": "happy pop", "duration_s": args.duration,
-            "steps": args.steps, "output_format": "mp3"}  # fmt: skip
+            "steps": args.steps, "output_format": args.format}  # fmt: skip
+    if args.burst:
+        burst(args, song)
+        return
     submit, status, e2e, model, overhead = [], [], [], [], []
     parts: dict[str, list[float]] = {"submit": [], "queue": [], "encoding": [], "worker": [], "observe": []}
     with httpx.Client(base_url=args.base, timeout=60) as http:
@@ -78,6 +84,39 @@ def main() -> None:
     for name, xs in parts.items():
         if xs:
             print(f"{'  ' + name:>28} | {1000 * pct(xs, 0.5):>8.1f} | {1000 * pct(xs, 0.95):>8.1f}")
+
+
+def burst(args, song: dict) -> None:
+    """Back-to-back submissions while the generators are busy: submit latency under load, throughput
+    and the batches the jobs ran in."""
+    from collections import Counter
+
+    submit, ids = [], []
+    with httpx.Client(base_url=args.base, timeout=60) as http:
+        t0 = time.perf_counter()
+        for i in range(args.burst):
+            t = time.perf_counter()
+            r = http.post("/v1/songs", json={**song, "seed": i})
+            submit.append(time.perf_counter() - t)
+            r.raise_for_status()
+            ids.append(r.json()["id"])
+        done: dict[str, dict] = {}
+        while len(done) < len(ids):
+            for job_id in ids:
+                if job_id not in done:
+                    body = http.get(f"/v1/songs/{job_id}").json()
+                    if body["status"] in ("succeeded", "failed", "canceled"):
+                        done[job_id] = body
+            print(f"\r{len(done)}/{len(ids)} finished", end="", flush=True)
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+    states = Counter(b["status"] for b in done.values())
+    batches = Counter(b.get("batch", {}).get("requests", 0) for b in done.values())
+    print(f"\n{args.burst} jobs: {dict(states)} in {wall:.1f} s = {args.burst / wall:.2f} jobs/s")
+    print(
+        f"POST /v1/songs under load: p50 {1000 * pct(submit, 0.5):.1f} ms, p95 {1000 * pct(submit, 0.95):.1f} ms"
+    )
+    print("jobs by size of the batch they ran in:", dict(sorted(batches.items())))
 
 
 if __name__ == "__main__":
