@@ -1,11 +1,14 @@
 """The Ray Serve application: `serve run serve_config.yaml` calls `build_app`.
 
 - `Ingress` (CPU): the FastAPI app of deployments/api.py; writes every job to Redis before answering
-  202, pushes its id to the generators, and runs the reconciler (re-queue lost workers' jobs,
-  re-dispatch queued jobs, e.g. after an ingress restart).
+  202, pushes its id to the generators (at most one call in flight per job), and runs the reconciler
+  (re-queue lost workers' jobs, re-dispatch queued jobs, e.g. after an ingress restart).
 - `PromptValidator` (CPU): the lyrics front end and request limits.
-- `SongGenerator` (a GPU each when the cluster has GPUs, else the CPU): loads DiffRhythm once and runs
-  jobs; a job is claimed atomically in Redis, so a duplicate dispatch is harmless.
+- `SongGenerator` (a GPU each when the cluster has GPUs, else the CPU): loads DiffRhythm and the style
+  encoder (MuQ-MuLan, with its prompt cache) once and runs jobs in `@serve.batch` batches; a job is
+  claimed atomically in Redis, so a duplicate dispatch is harmless. Takes are encoded and stored on
+  CPU threads while the model runs the next batch. Replicas report their status to Redis, which
+  `/readyz` reads; they scale between min_generators (0 allowed) and max_generators.
 
 Without REDIS_URL a `RedisServer` replica runs an embedded Redis (data under data_dir/redis) for as
 long as the app runs; a multi-node cluster must set REDIS_URL.

@@ -188,3 +188,29 @@ def test_redis_stop_and_restart_under_the_app(service):
     assert saw_503
     assert _get_retrying(service, f"/v1/songs/{before}")["status"] == "succeeded"  # survived via AOF
     assert wait_for(service, after, {"succeeded", "failed"})["status"] == "succeeded"
+
+
+def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
+    """Last in this module: replaces the app with one scaled to zero whose model is not downloaded
+    (offline, empty cache). Ready while scaled to zero; the first song starts a generator, which
+    cannot load the model: that job fails with MODEL_NOT_LOADED, /readyz says why and how to fix
+    it, and new submissions get 503 MODEL_NOT_LOADED."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.delete("musicgen")
+    args = {"model": "diffrhythm-1.2-base", "data_dir": str(tmp_path), "min_generators": 0, "lease_s": 5}
+    serve.run(build_app(args), name="musicgen", route_prefix="/")
+    ready = _get_retrying(service, "/readyz")
+    assert ready["ready"] is True and "scaled to zero" in ready["reason"]
+    job = service.post("/v1/songs", json={**SONG, "model": "diffrhythm-1.2-base", "duration_s": 95})
+    assert job.status_code == 202, job.text
+    failed = wait_for(service, job.json()["id"], {"failed", "succeeded"}, timeout=120)
+    assert failed["error"]["code"] == "MODEL_NOT_LOADED", failed
+    assert "musicgen models pull" in failed["error"]["recovery"]
+    r = service.get("/readyz")
+    assert r.status_code == 503 and "musicgen models pull" in r.json()["reason"]
+    r = service.post("/v1/songs", json={**SONG, "model": "diffrhythm-1.2-base", "duration_s": 95})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "MODEL_NOT_LOADED"
+    assert "musicgen models pull" in r.json()["error"]["recovery"]
