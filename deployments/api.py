@@ -37,6 +37,7 @@ class ApiConfig:
     max_upload_seconds: float = 600.0
     seconds_per_job_estimate: float = 60.0  # ETA before measured timings exist
     sse_keepalive_s: float = 15.0
+    webhook_secret: str = ""  # signs webhooks of jobs that end here (canceled while queued)
 
 
 def sniff_audio(head: bytes) -> str | None:
@@ -177,8 +178,13 @@ def create_api(
 
     @app.post("/v1/songs/{job_id}/cancel", response_model=JobView)
     def cancel(job_id: str, request: Request):
-        get_job(job_id)
-        store.cancel(job_id)
+        was = get_job(job_id)
+        if store.cancel(job_id) == JobState.CANCELED and was.state == JobState.QUEUED:
+            url = SongParams.from_dict(was.params).webhook_url
+            if url:  # it ended here, not on a worker: its webhook goes from here
+                from deployments.webhooks import notify
+
+                notify(store, job_id, url, cfg.webhook_secret)
         return view(get_job(job_id), base_url(request))
 
     @app.get("/v1/songs/{job_id}/events")

@@ -197,12 +197,23 @@ class Ingress:
         generator crash or a Redis restart, every accepted job gets a worker."""
         while True:
             try:
-                await asyncio.to_thread(self.store.reconcile)
+                ended = await asyncio.to_thread(self.store.reconcile)
+                for job_id in ended["failed"]:  # WORKER_LOST: their webhooks go from here
+                    await asyncio.to_thread(self._notify_failed, job_id)
                 for job_id in await asyncio.to_thread(self.store.queued_ids):
                     self._start(job_id)
             except Exception:
                 log.warning("reconcile failed (job store unreachable?)", exc_info=True)
             await asyncio.sleep(RECONCILE_EVERY_S)
+
+    def _notify_failed(self, job_id: str) -> None:
+        from deployments.params import SongParams
+        from deployments.webhooks import notify
+
+        job = self.store.get(job_id)
+        url = SongParams.from_dict(job.params).webhook_url if job else None
+        if url:
+            notify(self.store, job_id, url, self.args.webhook_secret or "")
 
     def _dispatch(self, job_id: str) -> None:
         """Send a job to the generators (from any thread); at most one call per job in flight."""
@@ -263,7 +274,8 @@ class Ingress:
 
         return create_api(
             self.store, self._validate, self._dispatch, self.results, self.uploads,
-            ready=self._ready, models=self._models, config=ApiConfig(max_queue=self.args.max_queue),
+            ready=self._ready, models=self._models,
+            config=ApiConfig(max_queue=self.args.max_queue, webhook_secret=self.args.webhook_secret or ""),
         )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from deployments.errors import ServiceError
 from deployments.jobs import JobState, JobStore
 from deployments.params import SongParams
 from deployments.storage import Storage
+from deployments.webhooks import notify
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
 from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest, SongResult
@@ -85,22 +86,6 @@ class JobRunner:
         self._encode_slots = threading.BoundedSemaphore(max_pending_encodes)
         self._encoding: set = set()
         self._encoding_lock = threading.Lock()
-
-    def _notify(self, job_id: str, url: str) -> threading.Thread:
-        """POST the final job to its webhook in the background (retries must not hold the GPU)."""
-        from deployments.webhooks import deliver
-
-        job = self.store.get(job_id)
-        payload = {"id": job.id, "status": job.state.value, "result": job.result, "error": job.error,
-                   "finished_at": job.finished_at}  # fmt: skip
-
-        def send() -> None:
-            ok = deliver(url, payload, self.webhook_secret, backoff_s=self.webhook_backoff_s)
-            self.store.set_webhook_status(job_id, "delivered" if ok else "failed")
-
-        thread = threading.Thread(target=send, name=f"webhook-{job_id[:8]}", daemon=True)
-        thread.start()
-        return thread
 
     def request_for(self, p: SongParams, files: contextlib.ExitStack) -> SongRequest:
         """The pipeline request of a job; uploads it needs are fetched into `files` (kept until the
@@ -253,7 +238,13 @@ class JobRunner:
                 except Exception:  # metrics must never fail a job
                     log.warning("on_finish hook failed", exc_info=True)
             if params.webhook_url:
-                self.last_webhook = self._notify(job_id, params.webhook_url)
+                self.last_webhook = notify(
+                    self.store,
+                    job_id,
+                    params.webhook_url,
+                    self.webhook_secret,
+                    backoff_s=self.webhook_backoff_s,
+                )
         return final.state if final else None
 
     def _store_takes(self, job_id: str, p: SongParams, result) -> list[dict]:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,3 +51,20 @@ def deliver(
         if attempt + 1 < attempts:
             time.sleep(backoff_s * 2**attempt)
     return False
+
+
+def notify(store, job_id: str, url: str, secret: str, *, backoff_s: float = 1.0) -> threading.Thread:
+    """POST the finished job to its webhook on a background thread (retries must hold neither a GPU
+    nor an HTTP request) and record the delivery on the job. For every way a job ends: the worker's
+    outcome, a cancel while queued, a job failed by the reconciler."""
+    job = store.get(job_id)
+    payload = {"id": job.id, "status": job.state.value, "result": job.result, "error": job.error,
+               "finished_at": job.finished_at}  # fmt: skip
+
+    def send() -> None:
+        ok = deliver(url, payload, secret, backoff_s=backoff_s)
+        store.set_webhook_status(job_id, "delivered" if ok else "failed")
+
+    thread = threading.Thread(target=send, name=f"webhook-{job_id[:8]}", daemon=True)
+    thread.start()
+    return thread

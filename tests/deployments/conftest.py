@@ -41,3 +41,44 @@ def s3(tmp_path_factory):
         yield endpoint, client, "songs"
     finally:
         srv.stop()
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint recording the webhooks it gets; answers 500 to the first `failures`."""
+
+    def __init__(self, failures: int = 0):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[tuple[dict, bytes]] = []
+        self.failures = failures
+        self.got = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append((dict(self.headers), body))
+                self.send_response(500 if len(receiver.received) <= receiver.failures else 200)
+                self.end_headers()
+                if len(receiver.received) > receiver.failures:
+                    receiver.got.set()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def payloads(self) -> list[dict]:
+        import json
+
+        return [json.loads(body) for _, body in self.received]
+
+
+@pytest.fixture()
+def webhook_receiver():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.server.shutdown()

@@ -113,12 +113,14 @@ def test_sse_streams_until_the_end(service):
     assert len(events) >= 1
 
 
-def test_cancel_queued_job(service):
+def test_cancel_queued_job(service, webhook_receiver):
     service.pool.submit(time.sleep, 1.0)  # keep the single worker busy so that the next job waits
-    job = service.post("/v1/songs", json=SONG).json()
+    job = service.post("/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url}).json()
     r = service.post(f"/v1/songs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["error"]["code"] == "CANCELED"
+    assert webhook_receiver.got.wait(10)  # a job that ends in the queue still reaches its webhook
+    assert [(p["id"], p["status"]) for p in webhook_receiver.payloads()] == [(job["id"], "canceled")]
     assert service.get(f"/v1/songs/{job['id']}/takes/1/audio").json()["error"]["code"] == "NOT_FOUND"
 
 

@@ -77,43 +77,22 @@ def test_library_errors_fail_the_job_with_their_code(runner, tmp_path):
     assert err["code"] == "INVALID_PROMPT" and "10 s" in err["recovery"]
 
 
-def test_webhook_is_signed_and_retried(runner):
+def test_webhook_is_signed_and_retried(runner, webhook_receiver):
     import hmac
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from deployments.webhooks import sign
 
-    received = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((dict(self.headers), body))
-            self.send_response(500 if len(received) < 3 else 200)  # fails twice, then accepts
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    webhook_receiver.failures = 2  # fails twice, then accepts
     runner.webhook_secret, runner.webhook_backoff_s = "s3cret", 0.01
-    try:
-        job, _ = runner.store.create(
-            params(webhook_url=f"http://127.0.0.1:{server.server_port}/hook").to_dict()
-        )
-        assert runner.run(job.id) == JobState.SUCCEEDED
-        runner.last_webhook.join(timeout=10)
-    finally:
-        server.shutdown()
-    assert len(received) == 3
-    headers, body = received[-1]
+    job, _ = runner.store.create(params(webhook_url=webhook_receiver.url).to_dict())
+    assert runner.run(job.id) == JobState.SUCCEEDED
+    runner.last_webhook.join(timeout=10)
+    assert len(webhook_receiver.received) == 3
+    headers, body = webhook_receiver.received[-1]
     assert hmac.compare_digest(
         headers["X-Musicgen-Signature"], sign("s3cret", headers["X-Musicgen-Timestamp"], body)
     )
-    payload = json.loads(body)
+    payload = webhook_receiver.payloads()[-1]
     assert (
         payload["id"] == job.id and payload["status"] == "succeeded" and len(payload["result"]["takes"]) == 2
     )

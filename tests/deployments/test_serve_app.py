@@ -34,7 +34,16 @@ def service(tmp_path_factory, tiny_model_paths):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
             # fault_oom_takes: batches of more than 2 takes fail as a full GPU would (OUT_OF_MEMORY paths)
-            build_app({"model": "tiny", "data_dir": str(data), "lease_s": 5, "fault_oom_takes": 2}),
+            build_app(
+                {
+                    "model": "tiny",
+                    "data_dir": str(data),
+                    "lease_s": 5,
+                    "fault_oom_takes": 2,
+                    "max_queue": 5,
+                    "webhook_secret": "serve-secret",
+                }
+            ),  # fmt: skip
             name="musicgen",
             route_prefix="/",
         )
@@ -87,6 +96,72 @@ def wait_for(service, job_id, states, timeout=90):
             return body
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} never reached {states}: {body}")
+
+
+def test_the_whole_api_through_the_serve_proxy(service, webhook_receiver, tmp_path):
+    import hmac
+    import json
+    import threading
+
+    import numpy as np
+    import soundfile as sf
+
+    from deployments.webhooks import sign
+
+    # a running job: its SSE stream through the proxy, canceled before the next step, a signed webhook
+    busy = service.post("/v1/songs", json={**SONG, "duration_s": 95, "steps": 200,
+                                           "webhook_url": webhook_receiver.url}).json()  # fmt: skip
+    wait_for(service, busy["id"], {"running"})
+    events: list[dict] = []
+
+    def listen() -> None:
+        with service.stream("GET", f"/v1/songs/{busy['id']}/events") as stream:
+            events.extend(json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: "))
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    time.sleep(1.5)
+    assert service.post(f"/v1/songs/{busy['id']}/cancel").status_code == 200
+    listener.join(30)
+    assert not listener.is_alive() and events[-1]["status"] == "canceled"
+    assert any(e["stage"] == "sampling" and e["step"] for e in events)
+    assert events[-1]["step"] < 200  # stopped before the end
+    assert webhook_receiver.got.wait(30)
+    headers, body = webhook_receiver.received[-1]
+    assert hmac.compare_digest(headers["X-Musicgen-Signature"],
+                               sign("serve-secret", headers["X-Musicgen-Timestamp"], body))  # fmt: skip
+    assert json.loads(body)["status"] == "canceled"
+
+    # a full queue: 429 with Retry-After; queued jobs cancel at once
+    busy = service.post("/v1/songs", json={**SONG, "duration_s": 95, "steps": 200}).json()
+    wait_for(service, busy["id"], {"running"})
+    queued = [service.post("/v1/songs", json={**SONG, "seed": s}) for s in range(5)]
+    assert all(r.status_code == 202 for r in queued)
+    full = service.post("/v1/songs", json=SONG)
+    assert full.status_code == 429 and full.json()["error"]["code"] == "QUEUE_FULL"
+    assert int(full.headers["Retry-After"]) > 0
+    for r in queued:
+        assert service.post(f"/v1/songs/{r.json()['id']}/cancel").json()["status"] == "canceled"
+    service.post(f"/v1/songs/{busy['id']}/cancel")
+    assert wait_for(service, busy["id"], {"canceled", "succeeded"})["status"] == "canceled"
+
+    # uploads: content sniffing, and a reference song used as the style; the take in byte ranges
+    assert (
+        service.post("/v1/uploads", content=b"<html>no</html>").json()["error"]["code"] == "UNSUPPORTED_MEDIA"
+    )
+    ref = tmp_path / "ref.flac"
+    sf.write(ref, np.random.default_rng(0).normal(0, 0.1, (44100 * 12, 2)), 44100)
+    upload = service.post("/v1/uploads", content=ref.read_bytes())
+    assert upload.status_code == 201 and upload.json()["format"] == "flac"
+    song = {**SONG, "style_prompt": None, "reference_audio_id": upload.json()["id"], "output_format": "wav"}
+    done = wait_for(service, service.post("/v1/songs", json=song).json()["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    url = f"/v1/songs/{done['id']}/takes/1/audio"
+    whole = service.get(url).content
+    part = service.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == whole[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(whole)}"
+    assert service.get(url + "?format=flac").content[:4] == b"fLaC"
 
 
 def test_compatible_jobs_share_a_batch_and_out_of_memory_is_contained(service):
