@@ -275,7 +275,10 @@ class Ingress:
         return create_api(
             self.store, self._validate, self._dispatch, self.results, self.uploads,
             ready=self._ready, models=self._models,
-            config=ApiConfig(max_queue=self.args.max_queue, webhook_secret=self.args.webhook_secret or ""),
+            config=ApiConfig(
+                max_queue=self.args.max_queue, max_upload_bytes=int(self.args.max_upload_mb * 1024 * 1024),
+                webhook_secret=self.args.webhook_secret or "",
+            ),
         )  # fmt: skip
 
 

@@ -31,6 +31,7 @@ class AppArgs(BaseModel):
     data_dir: str | None = None
     storage_url: str | None = None  # s3://bucket/prefix; unset: results and uploads under data_dir
     max_queue: int = Field(100, ge=1)
+    max_upload_mb: float = Field(50, gt=0)  # reference songs and songs to edit
     min_generators: int = Field(1, ge=0)
     max_generators: int = Field(1, ge=1)
     retention_s: int = Field(7 * 24 * 3600, ge=60)

@@ -42,6 +42,7 @@ def service(tmp_path_factory, tiny_model_paths):
                     "fault_oom_takes": 2,
                     "max_queue": 5,
                     "webhook_secret": "serve-secret",
+                    "max_upload_mb": 3,
                 }
             ),  # fmt: skip
             name="musicgen",
@@ -82,10 +83,28 @@ def test_submit_poll_and_download_through_ray_serve(service):
     assert models[0]["name"] == "tiny" and models[0]["loaded"] is True
 
 
-def test_errors_through_the_validator_deployment(service):
-    r = service.post("/v1/songs", json={**SONG, "lyrics": "[00:99.00]bad"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "INVALID_LYRICS"
-    assert service.get("/v1/songs/" + "f" * 32).status_code == 404
+@pytest.mark.parametrize(
+    "change, status, code",
+    [
+        ({"lyrics": "[00:99.00]bad"}, 422, "INVALID_LYRICS"),
+        ({"style_prompt": "  "}, 422, "INVALID_PROMPT"),
+        ({"num_takes": 9}, 422, "INVALID_PARAMETER"),
+        ({"duration_s": 500}, 422, "INVALID_PARAMETER"),
+        ({"reference_audio_id": "nope.wav", "style_prompt": None}, 404, "NOT_FOUND"),
+    ],
+)
+def test_errors_through_the_validator_deployment(service, change, status, code):
+    r = service.post("/v1/songs", json={**SONG, **change})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["recovery"]
+
+
+def test_not_found_and_payload_too_large(service):
+    r = service.get("/v1/songs/" + "f" * 32)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+    big = service.post("/v1/uploads", content=b"RIFF" + b"\0" * 3_200_000)  # the app allows 3 MB
+    assert big.status_code == 413 and big.json()["error"]["code"] == "PAYLOAD_TOO_LARGE", big.text
 
 
 def wait_for(service, job_id, states, timeout=90):
