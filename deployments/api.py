@@ -180,11 +180,10 @@ def create_api(
     def cancel(job_id: str, request: Request):
         was = get_job(job_id)
         if store.cancel(job_id) == JobState.CANCELED and was.state == JobState.QUEUED:
-            url = SongParams.from_dict(was.params).webhook_url
-            if url:  # it ended here, not on a worker: its webhook goes from here
-                from deployments.webhooks import notify
+            # it ended here, not on a worker: its webhook goes from here
+            from deployments.webhooks import notify
 
-                notify(store, job_id, url, cfg.webhook_secret)
+            notify(store, get_job(job_id), cfg.webhook_secret)
         return view(get_job(job_id), base_url(request))
 
     @app.get("/v1/songs/{job_id}/events")

@@ -93,6 +93,7 @@ class SongGenerator:
     def __init__(self, args: AppArgs, redis_url: str):
         import socket
 
+        from deployments.errors import ServiceError
         from deployments.jobs import JobStore
         from deployments.metrics import GeneratorMetrics
         from deployments.runner import JobRunner
@@ -111,7 +112,7 @@ class SongGenerator:
         try:
             pipeline = SongPipeline.from_pretrained(args.model, device=args.device)
         except MusicgenError as exc:
-            self.load_error = {"code": exc.code, "message": exc.message, "recovery": exc.recovery}
+            self.load_error = ServiceError.from_library(exc).to_dict()  # MODEL_NOT_LOADED
             log.error("model %s not loaded: %s", args.model, exc)
             return
         pipeline.max_batch_takes = args.max_batch_takes
@@ -145,13 +146,10 @@ class SongGenerator:
         fail with MODEL_NOT_LOADED rather than wait forever."""
         out: list[str | None] = []
         for job_id in job_ids:
-            if self.store.claim(job_id, self.worker):
-                self.store.fail(
-                    job_id, {**(self.load_error or {}), "code": "MODEL_NOT_LOADED", "details": {}}
-                )
-                out.append("failed")
-            else:
-                out.append(None)
+            claimed = self.store.claim(job_id, self.worker)
+            if claimed:
+                self.store.fail(job_id, self.load_error)
+            out.append("failed" if claimed else None)
         return out
 
     def __del__(self):
@@ -207,13 +205,11 @@ class Ingress:
             await asyncio.sleep(RECONCILE_EVERY_S)
 
     def _notify_failed(self, job_id: str) -> None:
-        from deployments.params import SongParams
         from deployments.webhooks import notify
 
         job = self.store.get(job_id)
-        url = SongParams.from_dict(job.params).webhook_url if job else None
-        if url:
-            notify(self.store, job_id, url, self.args.webhook_secret or "")
+        if job is not None:
+            notify(self.store, job, self.args.webhook_secret or "")
 
     def _dispatch(self, job_id: str) -> None:
         """Send a job to the generators (from any thread); at most one call per job in flight."""
@@ -251,12 +247,7 @@ class Ingress:
             return True, f"serving {self.args.model} on {len(loaded)} generator(s)"
         failed = [r["error"] for r in reports if r.get("error")]
         if failed:
-            return (
-                False,
-                f"{failed[0].get('message', 'model not loaded')}; {failed[0].get('recovery', '')}".strip(
-                    "; "
-                ),
-            )
+            return False, f"{failed[0]['message']}; {failed[0]['recovery']}"
         if self.args.min_generators == 0:
             return True, "scaled to zero: the first song starts a generator, which loads the model first"
         return False, "no generator has reported yet: the model is loading"

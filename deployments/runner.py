@@ -141,7 +141,6 @@ class JobRunner:
                 continue
             self._encode_slots.acquire()  # back-pressure: the next batch waits for a free slot
             future = self.encoder.submit(finish)
-            future.add_done_callback(lambda _: self._encode_slots.release())
             with self._encoding_lock:
                 self._encoding.add(future)
             future.add_done_callback(self._encoded)
@@ -175,6 +174,7 @@ class JobRunner:
     def _encoded(self, future) -> None:
         with self._encoding_lock:
             self._encoding.discard(future)
+        self._encode_slots.release()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait for background encodes to be recorded (shutdown, tests); False if some are still running."""
@@ -239,11 +239,7 @@ class JobRunner:
                     log.warning("on_finish hook failed", exc_info=True)
             if params.webhook_url:
                 self.last_webhook = notify(
-                    self.store,
-                    job_id,
-                    params.webhook_url,
-                    self.webhook_secret,
-                    backoff_s=self.webhook_backoff_s,
+                    self.store, final, self.webhook_secret, backoff_s=self.webhook_backoff_s
                 )
         return final.state if final else None
 

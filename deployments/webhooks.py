@@ -53,18 +53,21 @@ def deliver(
     return False
 
 
-def notify(store, job_id: str, url: str, secret: str, *, backoff_s: float = 1.0) -> threading.Thread:
-    """POST the finished job to its webhook on a background thread (retries must hold neither a GPU
-    nor an HTTP request) and record the delivery on the job. For every way a job ends: the worker's
-    outcome, a cancel while queued, a job failed by the reconciler."""
-    job = store.get(job_id)
+def notify(store, job, secret: str, *, backoff_s: float = 1.0) -> threading.Thread | None:
+    """POST the finished job (a SongJob) to the webhook_url it was submitted with, on a background
+    thread (retries must hold neither a GPU nor an HTTP request), and record the delivery on the job.
+    For every way a job ends: the worker's outcome, a cancel while queued, a job failed by the
+    reconciler. None when the job asked for no webhook."""
+    url = job.params.get("webhook_url")
+    if not url:
+        return None
     payload = {"id": job.id, "status": job.state.value, "result": job.result, "error": job.error,
                "finished_at": job.finished_at}  # fmt: skip
 
     def send() -> None:
         ok = deliver(url, payload, secret, backoff_s=backoff_s)
-        store.set_webhook_status(job_id, "delivered" if ok else "failed")
+        store.set_webhook_status(job.id, "delivered" if ok else "failed")
 
-    thread = threading.Thread(target=send, name=f"webhook-{job_id[:8]}", daemon=True)
+    thread = threading.Thread(target=send, name=f"webhook-{job.id[:8]}", daemon=True)
     thread.start()
     return thread

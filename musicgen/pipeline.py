@@ -115,7 +115,7 @@ class _Prepared:
     noise: torch.Tensor
     settings: SamplerSettings
     seeds: list[int]
-    timings: dict[str, float]
+    style_s: float
     t0: float
 
 
@@ -301,7 +301,7 @@ class SongPipeline:
         seeds = [req.seed + i for i in range(req.num_takes)]
         return _Prepared(
             index, req, report, cond, take_noise(seeds, frames, self.spec.dit.mel_dim),
-            SamplerSettings(req.steps, req.cfg_strength), seeds, {"style_s": time.perf_counter() - t0}, t0,
+            SamplerSettings(req.steps, req.cfg_strength), seeds, time.perf_counter() - t0, t0,
         )  # fmt: skip
 
     def _as_error(self, exc: Exception, req: SongRequest) -> Exception:
@@ -359,7 +359,7 @@ class SongPipeline:
             item, lat = batch[j], outs[j]
             k = lat.shape[0]
             timings = {
-                **item.timings, "sampling_s": sampling_s, "decoding_s": decoding_s,
+                "style_s": item.style_s, "sampling_s": sampling_s, "decoding_s": decoding_s,
                 "total_s": time.perf_counter() - item.t0, "batch_requests": len(batch), "batch_takes": takes,
             }  # fmt: skip
             outs[j] = SongResult(

@@ -96,9 +96,10 @@ def sample(
     return out
 
 
-def _null_groups(conds: list[SongConditions]) -> list[int]:
-    """For each request, the index of its null-branch group. The null branch sees no lyrics and no
-    latent prompt, so requests with equal start time, duration and negative style share one."""
+def _null_groups(conds: list[SongConditions]) -> tuple[list[int], list[tuple[float, float, torch.Tensor]]]:
+    """The null-branch group of each request (0, 1, ... in order of first appearance) and each group's
+    (start time, duration, negative style). The null branch sees no lyrics and no latent prompt, so
+    requests with equal start time, duration and negative style share one."""
     keys: list[tuple[float, float, torch.Tensor]] = []
     out = []
     for c in conds:
@@ -111,7 +112,7 @@ def _null_groups(conds: list[SongConditions]) -> list[int]:
         else:
             keys.append((start, duration, c.negative_style))
             out.append(len(keys) - 1)
-    return out
+    return out, keys
 
 
 @torch.inference_mode()
@@ -145,7 +146,7 @@ def sample_many(
 
     # Work in an order where requests sharing a null group are adjacent, so that the null rows are
     # the conditional rows' x in the same order.
-    null_of = _null_groups(conds)
+    null_of, null_keys = _null_groups(conds)
     order = sorted(range(r_count), key=lambda r: null_of[r])
     takes = {r: noises[r].shape[0] for r in range(r_count)}
     prompts, masks, step_conds = {}, {}, []
@@ -160,17 +161,13 @@ def sample_many(
     durations = per_request(lambda c: c.song_duration).float()
     groups_cond, groups_text = torch.cat(step_conds), model.embed_text(per_request(lambda c: c.text))
     groups_style = per_request(lambda c: c.style)
-    null_ids = sorted(set(null_of))
-    if guided:
-        first = [order[[null_of[r] for r in order].index(j)] for j in null_ids]  # a request of each group
-        u = len(null_ids)
+    if guided:  # then the null groups, in group order
+        u = len(null_keys)
         groups_cond = torch.cat((groups_cond, torch.zeros(u, n, groups_cond.shape[-1], device=device)))
         groups_text = torch.cat((groups_text, model.null_text_embedding(n, device).expand(u, -1, -1)))
-        groups_style = torch.cat(
-            (groups_style, torch.cat([conds[r].negative_style for r in first]).to(device))
-        )
-        starts = torch.cat((starts, torch.stack([starts[order.index(r)] for r in first])))
-        durations = torch.cat((durations, torch.stack([durations[order.index(r)] for r in first])))
+        groups_style = torch.cat((groups_style, torch.cat([neg for _, _, neg in null_keys]).to(device)))
+        starts = torch.cat((starts, torch.tensor([s for s, _, _ in null_keys], device=device)))
+        durations = torch.cat((durations, torch.tensor([d for _, d, _ in null_keys], device=device)))
     pre = model.prepare(groups_cond, groups_text, groups_style, starts, durations)
 
     active = list(order)  # requests still in the batch, in row order
@@ -179,10 +176,10 @@ def sample_many(
         groups = [order.index(r) for r in active]
         rows = [takes[r] for r in active]
         if guided:
-            for j in null_ids:
+            for j in range(len(null_keys)):
                 members = [takes[r] for r in active if null_of[r] == j]
                 if members:
-                    groups.append(r_count + null_ids.index(j))
+                    groups.append(r_count + j)
                     rows.append(sum(members))
         return groups, tuple(rows)
 
@@ -218,14 +215,8 @@ def sample_many(
             if len(stopped) == len(active):
                 active = []
                 break
-            keep_rows = torch.cat(
-                [
-                    torch.arange(takes[r]) + sum(takes[q] for q in active[: active.index(r)])
-                    for r in active
-                    if r not in stopped
-                ]  # fmt: skip
-            ).to(device)
-            x = x.index_select(0, keep_rows)
+            keep = torch.tensor([r not in stopped for r in active for _ in range(takes[r])], device=device)
+            x = x[keep]
             active = [r for r in active if r not in stopped]
             old_groups = groups
             groups, rows = layout(active)

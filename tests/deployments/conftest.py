@@ -6,6 +6,19 @@ import pytest
 
 from deployments.redis_server import EmbeddedRedis
 
+# Submissions the API refuses, as (change to a valid 8 s song, HTTP status, error code): checked on
+# the API alone (test_api) and through the Ray Serve proxy (test_serve_app).
+BAD_SUBMISSIONS = [
+    ({"lyrics": "[00:75.00]bad"}, 422, "INVALID_LYRICS"),
+    ({"style_prompt": "  "}, 422, "INVALID_PROMPT"),
+    ({"style_prompt": None}, 422, "INVALID_PROMPT"),
+    ({"num_takes": 9}, 422, "INVALID_PARAMETER"),
+    ({"surprise": 1}, 422, "INVALID_PARAMETER"),
+    ({"duration_s": 500}, 422, "INVALID_PARAMETER"),
+    ({"model": "diffrhythm-1.2-full"}, 422, "INVALID_PARAMETER"),
+    ({"reference_audio_id": "nope.wav", "style_prompt": None}, 404, "NOT_FOUND"),
+]
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

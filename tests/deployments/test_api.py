@@ -23,6 +23,7 @@ from deployments.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.lyrics.g2p import PhoneTokenizer
 from tests.conftest import ASSETS
+from tests.deployments.conftest import BAD_SUBMISSIONS
 
 SONG = {"lyrics": "[00:01.00]Hello there\n[00:03.00]good night", "style_prompt": "calm piano", "model": "tiny",
         "duration_s": 8, "steps": 3, "num_takes": 2, "seed": 9, "output_format": "wav"}  # fmt: skip
@@ -124,19 +125,7 @@ def test_cancel_queued_job(service, webhook_receiver):
     assert service.get(f"/v1/songs/{job['id']}/takes/1/audio").json()["error"]["code"] == "NOT_FOUND"
 
 
-@pytest.mark.parametrize(
-    "change, status, code",
-    [
-        ({"lyrics": "[00:75.00]bad"}, 422, "INVALID_LYRICS"),
-        ({"style_prompt": "  "}, 422, "INVALID_PROMPT"),
-        ({"style_prompt": None}, 422, "INVALID_PROMPT"),
-        ({"num_takes": 9}, 422, "INVALID_PARAMETER"),
-        ({"surprise": 1}, 422, "INVALID_PARAMETER"),
-        ({"duration_s": 500}, 422, "INVALID_PARAMETER"),
-        ({"model": "diffrhythm-1.2-full"}, 422, "INVALID_PARAMETER"),
-        ({"reference_audio_id": "nope.wav", "style_prompt": None}, 404, "NOT_FOUND"),
-    ],
-)
+@pytest.mark.parametrize("change, status, code", BAD_SUBMISSIONS)
 def test_bad_submissions(service, change, status, code):
     r = service.post("/v1/songs", json={**SONG, **change})
     assert r.status_code == status, r.text

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from deployments.redis_server import free_port
+from tests.deployments.conftest import BAD_SUBMISSIONS
 
 SONG = {"lyrics": "Hello there\ngood night", "style_prompt": "calm piano", "duration_s": 8, "steps": 3,
         "num_takes": 1, "seed": 3, "output_format": "mp3"}  # fmt: skip
@@ -83,16 +84,7 @@ def test_submit_poll_and_download_through_ray_serve(service):
     assert models[0]["name"] == "tiny" and models[0]["loaded"] is True
 
 
-@pytest.mark.parametrize(
-    "change, status, code",
-    [
-        ({"lyrics": "[00:99.00]bad"}, 422, "INVALID_LYRICS"),
-        ({"style_prompt": "  "}, 422, "INVALID_PROMPT"),
-        ({"num_takes": 9}, 422, "INVALID_PARAMETER"),
-        ({"duration_s": 500}, 422, "INVALID_PARAMETER"),
-        ({"reference_audio_id": "nope.wav", "style_prompt": None}, 404, "NOT_FOUND"),
-    ],
-)
+@pytest.mark.parametrize("change, status, code", BAD_SUBMISSIONS)
 def test_errors_through_the_validator_deployment(service, change, status, code):
     r = service.post("/v1/songs", json={**SONG, **change})
     assert r.status_code == status, r.text
