@@ -117,7 +117,7 @@ def cmd_generate(args) -> int:
     if not download or hub.hub_offline():  # name every missing file at once, before any work
         hub.check_cached(spec)
     t0 = time.perf_counter()
-    frames = LyricsFrontEnd.from_assets(download=download).encode(lyrics, spec, seconds)
+    frames = LyricsFrontEnd.from_assets().encode(lyrics, spec, seconds)
     for w in frames.warnings:
         print(f"warning: {w}", file=sys.stderr)
     pipe = SongPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, download=download)

@@ -2,9 +2,11 @@
 
 - Model weights: Hugging Face Hub repositories, through `huggingface_hub` into the cache folder
   (`models/cache` by default), with resume and progress bars; `HF_HUB_OFFLINE=1` is honoured.
-- Data files of the official repository (negative style embedding, phone vocabulary, ...): fetched
-  from the official GitHub repository at a pinned commit and checked against their SHA-256, or
-  copied from a local folder with the same layout (`MUSICGEN_ASSETS_DIR`, e.g. `../shared/diffrhythm-assets`).
+- Data files of the official repository: the small ones the front end and the sampler always need
+  (phone vocabulary, Mandarin tables, negative style embedding; ~150 KB) ship inside the package
+  (`musicgen/data/`) and are checked against their pinned SHA-256 before use; the large optional ones
+  (Mandarin lexicon, polyphone model) are fetched from the official GitHub repository at a pinned
+  commit into the cache, or copied from a local folder with the same layout (`MUSICGEN_ASSETS_DIR`).
 
 A file that is missing and cannot be fetched raises `ModelNotAvailable` naming the files and the
 command that fetches them.
@@ -102,10 +104,15 @@ OFFICIAL_COMMIT = "28ad63c0f096fe2ee258bcabbcf081d5d9366afd"
 
 @dataclass(frozen=True)
 class Asset:
-    path: str  # inside the assets folder (same layout as ../shared/diffrhythm-assets)
+    path: str  # inside the assets folder (the layout of ../shared/diffrhythm-assets and musicgen/data)
     source: str  # path in the official repository
     sha256: str | None  # None: not pinned (large optional files, checked for presence only)
     optional: bool = False  # the front end works without it, with a documented fallback
+
+    @property
+    def bundled(self) -> bool:
+        """Shipped inside the package (small, always needed); the others are downloaded."""
+        return not self.optional
 
 
 _ZH = "g2p/g2p_chinese_model"
@@ -131,7 +138,13 @@ ASSETS: dict[str, Asset] = {
 }  # fmt: skip
 
 
+def bundled_dir() -> Path:
+    """The data files shipped inside the package (see musicgen/data/NOTICE)."""
+    return Path(__file__).resolve().parent / "data"
+
+
 def assets_dir() -> Path:
+    """Where downloaded data files go (the optional large ones)."""
     return cache_dir() / "diffrhythm-assets"
 
 
@@ -143,9 +156,29 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_verified: set[Path] = set()
+
+
+def _bundled_path(asset: Asset) -> Path:
+    path = bundled_dir() / asset.path
+    if path not in _verified:  # a damaged install must not give silently different phones
+        digest = file_sha256(path) if path.is_file() else "missing"
+        if digest != asset.sha256:
+            raise ModelNotAvailable(
+                f"{path}: the packaged data file is {digest if digest == 'missing' else 'damaged'}"
+                f" (expected SHA-256 {asset.sha256[:12]}…)",
+                recovery="reinstall musicgen (scripts/setup.sh, or pip install --force-reinstall)",
+            )
+        _verified.add(path)
+    return path
+
+
 def asset_path(name: str, *, download: bool = True) -> Path:
-    """Local path of an official data file, fetched (and verified) into the cache if needed."""
+    """Local path of an official data file: the packaged copy (verified), or for the large optional
+    ones the cached copy, fetched (and verified where pinned) if needed."""
     asset = ASSETS[name]
+    if asset.bundled:
+        return _bundled_path(asset)
     target = assets_dir() / asset.path
     if target.is_file():
         return target
@@ -170,18 +203,20 @@ def _install(src: Path, target: Path, asset: Asset) -> None:
 
 
 def _verify_and_move(tmp: Path, target: Path, asset: Asset) -> None:
-    digest = file_sha256(tmp) if asset.sha256 else None
-    if asset.sha256 is None and tmp.stat().st_size == 0:
-        tmp.unlink(missing_ok=True)
-        raise ModelNotAvailable(
-            f"{asset.path}: the file is empty", recovery=f"run `{PULL_HINT} assets` again"
-        )
-    if digest != asset.sha256:
-        tmp.unlink(missing_ok=True)
-        raise ModelNotAvailable(
-            f"{asset.path}: checksum mismatch (got {digest[:12]}…, expected {asset.sha256[:12]}…)",
-            recovery=f"delete it and run `{PULL_HINT} assets` again",
-        )
+    if asset.sha256 is None:
+        if tmp.stat().st_size == 0:
+            tmp.unlink(missing_ok=True)
+            raise ModelNotAvailable(
+                f"{asset.path}: the file is empty", recovery=f"run `{PULL_HINT} assets` again"
+            )
+    else:
+        digest = file_sha256(tmp)
+        if digest != asset.sha256:
+            tmp.unlink(missing_ok=True)
+            raise ModelNotAvailable(
+                f"{asset.path}: checksum mismatch (got {digest[:12]}…, expected {asset.sha256[:12]}…)",
+                recovery=f"delete it and run `{PULL_HINT} assets` again",
+            )
     os.replace(tmp, target)
 
 
@@ -230,14 +265,15 @@ def pull_mulan(repo_id: str) -> Path:
 
 
 def pull_assets() -> list[Path]:
-    """Fetch every data file; an optional one that cannot be had is reported, not fatal."""
+    """Fetch the optional large data files (the small ones ship with the package); one that cannot
+    be had is reported, not fatal."""
     got = []
     for name, asset in ASSETS.items():
+        if asset.bundled:
+            continue
         try:
             got.append(asset_path(name))
         except ModelNotAvailable as exc:
-            if not asset.optional:
-                raise
             print(
                 f"warning: optional {name} not fetched ({exc.message}); the front end falls back without it"
             )
@@ -269,11 +305,6 @@ def _requirements(spec) -> list[tuple[str, str, bool]]:
         ),
         ("vae", f"{VAE_REPO}/{VAE_FILE}", hub_file_cached(VAE_REPO, VAE_FILE) is not None),
         ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None),
-        *[
-            ("assets", f"assets/{a.path}", (assets_dir() / a.path).is_file())
-            for a in ASSETS.values()
-            if not a.optional
-        ],
     ]
 
 
@@ -286,10 +317,6 @@ def model_status(spec) -> dict[str, bool]:
 
 def check_cached(spec) -> None:
     """Raise one error naming every missing file of `spec` (assets with a local source count as present)."""
-    missing = [
-        what
-        for kind, what, cached in _requirements(spec)
-        if not cached and not (kind == "assets" and os.environ.get(ENV_ASSETS_DIR))
-    ]
+    missing = [what for _, what, cached in _requirements(spec) if not cached]
     if missing:
         raise _missing(missing, spec.name, offline=hub_offline())

@@ -2,36 +2,38 @@
 # Create .venv and install everything the project needs (idempotent; fast when nothing changed).
 #   scripts/setup.sh            library + CLI + test tools
 #   EXTRAS=serve,test scripts/setup.sh
+# As root (containers, CI runners, fresh cloud VMs) or as a user with sudo, on Debian 12 and Ubuntu
+# 22.04/24.04. Environment: PYTHON (a Python 3.11 to use), VENV (default .venv), EXTRAS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${EXTRAS:-test}"
-PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV="${VENV:-.venv}"
+export PYTHON="${PYTHON:-python3.11}"
 
-# espeak-ng 1.51 (Debian's package): the lyrics front end's phones depend on its exact version.
-if ! command -v espeak-ng >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    echo "installing espeak-ng (Debian package)..."
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq >/dev/null && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
-  else
-    echo "warning: espeak-ng is not installed and apt-get is unavailable; install espeak-ng 1.51 by hand" >&2
-  fi
-fi
+# espeak-ng 1.51 (the lyrics front end's phones depend on its exact version) and Python 3.11
+scripts/system-deps.sh
 
 if command -v espeak-ng >/dev/null 2>&1 && ! espeak-ng --version | grep -q " 1\.51"; then
   echo "warning: $(espeak-ng --version | head -1): the lyrics front end needs espeak-ng 1.51 (Debian 12's);" \
-       "other versions change some phones, and the conformance test will fail" >&2
+       "other versions change some phones, and the English conformance test fails" >&2
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    # no Python 3.11 from the system (Ubuntu 24.04): a standalone build fetched by uv
+    echo "no $PYTHON with venv on this machine: fetching Python 3.11 with uv..."
+    tools=".tools"
+    [ -x "$tools/bin/uv" ] || { python3 -m venv "$tools" && "$tools/bin/python" -m pip install -q uv; }
+    UV_PYTHON_INSTALL_DIR="$PWD/$tools/python" "$tools/bin/uv" python install 3.11
+    PYTHON="$(UV_PYTHON_INSTALL_DIR="$PWD/$tools/python" "$tools/bin/uv" python find 3.11)"
+  fi
+  "$PYTHON" -m venv "$VENV"
 fi
-stamp=".venv/.musicgen-installed"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$EXTRAS"
+stamp="$VENV/.musicgen-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "installing musicgen[$EXTRAS] into .venv (the first time downloads torch, several GB)..."
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install --progress-bar on -e ".[$EXTRAS]"
+  echo "installing musicgen[$EXTRAS] into $VENV (the first time downloads torch, several GB)..."
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install --progress-bar on -e ".[$EXTRAS]"
   echo "$want" > "$stamp"
 fi

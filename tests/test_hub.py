@@ -30,40 +30,63 @@ def test_cached_hub_file_is_found_offline(tmp_path, monkeypatch):
     assert hub.model_status(MODELS["diffrhythm-1.2-base"])["vae"] is True
 
 
-def test_assets_copied_from_local_source_and_verified(tmp_path, monkeypatch):
+def test_small_data_files_ship_with_the_package_verified(tmp_path, monkeypatch, shared_dir):
+    """The packaged copies are the official files (pinned SHA-256, equal to ../shared's) and need no
+    cache, network or MUSICGEN_ASSETS_DIR."""
+    monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path / "empty"))
+    bundled = [name for name, asset in hub.ASSETS.items() if asset.bundled]
+    assert len(bundled) == 6
+    total = 0
+    for name in bundled:
+        path = hub.asset_path(name)
+        assert path.is_relative_to(hub.bundled_dir())
+        assert hub.file_sha256(path) == hub.ASSETS[name].sha256
+        assert path.read_bytes() == (shared_dir / "diffrhythm-assets" / name).read_bytes()
+        total += path.stat().st_size
+    assert total < 1_000_000
+    assert not (tmp_path / "empty").exists()  # nothing was copied or downloaded
+
+
+def test_a_damaged_packaged_file_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "data"
+    (fake / "g2p").mkdir(parents=True)
+    (fake / "g2p" / "vocab.json").write_text("{}")
+    monkeypatch.setattr(hub, "bundled_dir", lambda: fake)
+    with pytest.raises(ModelNotAvailable, match="damaged") as exc:
+        hub.asset_path("g2p/vocab.json")
+    assert "reinstall" in exc.value.recovery
+    with pytest.raises(ModelNotAvailable, match="missing"):
+        hub.asset_path("negative_style_vocal.npy")
+
+
+def test_optional_assets_copied_from_local_source(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path / "cache"))
-    path = hub.asset_path("negative_style_vocal.npy")
-    assert path.is_file() and path.is_relative_to(tmp_path / "cache")
+    src = tmp_path / "src"
+    (src / "g2p").mkdir(parents=True)
+    (src / "g2p" / "chinese_lexicon.txt").write_text("你好\tni3 hao3\n")
+    assert hub.optional_asset("g2p/chinese_lexicon.txt") is None
+    monkeypatch.setenv("MUSICGEN_ASSETS_DIR", str(src))
+    path = hub.optional_asset("g2p/chinese_lexicon.txt")
+    assert path is not None and path.is_relative_to(tmp_path / "cache")
+    (src / "g2p" / "chinese_lexicon.txt").write_text("")
+    path.unlink()
+    with pytest.raises(ModelNotAvailable, match="empty"):
+        hub.asset_path("g2p/chinese_lexicon.txt")
 
-    bad_src = tmp_path / "bad"
-    (bad_src / "g2p").mkdir(parents=True)
-    (bad_src / "g2p" / "vocab.json").write_text("{}")
-    monkeypatch.setenv("MUSICGEN_ASSETS_DIR", str(bad_src))
-    with pytest.raises(ModelNotAvailable, match="checksum mismatch"):
-        hub.asset_path("g2p/vocab.json")
-    assert not (tmp_path / "cache" / "diffrhythm-assets" / "g2p" / "vocab.json").exists()
 
-
-def test_assets_offline_without_source(tmp_path, monkeypatch):
+def test_optional_assets_offline_without_source(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("MUSICGEN_ASSETS_DIR")
     with pytest.raises(ModelNotAvailable, match="HF_HUB_OFFLINE"):
-        hub.asset_path("g2p/vocab.json")
+        hub.asset_path("g2p/chinese_lexicon.txt")
+    assert hub.pull_assets() == []  # optional: reported, not fatal
 
 
 def test_check_cached_lists_everything_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("MUSICGEN_ASSETS_DIR")
     with pytest.raises(ModelNotAvailable) as exc:
         hub.check_cached(MODELS["diffrhythm-1.2-base"])
     assert exc.value.details["missing"] == [
         "ASLP-lab/DiffRhythm-1_2/cfm_model.pt",
         "ASLP-lab/DiffRhythm-vae/vae_model.pt",
         "OpenMuQ/MuQ-MuLan-large",
-        "assets/negative_style_vocal.npy",
-        "assets/g2p/vocab.json",
-        "assets/g2p/pinyin_2_bpmf.txt",
-        "assets/g2p/g2p_chinese_model/polychar.txt",
-        "assets/g2p/g2p_chinese_model/polydict.json",
-        "assets/g2p/g2p_chinese_model/vocab.txt",
     ]

@@ -68,17 +68,21 @@ class LyricsFrontEnd:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_assets(cls, *, download: bool = True) -> LyricsFrontEnd:
-        from musicgen.hub import ASSETS, asset_path, assets_dir, optional_asset
+    def from_assets(cls) -> LyricsFrontEnd:
+        """The official data files: the packaged ones, plus the large optional Mandarin files when
+        they are in the cache (`musicgen models pull assets`); never downloads."""
+        from musicgen import hub
 
-        for name, asset in ASSETS.items():
-            if not name.startswith("g2p/"):
-                continue
-            if asset.optional:
-                optional_asset(name)  # used when present; the front end falls back without it
-            else:
-                asset_path(name, download=download)
-        return cls(PhoneTokenizer(assets_dir() / "g2p"))
+        for name, asset in hub.ASSETS.items():
+            if asset.bundled and name.startswith("g2p/"):
+                hub.asset_path(name)  # verified once per process
+        return cls(
+            PhoneTokenizer(
+                hub.bundled_dir() / "g2p",
+                lexicon=hub.optional_asset("g2p/chinese_lexicon.txt"),
+                polyphone_model=hub.optional_asset("g2p/g2p_chinese_model/poly_bert_model.onnx"),
+            )
+        )
 
     def line_phones(self, ln: LrcLine) -> LinePhones:
         if len(ln.text) > MAX_LINE_CHARS:

@@ -69,10 +69,15 @@ class LinePhones:
 
 
 class PhoneTokenizer:
-    """`g2p_dir` holds vocab.json and the Mandarin tables (the layout of the official data files)."""
+    """`g2p_dir` holds vocab.json and the Mandarin tables (the layout of the official data files).
+    The optional Mandarin lexicon and polyphone model are looked up there too unless given."""
 
-    def __init__(self, g2p_dir: str | Path):
+    def __init__(
+        self, g2p_dir: str | Path, *, lexicon: Path | None = None, polyphone_model: Path | None = None
+    ):
         self.g2p_dir = Path(g2p_dir)
+        self.lexicon = lexicon or self.g2p_dir / "chinese_lexicon.txt"
+        self.polyphone_model = polyphone_model or self.g2p_dir / "g2p_chinese_model" / "poly_bert_model.onnx"
         self.phone2id: dict[str, int] = json.loads((self.g2p_dir / "vocab.json").read_text(encoding="utf-8"))[
             "vocab"
         ]
@@ -83,7 +88,7 @@ class PhoneTokenizer:
     def mandarin(self) -> MandarinG2P:
         """Built on first use: English-only callers never pay for jieba and the tables."""
         if self._mandarin is None:
-            self._mandarin = MandarinG2P(self.g2p_dir)
+            self._mandarin = MandarinG2P(self.g2p_dir, self.lexicon, self.polyphone_model)
         return self._mandarin
 
     def _segment_phones(self, segment: str, lang: str, line: str) -> str:

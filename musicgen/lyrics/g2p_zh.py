@@ -145,20 +145,19 @@ def _read_table(path: Path) -> dict[str, str]:
 
 
 class PolyphoneBert:
-    """The official polyphone disambiguation model (ONNX), run on the CPU."""
+    """The official polyphone disambiguation model (ONNX), run on the CPU; `tables` holds its
+    vocab.txt and polydict.json."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, model: Path, tables: Path):
         import onnxruntime as ort
 
         self.vocab = {
-            t: i for i, t in enumerate((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())
+            t: i for i, t in enumerate((tables / "vocab.txt").read_text(encoding="utf-8").splitlines())
         }
-        self.id2pinyin = json.loads((folder / "polydict.json").read_text(encoding="utf-8"))
+        self.id2pinyin = json.loads((tables / "polydict.json").read_text(encoding="utf-8"))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(folder / "poly_bert_model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
 
     def predict(self, sentence: str, index: int) -> str:
         """Pinyin with tone digit of sentence[index]."""
@@ -172,11 +171,10 @@ class PolyphoneBert:
 
 
 class MandarinG2P:
-    def __init__(self, g2p_dir: Path):
+    def __init__(self, g2p_dir: Path, lexicon: Path, polyphone_model: Path):
         self.pinyin_to_bopomofo = _read_table(g2p_dir / "pinyin_2_bpmf.txt")
         model_dir = g2p_dir / "g2p_chinese_model"
         self.poly_chars = set((model_dir / "polychar.txt").read_text(encoding="utf-8").split())
-        lexicon = g2p_dir / "chinese_lexicon.txt"
         self.lexicon = _read_table(lexicon) if lexicon.is_file() else None
         self.fallback_reasons: list[str] = []
         if self.lexicon is None:
@@ -185,8 +183,8 @@ class MandarinG2P:
             )
         self.bert = None
         try:
-            if (model_dir / "poly_bert_model.onnx").is_file():
-                self.bert = PolyphoneBert(model_dir)
+            if polyphone_model.is_file():
+                self.bert = PolyphoneBert(polyphone_model, model_dir)
         except Exception as exc:  # e.g. a Git LFS pointer instead of the model
             self.fallback_reasons.append(f"the polyphone model cannot be loaded ({type(exc).__name__})")
         if self.bert is None and not any("polyphone" in r for r in self.fallback_reasons):

@@ -21,8 +21,6 @@ from deployments.runner import JobRunner
 from deployments.storage import LocalStorage, S3Storage
 from deployments.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
-from musicgen.lyrics.g2p import PhoneTokenizer
-from tests.conftest import ASSETS
 from tests.deployments.conftest import BAD_SUBMISSIONS
 
 SONG = {"lyrics": "[00:01.00]Hello there\n[00:03.00]good night", "style_prompt": "calm piano", "model": "tiny",
@@ -44,7 +42,7 @@ def service(request, server, pipe, tmp_path):
         results, uploads = LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads")
     runner = JobRunner(store, pipe, results, uploads, "w1")
     pool = ThreadPoolExecutor(1)
-    validator = SongValidator(LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p")), uploads, "tiny", {"tiny"})
+    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"})
     app = create_api(store, validator.validate, lambda job_id: pool.submit(runner.run, job_id), results, uploads,
                      config=ApiConfig(max_queue=3, max_upload_bytes=3_000_000))  # fmt: skip
     with TestClient(app) as http:
@@ -181,7 +179,7 @@ def test_store_down_is_503_and_nothing_accepted_is_lost(tmp_path, pipe):
     srv.start()
     store = JobStore.from_url(srv.url)
     uploads = LocalStorage(tmp_path / "u")
-    validator = SongValidator(LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p")), uploads, "tiny", {"tiny"})
+    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"})
     dispatched = []
     app = create_api(store, validator.validate, dispatched.append, LocalStorage(tmp_path / "r"), uploads)
     with TestClient(app) as http:

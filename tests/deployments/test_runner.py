@@ -14,9 +14,7 @@ from deployments.params import SongParams
 from deployments.runner import JobRunner
 from deployments.storage import LocalStorage
 from musicgen.lyrics.frontend import LyricsFrontEnd
-from musicgen.lyrics.g2p import PhoneTokenizer
 from musicgen.registry import MODELS
-from tests.conftest import ASSETS
 
 
 @pytest.fixture()
@@ -30,7 +28,7 @@ def runner(server, pipe, tmp_path):
 
 
 def params(**kw) -> SongParams:
-    fe = LyricsFrontEnd(PhoneTokenizer(ASSETS / "g2p"))
+    fe = LyricsFrontEnd.from_assets()
     frames = fe.encode("[00:01.00]Hello there\n[00:03.00]good night", MODELS["tiny"], 8)
     base = dict(model="tiny", duration_s=8, lrc=frames.lrc, tokens=frames.tokens.tolist(),
                 song_duration=frames.song_duration, seed=4, num_takes=2, steps=3, output_format="flac",

@@ -105,6 +105,24 @@ def test_polyphone_model_is_used_when_present(tmp_path):
     assert "|ueɪ↑|" in "|" + with_model.line("为你").phones
 
 
+def test_front_end_uses_the_optional_files_pulled_into_the_cache(tmp_path, monkeypatch):
+    """The packaged tables plus a polyphone model that `musicgen models pull assets` put in the cache."""
+    from musicgen.lyrics.frontend import LyricsFrontEnd
+
+    monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path))
+    assert LyricsFrontEnd.from_assets().tokenizer.mandarin.bert is None
+    model_dir = tmp_path / "diffrhythm-assets" / "g2p" / "g2p_chinese_model"
+    model_dir.mkdir(parents=True)
+    polydict = json.loads(
+        (ASSETS / "g2p" / "g2p_chinese_model" / "polydict.json").read_text(encoding="utf-8")
+    )
+    wei2 = int(next(k for k, v in polydict.items() if v == "为{wei2}"))
+    _tiny_polyphone_model(model_dir, wei2, len(polydict))
+    front = LyricsFrontEnd.from_assets()
+    assert front.tokenizer.mandarin.bert is not None
+    assert "|ueɪ↑|" in "|" + front.tokenizer.line("为你").phones
+
+
 def test_broken_polyphone_model_falls_back(tmp_path):
     g2p = tmp_path / "g2p"
     shutil.copytree(ASSETS / "g2p", g2p)
