@@ -1,4 +1,3 @@
-"""The service: Ray Serve deployments, the Redis job store and the REST API (issue 4, in progress).
-
-This package may import Ray, FastAPI and Redis; `musicgen` (the library) may not.
-"""
+"""The service: `service/` (Ray-free: REST API, job store, runner, storage, webhooks) and `serve/` (the
+Ray Serve deployments and app builder). This package may import FastAPI and Redis, and `serve/` Ray;
+`musicgen` (the library) may not."""

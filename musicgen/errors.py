@@ -64,3 +64,11 @@ class GenerationCanceled(MusicgenError):
 class OutOfMemory(MusicgenError):
     code = "OUT_OF_MEMORY"
     recovery = "try a shorter song or fewer takes"
+
+
+# every code the library raises, with the class that carries its default recovery hint
+LIBRARY_ERRORS: dict[str, type[MusicgenError]] = {
+    cls.code: cls
+    for cls in (InvalidParameter, InvalidLyrics, InvalidPrompt, UnsupportedMedia, ModelNotAvailable,
+                GenerationCanceled, OutOfMemory)
+}  # fmt: skip

@@ -56,7 +56,8 @@ def test_generate_writes_takes_and_sidecar(tiny_model_paths, tmp_path, lyrics, f
     for i in (1, 2):
         info = sf.info(str(out / f"t-take{i}.{fmt}"))
         assert info.samplerate == 44100 and info.channels == 2
-        assert abs(info.frames - 215 * 2048) <= (2048 if fmt == "mp3" else 0)  # mp3 pads its last frame
+        extra = info.frames - 215 * 2048  # MP3: LAME's 1105-sample delay and the last frames' padding
+        assert (0 <= extra <= 1105 + 2 * 1152) if fmt == "mp3" else extra == 0
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.redis_server import EmbeddedRedis
+from deployments.service.redis_server import EmbeddedRedis
 
 # Submissions the API refuses, as (change to a valid 8 s song, HTTP status, error code): checked on
 # the API alone (test_api) and through the Ray Serve proxy (test_serve_app).
@@ -41,7 +41,7 @@ def s3(tmp_path_factory):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from deployments.redis_server import free_port
+    from deployments.service.redis_server import free_port
 
     port = free_port()
     srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

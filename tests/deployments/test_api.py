@@ -1,25 +1,30 @@
-"""The REST API without Ray: FastAPI's test client, a real (embedded) Redis, the tiny model run by the
-job runner on a worker thread."""
+"""The REST API without Ray: FastAPI's test client (and a real uvicorn server on loopback for event
+streams), a real (embedded) Redis, the tiny model run by the job runner on a worker thread."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import redis
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from deployments.api import ApiConfig, create_api, sniff_audio
-from deployments.jobs import JobStore
-from deployments.redis_server import EmbeddedRedis
-from deployments.runner import JobRunner
-from deployments.storage import LocalStorage, S3Storage
-from deployments.validator import SongValidator
+from deployments.service.api import ApiConfig, Services, create_api
+from deployments.service.jobs import AsyncJobStore, JobStore
+from deployments.service.media import sniff_audio
+from deployments.service.redis_server import EmbeddedRedis, free_port
+from deployments.service.runner import JobRunner
+from deployments.service.storage import LocalStorage, S3Storage
+from deployments.service.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from tests.deployments.conftest import BAD_SUBMISSIONS
 
@@ -27,12 +32,32 @@ SONG = {"lyrics": "[00:01.00]Hello there\n[00:03.00]good night", "style_prompt":
         "duration_s": 8, "steps": 3, "num_takes": 2, "seed": 9, "output_format": "wav"}  # fmt: skip
 
 
+def make_services(
+    url: str, pipe, results, uploads, *, lease_s: float = 5, **config
+) -> tuple[Services, JobStore]:
+    """The API's collaborators as the ingress has them, with a runner on one worker thread as the
+    generator. Returns (services, the worker's sync store)."""
+    store = JobStore.from_url(url, lease_s=lease_s)
+    runner = JobRunner(store, pipe, results, uploads, "w1")
+    pool = ThreadPoolExecutor(1)
+    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"})
+
+    async def validate(body):
+        return await asyncio.to_thread(validator.validate, body)
+
+    services = Services(
+        store=AsyncJobStore.from_url(url, lease_s=lease_s), validate=validate,
+        dispatch=lambda job_id: pool.submit(runner.run, job_id), results=results, uploads=uploads,
+        config=ApiConfig(**{"max_queue": 3, "max_upload_bytes": 3_000_000, **config}),
+    )  # fmt: skip
+    services.worker_pool = pool
+    return services, store
+
+
 @pytest.fixture()
 def service(request, server, pipe, tmp_path):
     """The API on the local-folder storage, or with `indirect` param "s3" on an S3-compatible bucket."""
-    client = redis.Redis.from_url(server.url)
-    client.flushdb()
-    store = JobStore(client, lease_s=5)
+    redis.Redis.from_url(server.url).flushdb()
     if getattr(request, "param", "local") == "s3":
         _, s3_client, bucket = request.getfixturevalue("s3")
         prefix = uuid.uuid4().hex[:8]
@@ -40,15 +65,73 @@ def service(request, server, pipe, tmp_path):
         uploads = S3Storage(bucket, f"{prefix}/uploads", client=s3_client)
     else:
         results, uploads = LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads")
-    runner = JobRunner(store, pipe, results, uploads, "w1")
-    pool = ThreadPoolExecutor(1)
-    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"})
-    app = create_api(store, validator.validate, lambda job_id: pool.submit(runner.run, job_id), results, uploads,
-                     config=ApiConfig(max_queue=3, max_upload_bytes=3_000_000))  # fmt: skip
-    with TestClient(app) as http:
-        http.store, http.pool = store, pool
+    services, store = make_services(server.url, pipe, results, uploads)
+    with TestClient(create_api(services)) as http:
+        http.store, http.pool = store, services.worker_pool
         yield http
-    pool.shutdown(wait=True)
+    services.worker_pool.shutdown(wait=True)
+
+
+class LiveApi:
+    """The app on a real uvicorn server on loopback, its event loop in debug mode: any callback that
+    holds the loop longer than `slow_s` is recorded (a blocking call on the event loop)."""
+
+    def __init__(self, services: Services, slow_s: float = 0.1):
+        import uvicorn
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.services = services
+        self.slow: list[str] = []
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_api(services), host="127.0.0.1", port=self.port, log_level="warning",
+                           lifespan="on", timeout_graceful_shutdown=1)
+        )  # fmt: skip
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_debug(True)
+        self.loop.slow_callback_duration = slow_s
+        self._handler = _Collect(self.slow)
+        logging.getLogger("asyncio").addHandler(self._handler)
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True
+        )
+
+    def __enter__(self) -> LiveApi:
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        logging.getLogger("asyncio").removeHandler(self._handler)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "took" in message and "Executing" in message:
+            self.into.append(message)
+
+
+@pytest.fixture()
+def live(server, pipe, tmp_path):
+    redis.Redis.from_url(server.url).flushdb()
+    services, store = make_services(
+        server.url, pipe, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"),
+        max_queue=50, sse_keepalive_s=0.5, max_upload_bytes=20_000_000,
+    )  # fmt: skip
+    with LiveApi(services) as api:
+        api.store = store
+        yield api
+    services.worker_pool.shutdown(wait=True)
 
 
 def wait_done(http, job_id, timeout=30):
@@ -59,6 +142,22 @@ def wait_done(http, job_id, timeout=30):
             return body
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish")
+
+
+def sse_events(lines) -> list[dict]:
+    """Parse server-sent events: [{"id", "event", "data"}], comments as {"comment": ...}."""
+    out, current = [], {}
+    for line in lines:
+        if line == "":
+            if current:
+                out.append(current)
+            current = {}
+        elif line.startswith(":"):
+            out.append({"comment": line[1:].strip()})
+        else:
+            name, _, value = line.partition(": ")
+            current[name] = json.loads(value) if name == "data" else value
+    return out
 
 
 @pytest.mark.parametrize("service", ["local", "s3"], indirect=True)
@@ -81,15 +180,21 @@ def test_submit_poll_download(service):
     assert audio.status_code == 200 and audio.headers["content-type"] == "audio/wav"
     assert audio.content[:4] == b"RIFF" and audio.headers["accept-ranges"] == "bytes"
     size = len(audio.content)
+    assert int(audio.headers["content-length"]) == size
     part = service.get(f"/v1/songs/{job['id']}/takes/1/audio", headers={"Range": "bytes=10-19"})
     assert part.status_code == 206 and part.content == audio.content[10:20]
     assert part.headers["content-range"] == f"bytes 10-19/{size}"
     tail = service.get(f"/v1/songs/{job['id']}/takes/1/audio", headers={"Range": "bytes=-4"})
     assert tail.content == audio.content[-4:]
     bad = service.get(f"/v1/songs/{job['id']}/takes/1/audio", headers={"Range": f"bytes={size}-"})
-    assert bad.status_code == 416
+    assert bad.status_code == 416 and bad.headers["content-range"] == f"bytes */{size}"
     flac = service.get(f"/v1/songs/{job['id']}/takes/2/audio?format=flac")
     assert flac.status_code == 200 and flac.content[:4] == b"fLaC"
+    mp3 = service.get(f"/v1/songs/{job['id']}/takes/2/audio?format=mp3")
+    assert mp3.status_code == 200 and mp3.headers["content-type"] == "audio/mpeg" and len(mp3.content) > 1000
+    assert service.get(f"/v1/songs/{job['id']}/takes/2/audio?format=ogg").json()["error"]["code"] == (
+        "INVALID_PARAMETER"
+    )
     listed = service.get("/v1/songs?limit=5").json()
     assert [j["id"] for j in listed] == [job["id"]]
 
@@ -103,13 +208,12 @@ def test_idempotency_key_returns_the_same_job(service):
 
 def test_sse_streams_until_the_end(service):
     job = service.post("/v1/songs", json=SONG).json()
-    events = []
     with service.stream("GET", f"/v1/songs/{job['id']}/events") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[6:]))
-    assert events[-1]["status"] == "succeeded"
-    assert len(events) >= 1
+        events = [e for e in sse_events(stream.iter_lines()) if "data" in e]
+    assert events[-1]["data"]["status"] == "succeeded" and events[-1]["event"] == "succeeded"
+    assert len(events[-1]["data"]["takes"]) == 2
+    ids = [e["id"] for e in events]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(set(ids)) == len(ids)
 
 
 def test_cancel_queued_job(service, webhook_receiver):
@@ -143,6 +247,8 @@ def test_queue_full_and_unknown_ids(service):
     )
     assert service.get("/v1/songs/" + "0" * 32).status_code == 404
     assert service.get("/v1/songs/not-an-id").json()["error"]["code"] == "NOT_FOUND"
+    assert service.get("/v1/songs/../../etc/passwd/events").status_code == 404
+    assert service.get("/v1/songs/" + "0" * 32 + "/events").json()["error"]["code"] == "NOT_FOUND"
     for job_id in ids:
         wait_done(service, job_id)
 
@@ -165,8 +271,18 @@ def test_uploads_sniff_content_and_limit_size(service, tmp_path):
         service.post("/v1/uploads", content=b"<html>not audio</html>").json()["error"]["code"]
         == "UNSUPPORTED_MEDIA"
     )
+    assert service.post("/v1/uploads", content=b"RIFF\0\0\0\0WAVEjunk").json()["error"]["code"] == (
+        "UNSUPPORTED_MEDIA"
+    )  # looks like a WAV, does not decode
     big = service.post("/v1/uploads", content=b"RIFF" + b"\0" * 3_100_000)
     assert big.status_code == 413 and big.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+    def chunks():  # no Content-Length: the limit holds while streaming
+        for _ in range(40):
+            yield b"\0" * 100_000
+
+    streamed = service.post("/v1/uploads", content=chunks())
+    assert streamed.status_code == 413, streamed.text
     assert (
         sniff_audio(b"fLaC\0\0") == "flac"
         and sniff_audio(b"ID3\3") == "mp3"
@@ -177,17 +293,22 @@ def test_uploads_sniff_content_and_limit_size(service, tmp_path):
 def test_store_down_is_503_and_nothing_accepted_is_lost(tmp_path, pipe):
     srv = EmbeddedRedis(tmp_path / "redis")
     srv.start()
-    store = JobStore.from_url(srv.url)
     uploads = LocalStorage(tmp_path / "u")
     validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"})
     dispatched = []
-    app = create_api(store, validator.validate, dispatched.append, LocalStorage(tmp_path / "r"), uploads)
-    with TestClient(app) as http:
+
+    async def validate(body):
+        return validator.validate(body)
+
+    services = Services(store=AsyncJobStore.from_url(srv.url), validate=validate, dispatch=dispatched.append,
+                        results=LocalStorage(tmp_path / "r"), uploads=uploads)  # fmt: skip
+    with TestClient(create_api(services)) as http:
         accepted = http.post("/v1/songs", json=SONG).json()["id"]
         srv.stop()
         r = http.post("/v1/songs", json=SONG)
         assert r.status_code == 503 and r.json()["error"]["code"] == "STORE_UNAVAILABLE"
         assert http.get(f"/v1/songs/{accepted}").status_code == 503
+        assert http.get("/readyz").status_code == 503
         srv.start()
         assert http.get(f"/v1/songs/{accepted}").json()["status"] == "queued"
         assert http.post("/v1/songs", json=SONG).status_code == 202
@@ -200,4 +321,145 @@ def test_metrics_endpoint_reports_the_queue(service):
     job_id = service.post("/v1/songs", json=SONG).json()["id"]
     text = service.get("/metrics").text
     assert "musicgen_queue_depth 1.0" in text and "musicgen_jobs_running" in text
+    assert "musicgen_event_listeners 0.0" in text
     wait_done(service, job_id)
+
+
+def test_openapi_spec_names_every_route(service):
+    spec = service.get("/openapi.json").json()
+    assert set(spec["paths"]) >= {
+        "/v1/songs", "/v1/songs/{job_id}", "/v1/songs/{job_id}/cancel", "/v1/songs/{job_id}/events",
+        "/v1/songs/{job_id}/takes/{n}/audio", "/v1/uploads", "/v1/models", "/healthz", "/readyz", "/metrics",
+    }  # fmt: skip
+    assert spec["paths"]["/v1/songs"]["post"]["responses"]["429"]
+
+
+# -- event streams on a real server -------------------------------------------------------------
+
+
+async def _follow(client: httpx.AsyncClient, job_id: str, headers=None, until_final=True) -> list[dict]:
+    events = []
+    async with client.stream("GET", f"/v1/songs/{job_id}/events", headers=headers or {}) as r:
+        assert r.status_code == 200, await r.aread()
+        lines = []
+        async for line in r.aiter_lines():
+            lines.append(line)
+            if line == "" and lines:
+                events.extend(sse_events(lines))
+                lines = []
+                if until_final and events and events[-1].get("event") in ("succeeded", "failed", "canceled"):
+                    break
+    return events
+
+
+def test_many_listeners_share_one_subscription(live, server):
+    """200 event streams on one job: one Redis subscription serves them all and every stream sees the
+    job to its end."""
+    admin = redis.Redis.from_url(server.url)
+
+    gate = threading.Event()
+    live.services.worker_pool.submit(gate.wait, 60)  # the job waits in the queue while listeners arrive
+
+    async def scenario():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=live.base, timeout=60, limits=limits) as client:
+            job = (await client.post("/v1/songs", json={**SONG, "steps": 200, "duration_s": 30})).json()
+            followers = [asyncio.create_task(_follow(client, job["id"])) for _ in range(200)]
+            deadline = time.time() + 30
+            while live.services.hub.listeners < 200:
+                assert time.time() < deadline, live.services.hub.listeners
+                await asyncio.sleep(0.05)
+            subscribers = await asyncio.to_thread(admin.pubsub_numsub, "mg:notify")
+            clients = await asyncio.to_thread(admin.client_list)
+            gate.set()
+            return job, await asyncio.gather(*followers), subscribers, clients
+
+    job, streams, subscribers, clients = asyncio.run(scenario())
+    assert subscribers == [(b"mg:notify", 1)]
+    assert sum(1 for c in clients if c.get("sub") not in ("0", None)) == 1  # one pub/sub connection
+    assert len(clients) <= 32 + 8  # the listeners hold no connection each: the ingress's pool is bounded
+    for events in streams:
+        data = [e for e in events if "data" in e]
+        assert data[-1]["data"]["status"] == "succeeded" and data[-1]["data"]["takes"]
+    steps = {e["data"]["step"] for e in streams[0] if "data" in e and e["data"]["step"]}
+    assert len(steps) >= 2  # progress arrived while sampling, not only the end
+    assert live.services.hub.listeners == 0  # every stream unregistered when it ended
+
+
+def test_no_route_blocks_the_event_loop(live, tmp_path):
+    """Every route once, with work that would hold the loop for long if done on it (reading a 30 s
+    upload, converting a 60 s take to MP3 and FLAC: ~0.3 s each, streaming it): no loop callback takes
+    100 ms (the worker's thread shares the GIL, so shorter thresholds measure it, not the loop)."""
+    live.loop.slow_callback_duration = 0.1
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, np.random.default_rng(1).normal(0, 0.1, (44100 * 30, 2)), 44100)
+    song = {**SONG, "duration_s": 60, "num_takes": 1}
+    with httpx.Client(base_url=live.base, timeout=60) as http:
+        upload = http.post("/v1/uploads", content=ref.read_bytes())
+        assert upload.status_code == 201
+        job = http.post(
+            "/v1/songs", json={**song, "style_prompt": None, "reference_audio_id": upload.json()["id"]}
+        )
+        with http.stream("GET", f"/v1/songs/{job.json()['id']}/events") as stream:
+            events = [e for e in sse_events(stream.iter_lines()) if "data" in e]
+        assert events[-1]["data"]["status"] == "succeeded"
+        url = f"/v1/songs/{job.json()['id']}/takes/1/audio"
+        for fmt in ("mp3", "flac"):
+            assert http.get(f"{url}?format={fmt}").status_code == 200
+        assert http.get(url, headers={"Range": "bytes=0-99"}).status_code == 206
+        for path in ("/v1/songs", f"/v1/songs/{job.json()['id']}", "/readyz", "/metrics", "/v1/models"):
+            assert http.get(path).status_code == 200, path
+    assert live.slow == [], live.slow
+
+
+def test_last_event_id_resumes_and_a_finished_stream_says_204(live):
+    async def scenario():
+        async with httpx.AsyncClient(base_url=live.base, timeout=60) as client:
+            job = (await client.post("/v1/songs", json={**SONG, "steps": 30})).json()
+            # read two events, drop the connection
+            seen = []
+            async with client.stream("GET", f"/v1/songs/{job['id']}/events") as r:
+                lines = []
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if line == "":
+                        seen = [e for e in sse_events(lines) if "data" in e]
+                        if len(seen) >= 2:
+                            break
+            resumed = await _follow(client, job["id"], headers={"Last-Event-ID": seen[-1]["id"]})
+            full = await client.get(f"/v1/songs/{job['id']}")
+            after_end = await client.get(
+                f"/v1/songs/{job['id']}/events", headers={"Last-Event-ID": resumed[-1]["id"]}
+            )
+            replay = await _follow(client, job["id"], headers={"Last-Event-ID": "0-0"})
+            return seen, resumed, full.json(), after_end, replay
+
+    seen, resumed, job, after_end, replay = asyncio.run(scenario())
+    resumed = [e for e in resumed if "data" in e]
+    order = [tuple(map(int, e["id"].split("-"))) for e in seen + resumed]
+    assert order == sorted(order) and len(set(order)) == len(order)  # nothing twice, nothing backwards
+    assert resumed[-1]["data"]["status"] == "succeeded" and resumed[-1]["data"] == {**job, "eta_s": None}
+    assert after_end.status_code == 204  # the client saw the end: EventSource stops reconnecting
+    replayed = [e for e in replay if "data" in e]
+    assert [e["data"]["status"] for e in replayed][0] == "queued"  # the whole history from the start
+    assert replayed[-1]["id"] == resumed[-1]["id"]
+
+
+def test_queued_listeners_see_their_position_move_and_keepalives(live):
+    """Two jobs queued behind a busy worker: the second's stream shows its position moving up when
+    the first starts, and an idle stream gets keep-alive comments."""
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=live.base, timeout=60) as client:
+            live.services.worker_pool.submit(time.sleep, 2.0)
+            first = (await client.post("/v1/songs", json={**SONG, "steps": 200, "duration_s": 30})).json()
+            second = (await client.post("/v1/songs", json=SONG)).json()
+            return await _follow(client, second["id"]), first
+
+    events, _ = asyncio.run(scenario())
+    positions = [
+        e["data"]["queue_position"] for e in events if "data" in e and e["data"]["status"] == "queued"
+    ]
+    assert positions[0] == 1 and 0 in positions, positions
+    assert any(e.get("comment") == "keep-alive" for e in events)
+    assert [e for e in events if "data" in e][-1]["data"]["status"] == "succeeded"

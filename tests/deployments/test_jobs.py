@@ -8,21 +8,35 @@ import time
 import pytest
 import redis
 
-from deployments.jobs import JobState, JobStore, job_key
-from deployments.redis_server import EmbeddedRedis
+from deployments.service.jobs import (
+    NOTIFY,
+    AsyncJobStore,
+    JobState,
+    JobStore,
+    QueueFull,
+    event_order,
+    events_key,
+    job_key,
+)
+from deployments.service.redis_server import EmbeddedRedis
 
 
 @pytest.fixture()
-def store(server):
+def client(server):
     client = redis.Redis.from_url(server.url)
     client.flushdb()
+    return client
+
+
+@pytest.fixture()
+def store(client):
     return JobStore(client, retention_s=3600, lease_s=0.2, max_attempts=2)
 
 
 PARAMS = {"lyrics": "[00:01.00]hi", "duration_s": 95}
 
 
-def test_create_is_durable_and_idempotent(store):
+def test_create_is_durable_and_idempotent(store, client):
     job, created = store.create(PARAMS, idempotency_key="abc")
     assert created and job.state == JobState.QUEUED and job.params == PARAMS
     again, created_again = store.create({"other": 1}, idempotency_key="abc")
@@ -30,10 +44,10 @@ def test_create_is_durable_and_idempotent(store):
     other, created_other = store.create(PARAMS)
     assert created_other and other.id != job.id
     assert store.queue_position(job.id) == 0 and store.queue_position(other.id) == 1
-    assert store.r.ttl(job_key(job.id)) == -1  # an accepted job never expires while unfinished
+    assert client.ttl(job_key(job.id)) == -1  # an accepted job never expires while unfinished
 
 
-def test_claim_and_complete_exactly_once(store):
+def test_claim_and_complete_exactly_once(store, client):
     job, _ = store.create(PARAMS)
     assert store.claim(job.id, "w1")
     assert not store.claim(job.id, "w2")
@@ -44,7 +58,10 @@ def test_claim_and_complete_exactly_once(store):
     assert not store.fail(job.id, {"code": "X"})
     done = store.get(job.id)
     assert done.state == JobState.SUCCEEDED and done.result == {"takes": [1]} and done.finished_at
-    assert 0 < store.r.ttl(job_key(job.id)) <= 3600  # kept for the retention period
+    assert 0 < client.ttl(job_key(job.id)) <= 3600
+    assert (
+        0 < client.ttl(events_key(job.id)) <= 3600
+    )  # its events go with it  # kept for the retention period
 
 
 def test_cancel_queued_at_once_and_running_at_next_step(store):
@@ -80,17 +97,99 @@ def test_lost_worker_is_requeued_then_failed(store):
     assert not store.complete(job.id, {})  # the lost worker's late result is dropped
 
 
-def test_progress_is_rate_limited_and_published(store):
-    job, _ = store.create(PARAMS)
-    pubsub = store.r.pubsub()
-    pubsub.subscribe(f"mg:events:{job.id}")
+def test_progress_is_rate_limited_and_every_change_is_an_event(store, client):
+    pubsub = client.pubsub()
+    pubsub.subscribe(NOTIFY)
     pubsub.get_message(timeout=1)  # subscription confirmation
+    job, _ = store.create(PARAMS)
+    assert not store.set_progress(job.id, {"stage": "sampling"}, force=True)  # queued: no progress
+    store.claim(job.id, "w1")
     assert store.set_progress(job.id, {"stage": "sampling", "step": 1, "total": 32})
     assert not store.set_progress(job.id, {"stage": "sampling", "step": 2, "total": 32})
     assert store.set_progress(job.id, {"stage": "decoding"}, force=True)
     assert store.get(job.id).progress == {"stage": "decoding"}
-    messages = [pubsub.get_message(timeout=1) for _ in range(2)]
-    assert [json.loads(m["data"])["progress"]["stage"] for m in messages] == ["sampling", "decoding"]
+    store.complete(job.id, {"takes": []})
+    assert not store.set_progress(job.id, {"stage": "late"}, force=True)  # a finished record stays finished
+
+    events = store.events_after(job.id, None)
+    assert [(e.state, json.loads(e.fields.get("progress", "{}")).get("stage")) for e in events] == [
+        ("queued", None), ("running", None), ("running", "sampling"), ("running", "decoding"),
+        ("succeeded", "decoding"),
+    ]  # fmt: skip
+    assert [event_order(e.id) for e in events] == sorted(event_order(e.id) for e in events)
+    assert events[-1].job(PARAMS).result == {"takes": []}
+    # the same events, announced on the one channel, in order
+    messages = [json.loads(pubsub.get_message(timeout=1)["data"]) for _ in events]
+    assert [(m["id"], m["event"], m["state"]) for m in messages] == [(job.id, e.id, e.state) for e in events]
+    # what a reconnecting client missed after its last event
+    assert [e.id for e in store.events_after(job.id, events[2].id)] == [e.id for e in events[3:]]
+    assert store.last_event(job.id).id == events[-1].id
+
+
+def test_admission_is_atomic_under_concurrent_submissions(store):
+    """20 clients at once against a queue of 2: exactly 2 are accepted (no check-then-create race)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def submit(i):
+        try:
+            return store.create({**PARAMS, "i": i}, max_queue=2)[1]
+        except QueueFull:
+            return False
+
+    with ThreadPoolExecutor(20) as pool:
+        accepted = list(pool.map(submit, range(20)))
+    assert sum(accepted) == 2 and store.queue_depth() == 2
+    assert store.create(PARAMS, idempotency_key="k", max_queue=100)[1]
+    with pytest.raises(QueueFull):
+        store.create(PARAMS, idempotency_key="other", max_queue=3)
+    # a known idempotency key answers with its job even when the queue is full
+    assert not store.create(PARAMS, idempotency_key="k", max_queue=3)[1]
+
+
+def test_cancel_is_one_step_and_announced_once(store):
+    job, _ = store.create(PARAMS)
+    store.claim(job.id, "w1")
+    assert store.cancel(job.id) == JobState.RUNNING
+    assert store.cancel(job.id) == JobState.RUNNING  # asking twice flags once
+    flagged = [e for e in store.events_after(job.id, None) if e.fields.get("cancel_requested") == "1"]
+    assert len(flagged) == 1 and store.get(job.id).cancel_requested
+
+
+def test_generator_reports_expire(store, monkeypatch):
+    from deployments.service import jobs
+
+    store.put_generator_status("a", {"loaded": True})
+    store.put_generator_status("b", {"loaded": False})
+    assert sorted(r["loaded"] for r in store.generator_statuses()) == [False, True]
+    monkeypatch.setattr(jobs, "GENERATOR_STATUS_TTL_S", -1)  # every report is now too old
+    assert store.generator_statuses() == []
+    monkeypatch.undo()
+    assert store.generator_statuses() == []  # and the stale ones were deleted
+
+
+def test_the_async_store_runs_the_same_protocol(server, store):
+    """AsyncJobStore drives the same operations on redis.asyncio, and streams notifications."""
+    import asyncio
+
+    async def scenario():
+        astore = AsyncJobStore.from_url(server.url, lease_s=0.2, max_attempts=2)
+        try:
+            async with astore.notifications() as events:
+                job, created = await astore.create(PARAMS, idempotency_key="a")
+                assert created and (await astore.create(PARAMS, idempotency_key="a"))[0].id == job.id
+                got, position = await astore.get_with_position(job.id)
+                assert got.state == JobState.QUEUED and position == 0
+                assert await astore.cancel(job.id) == JobState.CANCELED
+                seen = [await asyncio.wait_for(anext(events), 5) for _ in range(2)]
+                assert [(e.job_id, e.state) for e in seen] == [(job.id, "queued"), (job.id, "canceled")]
+                assert seen[1].job(PARAMS).error["code"] == "CANCELED"
+                assert await astore.counts() == (0, 0)
+                assert await astore.ping()
+        finally:
+            await astore.aclose()
+
+    asyncio.run(scenario())
+    assert store.get(store.recent(limit=1)[0].id).state == JobState.CANCELED
 
 
 def test_recent_is_paginated_newest_first(store):
@@ -125,7 +224,7 @@ def test_embedded_redis_dies_with_its_owner(tmp_path):
     import sys
 
     code = (
-        "import sys, time; from deployments.redis_server import EmbeddedRedis; "
+        "import sys, time; from deployments.service.redis_server import EmbeddedRedis; "
         f"r = EmbeddedRedis({str(tmp_path)!r}); r.start(); print(r.process.pid, flush=True); time.sleep(60)"
     )
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

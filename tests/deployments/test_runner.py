@@ -9,10 +9,10 @@ import pytest
 import redis
 import soundfile as sf
 
-from deployments.jobs import JobState, JobStore
-from deployments.params import SongParams
-from deployments.runner import JobRunner
-from deployments.storage import LocalStorage
+from deployments.service.jobs import JobState, JobStore
+from deployments.service.params import SongParams
+from deployments.service.runner import JobRunner
+from deployments.service.storage import LocalStorage
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.registry import MODELS
 
@@ -75,10 +75,10 @@ def test_library_errors_fail_the_job_with_their_code(runner, tmp_path):
     assert err["code"] == "INVALID_PROMPT" and "10 s" in err["recovery"]
 
 
-def test_webhook_is_signed_and_retried(runner, webhook_receiver):
+def test_webhook_is_signed_and_retried(runner, webhook_receiver, server):
     import hmac
 
-    from deployments.webhooks import sign
+    from deployments.service.webhooks import sign
 
     webhook_receiver.failures = 2  # fails twice, then accepts
     runner.webhook_secret, runner.webhook_backoff_s = "s3cret", 0.01
@@ -94,11 +94,11 @@ def test_webhook_is_signed_and_retried(runner, webhook_receiver):
     assert (
         payload["id"] == job.id and payload["status"] == "succeeded" and len(payload["result"]["takes"]) == 2
     )
-    assert runner.store.r.hget(f"mg:job:{job.id}", "webhook") == b"delivered"
+    assert redis.Redis.from_url(server.url).hget(f"mg:job:{job.id}", "webhook") == b"delivered"
 
 
 def test_finished_jobs_reach_the_metrics_hook(runner):
-    from deployments.metrics import GeneratorMetrics
+    from deployments.serve.metrics import GeneratorMetrics
 
     seen = []
     runner.on_finish = seen.append
@@ -170,7 +170,7 @@ def test_background_encoding_frees_the_model_and_keeps_the_lease(server, pipe, t
     and stored on a CPU thread while the job keeps its lease, then recorded exactly once."""
     import threading
 
-    import deployments.runner as runner_module
+    import deployments.service.runner as runner_module
 
     client = redis.Redis.from_url(server.url)
     client.flushdb()

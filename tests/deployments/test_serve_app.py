@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from deployments.redis_server import free_port
+from deployments.service.redis_server import free_port
 from tests.deployments.conftest import BAD_SUBMISSIONS
 
 SONG = {"lyrics": "Hello there\ngood night", "style_prompt": "calm piano", "duration_s": 8, "steps": 3,
@@ -21,7 +21,7 @@ def service(tmp_path_factory, tiny_model_paths):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.serve.app import build_app
 
     data = tmp_path_factory.mktemp("data")
     port = free_port()
@@ -123,7 +123,7 @@ def test_the_whole_api_through_the_serve_proxy(service, webhook_receiver, tmp_pa
     import numpy as np
     import soundfile as sf
 
-    from deployments.webhooks import sign
+    from deployments.service.webhooks import sign
 
     # a running job: its SSE stream through the proxy, canceled before the next step, a signed webhook
     busy = service.post("/v1/songs", json={**SONG, "duration_s": 95, "steps": 200,
@@ -289,7 +289,7 @@ def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
     it, and new submissions get 503 MODEL_NOT_LOADED."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.serve.app import build_app
 
     serve.delete("musicgen")
     args = {"model": "diffrhythm-1.2-base", "data_dir": str(tmp_path), "min_generators": 0, "lease_s": 5}

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from deployments.storage import LocalStorage, S3Storage, open_storage
+from deployments.service.storage import LocalStorage, S3Storage, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -27,6 +27,7 @@ def test_put_read_ranges_and_local_copies(storage, tmp_path):
     assert storage.size("job1/take-1.wav") == len(data)
     assert storage.read_range("job1/take-1.wav", 10, 19) == data[10:20]
     assert storage.read_range("job1/take-1.wav", 0, len(data) - 1) == data
+    assert b"".join(storage.iter_range("job1/take-1.wav", 5, len(data) - 3)) == data[5:-2]
     with storage.local_copy("job1/take-1.wav") as local:
         assert local.read_bytes() == data and local.name == "take-1.wav"
     src.write_bytes(b"new")  # a second put replaces the object whole
@@ -72,3 +73,21 @@ def test_open_storage_picks_the_backend(s3, tmp_path, monkeypatch):
     assert client.get_object(Bucket=bucket, Key="prod/uploads/x.flac")["Body"].read() == b"fLaC"
     with pytest.raises(ValueError, match="s3://"):
         open_storage("gs://bucket", "results")
+
+
+def test_two_writers_of_one_key_leave_a_whole_file(tmp_path):
+    """Each writer has its own temporary name: concurrent writes (a conversion twice at once, a worker
+    and its successor) never interleave into a corrupt file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage = LocalStorage(tmp_path / "results")
+    sources = []
+    for i in range(8):
+        src = tmp_path / f"v{i}.bin"
+        src.write_bytes(bytes([i]) * 3_000_000)
+        sources.append(src)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda src: storage.put_file("job/take-1.mp3", src), sources))
+    data = storage.path("job/take-1.mp3").read_bytes()
+    assert len(data) == 3_000_000 and len(set(data)) == 1
+    assert [p.name for p in storage.path("job").iterdir()] == ["take-1.mp3"]  # no temporary left behind

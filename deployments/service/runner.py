@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from deployments.errors import ServiceError
-from deployments.jobs import JobState, JobStore
-from deployments.params import SongParams
-from deployments.storage import Storage
-from deployments.webhooks import notify
+from deployments.service.errors import ServiceError
+from deployments.service.jobs import JobState, JobStore
+from deployments.service.params import SongParams
+from deployments.service.storage import Storage
+from deployments.service.webhooks import notify
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
 from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest, SongResult
@@ -239,8 +239,9 @@ class JobRunner:
                     log.warning("on_finish hook failed", exc_info=True)
             if params.webhook_url:
                 self.last_webhook = notify(
-                    self.store, final, self.webhook_secret, backoff_s=self.webhook_backoff_s
-                )
+                    final, self.webhook_secret, functools.partial(self.store.set_webhook_status, job_id),
+                    backoff_s=self.webhook_backoff_s,
+                )  # fmt: skip
         return final.state if final else None
 
     def _store_takes(self, job_id: str, p: SongParams, result) -> list[dict]:

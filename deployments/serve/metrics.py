@@ -1,16 +1,12 @@
-"""Project metrics.
-
-- Per job, from the generator replicas, through `ray.serve.metrics` (exported by Ray's metrics agent
-  next to Ray Serve's own request, latency and replica metrics): finished jobs by state and error
-  code, seconds per stage, seconds of audio per second of compute (inverse real-time factor) and
-  takes per batch.
-- Queue state, from the job store, at the ingress's GET /metrics (Prometheus text): queue depth and
-  running jobs, so that a scrape shows the backlog even when no replica is up.
+"""Per-job metrics of the generator replicas, through `ray.serve.metrics` (exported by Ray's metrics
+agent next to Ray Serve's own request, latency and replica metrics): finished jobs by state and error
+code, seconds per stage, seconds of audio per second of compute (inverse real-time factor), jobs and
+takes per batch.
 """
 
 from __future__ import annotations
 
-from deployments.jobs import RUNNING, JobStore, SongJob
+from deployments.service.jobs import SongJob
 
 
 class GeneratorMetrics:
@@ -50,15 +46,3 @@ class GeneratorMetrics:
             self.inverse_rtf.set(audio / timings["total_s"], tags=self.tags)
             self.takes.observe(timings.get("batch_takes", len(takes)), tags=self.tags)
             self.requests.observe(timings.get("batch_requests", 1), tags=self.tags)
-
-
-def queue_metrics_text(store: JobStore) -> str:
-    """Prometheus exposition of the job store's queue, computed at scrape time."""
-    from prometheus_client import CollectorRegistry, Gauge, generate_latest
-
-    registry = CollectorRegistry()
-    Gauge("musicgen_queue_depth", "Jobs waiting for a generator", registry=registry).set(store.queue_depth())
-    Gauge("musicgen_jobs_running", "Jobs holding a worker lease", registry=registry).set(
-        store.r.zcard(RUNNING)
-    )
-    return generate_latest(registry).decode()

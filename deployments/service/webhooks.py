@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ def deliver(
     return False
 
 
-def notify(store, job, secret: str, *, backoff_s: float = 1.0) -> threading.Thread | None:
+def notify(
+    job, secret: str, record: Callable[[str], object], *, backoff_s: float = 1.0
+) -> threading.Thread | None:
     """POST the finished job (a SongJob) to the webhook_url it was submitted with, on a background
-    thread (retries must hold neither a GPU nor an HTTP request), and record the delivery on the job.
-    For every way a job ends: the worker's outcome, a cancel while queued, a job failed by the
-    reconciler. None when the job asked for no webhook."""
+    thread (retries must hold neither a GPU nor an HTTP request), then `record("delivered" | "failed")`
+    from that thread. For every way a job ends: the worker's outcome, a cancel while queued, a job
+    failed by the reconciler. None when the job asked for no webhook."""
     url = job.params.get("webhook_url")
     if not url:
         return None
@@ -66,7 +69,10 @@ def notify(store, job, secret: str, *, backoff_s: float = 1.0) -> threading.Thre
 
     def send() -> None:
         ok = deliver(url, payload, secret, backoff_s=backoff_s)
-        store.set_webhook_status(job.id, "delivered" if ok else "failed")
+        try:
+            record("delivered" if ok else "failed")
+        except Exception:
+            log.warning("could not record the webhook delivery of %s", job.id, exc_info=True)
 
     thread = threading.Thread(target=send, name=f"webhook-{job.id[:8]}", daemon=True)
     thread.start()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import secrets
 
-from deployments.api_models import SongCreate
-from deployments.errors import ServiceError
-from deployments.params import SongParams
-from deployments.storage import Storage
+from deployments.service.errors import ServiceError
+from deployments.service.params import SongParams
+from deployments.service.schemas import SongCreate
+from deployments.service.storage import Storage
 from musicgen.errors import MusicgenError
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.model.style import check_prompt

@@ -14,10 +14,13 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+
+CHUNK = 256 * 1024  # what a streamed download reads at a time
 
 
 class Storage(Protocol):
@@ -25,6 +28,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
     def read_range(self, key: str, start: int, end: int) -> bytes: ...
+    def iter_range(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
     def local_copy(self, key: str) -> contextlib.AbstractContextManager[Path]: ...
     def delete_prefix(self, prefix: str) -> None: ...
 
@@ -48,12 +52,16 @@ class LocalStorage:
         return p
 
     def put_file(self, key: str, src: str | Path) -> str:
-        """Atomic: readers never see a half-written file."""
+        """Atomic: readers never see a half-written file, and two writers of one key (each with its
+        own temporary name) leave one of their whole files."""
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
         return key
 
     def exists(self, key: str) -> bool:
@@ -67,6 +75,18 @@ class LocalStorage:
         with open(self.path(key), "rb") as f:
             f.seek(start)
             return f.read(end - start + 1)
+
+    def iter_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes [start, end] inclusive in chunks: a download never holds the file in memory."""
+        with open(self.path(key), "rb") as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                block = f.read(min(CHUNK, left))
+                if not block:
+                    return
+                left -= len(block)
+                yield block
 
     @contextlib.contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
@@ -126,6 +146,10 @@ class S3Storage:
     def read_range(self, key: str, start: int, end: int) -> bytes:
         got = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
         return got["Body"].read()
+
+    def iter_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        got = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")
+        yield from got["Body"].iter_chunks(CHUNK)
 
     @contextlib.contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:

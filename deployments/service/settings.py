@@ -1,7 +1,8 @@
-"""Every environment variable the service reads, in one place, turned into typed app arguments.
+"""The service's settings: every default and every environment variable, in one place.
 
-serve_config.yaml -> AppArgs (typed, validated) -> the deployments' constructors. Nothing here runs at
-import time.
+serve_config.yaml `args:` -> AppArgs (typed, validated; env vars fill what is unset) -> the deployments'
+constructors and the service objects (JobStore, ApiConfig, JobRunner) built from it. Nothing here runs
+at import time.
 """
 
 from __future__ import annotations
@@ -9,6 +10,20 @@ from __future__ import annotations
 import os
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# -- defaults (each named once; AppArgs, the job store, the wire schemas and the API read them here) --
+LEASE_S = 30.0  # a worker renews its job's lease every lease/3 s; a lost worker's job is re-queued after it
+MAX_ATTEMPTS = 3  # runs of a job whose worker is lost before it fails with WORKER_LOST
+RETENTION_S = 7 * 24 * 3600  # finished jobs, their events and their files are kept this long
+MAX_TAKES = 4  # takes of one song
+MAX_STEPS = 200  # sampling steps of one song
+MAX_QUEUE = 100  # queued songs before submissions get QUEUE_FULL
+MAX_UPLOAD_MB = 50.0  # reference songs and songs to edit
+MAX_UPLOAD_SECONDS = 600.0
+GENERATION_TIMEOUT_S = 1800.0
+SECONDS_PER_JOB_ESTIMATE = 60.0  # queue ETA before measured timings exist
+SSE_KEEPALIVE_S = 15.0  # a comment line on idle event streams (proxies close silent connections)
+INGRESS_MAX_ONGOING = 5000  # concurrent requests per ingress replica: event streams stay open for minutes
 
 ENV = {
     "REDIS_URL": "the job store; unset: an embedded Redis with its data under MUSICGEN_DATA_DIR/redis",
@@ -30,15 +45,18 @@ class AppArgs(BaseModel):
     redis_url: str | None = None
     data_dir: str | None = None
     storage_url: str | None = None  # s3://bucket/prefix; unset: results and uploads under data_dir
-    max_queue: int = Field(100, ge=1)
-    max_upload_mb: float = Field(50, gt=0)  # reference songs and songs to edit
+    max_queue: int = Field(MAX_QUEUE, ge=1)
+    max_upload_mb: float = Field(MAX_UPLOAD_MB, gt=0)
+    min_ingress: int = Field(1, ge=1)  # CPU replicas of the HTTP ingress (autoscaled on open requests)
+    max_ingress: int = Field(1, ge=1)
+    ingress_max_ongoing: int = Field(INGRESS_MAX_ONGOING, ge=10)
     min_generators: int = Field(1, ge=0)
     max_generators: int = Field(1, ge=1)
-    retention_s: int = Field(7 * 24 * 3600, ge=60)
-    lease_s: float = Field(30.0, gt=0)
-    max_attempts: int = Field(3, ge=1)
+    retention_s: int = Field(RETENTION_S, ge=60)
+    lease_s: float = Field(LEASE_S, gt=0)
+    max_attempts: int = Field(MAX_ATTEMPTS, ge=1)
     device: str = "auto"
-    generation_timeout_s: float = Field(1800.0, gt=0)
+    generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
     max_batch_size: int = Field(4, ge=1, le=64)  # jobs gathered into one generator call (@serve.batch)
     batch_wait_s: float = Field(0.05, ge=0, le=10)  # how long a generator waits to fill a batch
     max_batch_takes: int = Field(8, ge=1)  # takes sampled together at most (GPU memory)

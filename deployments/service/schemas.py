@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.service.settings import MAX_STEPS, MAX_TAKES
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -29,8 +31,8 @@ class SongCreate(Strict):
     duration_s: float | None = Field(None, description="song length; default: the model's shortest")
     model: str | None = Field(None, description="model name; default: the service's default model")
     seed: int | None = Field(None, ge=0, le=2**62, description="take i uses seed + i; default: random")
-    num_takes: int = Field(1, ge=1, le=4)
-    steps: int = Field(31, ge=1, le=200)
+    num_takes: int = Field(1, ge=1, le=MAX_TAKES)
+    steps: int = Field(31, ge=1, le=MAX_STEPS)
     cfg_strength: float = Field(4.0, ge=0.0, le=20.0)
     output_format: Literal["wav", "flac", "mp3"] = "mp3"
     edit: EditRequest | None = None
@@ -64,7 +66,9 @@ class JobView(Strict):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    updated_at: float | None = None  # the job's last change, as its writer's clock saw it
     attempts: int = 0
+    cancel_requested: bool = False
     parameters: dict
     warnings: list[str] = []
     error: ErrorBody | None = None
@@ -72,3 +76,21 @@ class JobView(Strict):
     timings: dict[str, float] = {}  # seconds per stage of the finished job (style, sampling, decoding, ...)
     batch: dict[str, int] = {}  # the sampler batch the job ran in: {"requests": jobs, "takes": takes}
     links: dict[str, str]
+
+
+class ModelView(Strict):
+    name: str
+    loaded: bool
+    status: str
+    min_seconds: float
+    max_seconds: float
+    max_takes: int
+    untrained: bool
+
+
+class UploadView(Strict):
+    id: str
+    format: str
+    duration_s: float
+    sample_rate: int
+    channels: int

@@ -1,8 +1,12 @@
-"""The Ray Serve application: `serve run serve_config.yaml` calls `build_app`.
+"""The Ray Serve application: `serve run serve_config.yaml` calls `build_app`. Only the adapters live
+here; what they adapt is the Ray-free service layer in deployments/service/.
 
-- `Ingress` (CPU): the FastAPI app of deployments/api.py; writes every job to Redis before answering
-  202, pushes its id to the generators (at most one call in flight per job), and runs the reconciler
-  (re-queue lost workers' jobs, re-dispatch queued jobs, e.g. after an ingress restart).
+- `Ingress` (CPU, autoscaled between min_ingress and max_ingress on open requests): the async FastAPI
+  app of deployments/service/api; writes every job to Redis before answering 202, pushes its id to
+  the generators (at most one call in flight per job), fans job events out to event streams over one
+  Redis subscription, and runs the reconciler (re-queue lost workers' jobs, re-dispatch queued jobs,
+  e.g. after an ingress restart). Sized for thousands of open connections (`ingress_max_ongoing`):
+  an event stream stays open for the minutes a song takes.
 - `PromptValidator` (CPU): the lyrics front end and request limits.
 - `SongGenerator` (a GPU each when the cluster has GPUs, else the CPU): loads DiffRhythm and the style
   encoder (MuQ-MuLan, with its prompt cache) once and runs jobs in `@serve.batch` batches; a job is
@@ -19,23 +23,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.settings import AppArgs
+from deployments.service.settings import AppArgs
 
 log = logging.getLogger("ray.serve")
 RECONCILE_EVERY_S = 5.0
+READY_CACHE_S = 1.0  # submissions and /readyz read the generators' reports at most this often
 GENERATION_GRACE_S = 900  # graceful shutdown: longer than the longest song takes on a GPU
 
 
 def _storage(args: AppArgs, area: str):
     """Results or uploads: under data_dir, or in the bucket of storage_url (s3://...)."""
-    from deployments.storage import open_storage
+    from deployments.service.storage import open_storage
 
     return open_storage(args.storage_url or args.data_dir, area)
+
+
+def _store_options(args: AppArgs) -> dict:
+    return {"retention_s": args.retention_s, "lease_s": args.lease_s, "max_attempts": args.max_attempts}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, health_check_period_s=5)
@@ -44,16 +54,15 @@ class RedisServer:
     fixed at build time so that every deployment knows the URL without asking."""
 
     def __init__(self, data_dir: str, port: int):
-        from deployments.redis_server import EmbeddedRedis
+        from deployments.service.redis_server import EmbeddedRedis
 
         self.server = EmbeddedRedis(data_dir, port=port)
         self.server.start()
 
     def check_health(self) -> None:
         if self.server.process is None or self.server.process.poll() is not None:
-            raise RuntimeError(
-                "embedded redis exited"
-            )  # the replica is replaced and Redis restarts from its AOF
+            # the replica is replaced and Redis restarts from its AOF
+            raise RuntimeError("embedded redis exited")
 
     def __del__(self):
         self.server.stop()
@@ -62,7 +71,7 @@ class RedisServer:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class PromptValidator:
     def __init__(self, args: AppArgs):
-        from deployments.validator import SongValidator
+        from deployments.service.validator import SongValidator
         from musicgen.lyrics.frontend import LyricsFrontEnd
 
         self.validator = SongValidator(
@@ -71,8 +80,8 @@ class PromptValidator:
 
     def validate(self, body: dict) -> dict:
         """{'params': ...} or {'error': ...}: errors travel as data, not as wrapped exceptions."""
-        from deployments.api_models import SongCreate
-        from deployments.errors import ServiceError
+        from deployments.service.errors import ServiceError
+        from deployments.service.schemas import SongCreate
 
         try:
             return {"params": self.validator.validate(SongCreate(**body)).to_dict()}
@@ -93,10 +102,10 @@ class SongGenerator:
     def __init__(self, args: AppArgs, redis_url: str):
         import socket
 
-        from deployments.errors import ServiceError
-        from deployments.jobs import JobStore
-        from deployments.metrics import GeneratorMetrics
-        from deployments.runner import JobRunner
+        from deployments.serve.metrics import GeneratorMetrics
+        from deployments.service.errors import ServiceError
+        from deployments.service.jobs import JobStore
+        from deployments.service.runner import JobRunner
         from musicgen.errors import MusicgenError
         from musicgen.pipeline import SongPipeline
 
@@ -104,8 +113,7 @@ class SongGenerator:
         self.load_error: dict | None = None
         self.runner = None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.store = JobStore.from_url(redis_url, retention_s=args.retention_s, lease_s=args.lease_s,
-                                       max_attempts=args.max_attempts)  # fmt: skip
+        self.store = JobStore.from_url(redis_url, **_store_options(args))
         self.run.set_max_batch_size(args.max_batch_size)
         self.run.set_batch_wait_timeout_s(args.batch_wait_s)
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
@@ -125,7 +133,7 @@ class SongGenerator:
         self.device = pipeline.device
 
     async def _report_forever(self) -> None:
-        from deployments.jobs import GENERATOR_STATUS_EVERY_S
+        from deployments.service.jobs import GENERATOR_STATUS_EVERY_S
 
         while True:
             try:
@@ -180,42 +188,51 @@ class Ingress:
         redis_url: str,
         redis_server=None,
     ):
-        from deployments.jobs import JobStore
+        from deployments.service.api import ApiConfig, Services
+        from deployments.service.jobs import AsyncJobStore
 
         self.args, self.validator, self.generator = args, validator, generator
-        self.store = JobStore.from_url(redis_url, retention_s=args.retention_s, lease_s=args.lease_s,
-                                       max_attempts=args.max_attempts)  # fmt: skip
-        self.results, self.uploads = _storage(args, "results"), _storage(args, "uploads")
+        self.store = AsyncJobStore.from_url(redis_url, **_store_options(args))
+        self.services = Services(
+            store=self.store, validate=self._validate, dispatch=self._start,
+            results=_storage(args, "results"), uploads=_storage(args, "uploads"),
+            ready=self._ready, models=self._models,
+            config=ApiConfig(
+                max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                webhook_secret=args.webhook_secret or "",
+            ),
+        )  # fmt: skip
         self._loop = asyncio.get_event_loop()
         self._inflight: set[str] = set()  # job ids sent to a generator whose call has not returned
+        self._ready_cache: tuple[float, tuple[bool, str]] | None = None
         self._reconciler = self._loop.create_task(self._reconcile_forever())
 
     async def _reconcile_forever(self) -> None:
         """Re-queue jobs of lost workers and (re)dispatch queued jobs: after an ingress restart, a
         generator crash or a Redis restart, every accepted job gets a worker."""
+        from deployments.service.webhooks import notify
+
         while True:
             try:
-                ended = await asyncio.to_thread(self.store.reconcile)
+                ended = await self.store.reconcile()
                 for job_id in ended["failed"]:  # WORKER_LOST: their webhooks go from here
-                    await asyncio.to_thread(self._notify_failed, job_id)
-                for job_id in await asyncio.to_thread(self.store.queued_ids):
+                    job = await self.store.get(job_id)
+                    if job is not None:
+                        notify(job, self.args.webhook_secret or "", self._webhook_recorder(job_id))
+                for job_id in await self.store.queued_ids():
                     self._start(job_id)
             except Exception:
                 log.warning("reconcile failed (job store unreachable?)", exc_info=True)
             await asyncio.sleep(RECONCILE_EVERY_S)
 
-    def _notify_failed(self, job_id: str) -> None:
-        from deployments.webhooks import notify
+    def _webhook_recorder(self, job_id: str):
+        def record(status: str) -> None:  # called from the delivery thread
+            asyncio.run_coroutine_threadsafe(self.store.set_webhook_status(job_id, status), self._loop)
 
-        job = self.store.get(job_id)
-        if job is not None:
-            notify(self.store, job, self.args.webhook_secret or "")
-
-    def _dispatch(self, job_id: str) -> None:
-        """Send a job to the generators (from any thread); at most one call per job in flight."""
-        self._loop.call_soon_threadsafe(self._start, job_id)
+        return record
 
     def _start(self, job_id: str) -> None:
+        """Send a job to the generators; at most one call per job in flight. Never blocks."""
         if job_id not in self._inflight:
             self._inflight.add(job_id)
             self._loop.create_task(self._send(job_id))
@@ -228,49 +245,48 @@ class Ingress:
         finally:
             self._inflight.discard(job_id)
 
-    def _validate(self, body):
-        from deployments.errors import ServiceError
-        from deployments.params import SongParams
+    async def _validate(self, body):
+        from deployments.service.errors import ServiceError
+        from deployments.service.params import SongParams
 
-        out = self.validator.validate.remote(body.model_dump()).result()
+        out = await self.validator.validate.remote(body.model_dump())
         if "error" in out:
-            e = out["error"]
-            raise ServiceError(e["code"], e["message"], recovery=e["recovery"], details=e["details"])
+            raise ServiceError.from_dict(out["error"])
         return SongParams.from_dict(out["params"])
 
-    def _ready(self) -> tuple[bool, str]:
+    async def _ready(self) -> tuple[bool, str]:
         """From the generators' own reports in the job store (asking a replica would wait behind the
-        songs it is generating)."""
-        reports = [r for r in self.store.generator_statuses() if r.get("model") == self.args.model]
+        songs it is generating), cached for a second."""
+        now = time.monotonic()
+        if self._ready_cache is not None and now - self._ready_cache[0] < READY_CACHE_S:
+            return self._ready_cache[1]
+        reports = [r for r in await self.store.generator_statuses() if r.get("model") == self.args.model]
         loaded = [r for r in reports if r.get("loaded")]
-        if loaded:
-            return True, f"serving {self.args.model} on {len(loaded)} generator(s)"
         failed = [r["error"] for r in reports if r.get("error")]
-        if failed:
-            return False, f"{failed[0]['message']}; {failed[0]['recovery']}"
-        if self.args.min_generators == 0:
-            return True, "scaled to zero: the first song starts a generator, which loads the model first"
-        return False, "no generator has reported yet: the model is loading"
+        if loaded:
+            answer = True, f"serving {self.args.model} on {len(loaded)} generator(s)"
+        elif failed:
+            answer = False, f"{failed[0]['message']}; {failed[0]['recovery']}"
+        elif self.args.min_generators == 0:
+            answer = True, "scaled to zero: the first song starts a generator, which loads the model first"
+        else:
+            answer = False, "no generator has reported yet: the model is loading"
+        self._ready_cache = now, answer
+        return answer
 
-    def _models(self) -> list[dict]:
+    async def _models(self) -> list[dict]:
+        from deployments.service.settings import MAX_TAKES
         from musicgen.registry import MODELS
 
-        ok, why = self._ready()
+        ok, why = await self._ready()
         spec = MODELS[self.args.model]
         return [{"name": spec.name, "loaded": ok, "status": why, "min_seconds": spec.min_seconds,
-                 "max_seconds": spec.max_seconds, "max_takes": 4, "untrained": spec.untrained}]  # fmt: skip
+                 "max_seconds": spec.max_seconds, "max_takes": MAX_TAKES, "untrained": spec.untrained}]  # fmt: skip
 
     def __serve_build_asgi_app__(self):
-        from deployments.api import ApiConfig, create_api
+        from deployments.service.api import create_api
 
-        return create_api(
-            self.store, self._validate, self._dispatch, self.results, self.uploads,
-            ready=self._ready, models=self._models,
-            config=ApiConfig(
-                max_queue=self.args.max_queue, max_upload_bytes=int(self.args.max_upload_mb * 1024 * 1024),
-                webhook_secret=self.args.webhook_secret or "",
-            ),
-        )  # fmt: skip
+        return create_api(self.services)
 
 
 def build_app(raw_args: dict) -> serve.Application:
@@ -281,7 +297,7 @@ def build_app(raw_args: dict) -> serve.Application:
     args = AppArgs(**(raw_args or {})).resolved()
     redis_url, redis_server = args.redis_url, None
     if redis_url is None:  # embedded: a replica of its own owns the server process
-        from deployments.redis_server import free_port
+        from deployments.service.redis_server import free_port
 
         port = free_port()
         redis_url = f"redis://127.0.0.1:{port}/0"
@@ -299,5 +315,16 @@ def build_app(raw_args: dict) -> serve.Application:
             "downscale_delay_s": 300,
         },
     ).bind(args, redis_url)
+    ingress = Ingress.options(
+        max_ongoing_requests=args.ingress_max_ongoing,
+        autoscaling_config={
+            "min_replicas": args.min_ingress,
+            "max_replicas": max(args.max_ingress, args.min_ingress),
+            # open event streams count: a replica holds a quarter of its capacity before another starts
+            "target_ongoing_requests": max(1, args.ingress_max_ongoing // 4),
+            "upscale_delay_s": 10,
+            "downscale_delay_s": 300,
+        },
+    )
     # binding the Redis deployment to the ingress makes it part of the app (started and stopped with it)
-    return Ingress.bind(PromptValidator.bind(args), generator, args, redis_url, redis_server)
+    return ingress.bind(PromptValidator.bind(args), generator, args, redis_url, redis_server)

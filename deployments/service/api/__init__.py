@@ -1,0 +1,74 @@
+"""The REST API (FastAPI), one router per resource, built from a `Services` object so that it runs
+without Ray: the tests give it an embedded Redis, a validator in a thread and a runner on a worker
+thread; the Ray Serve ingress gives it its deployment handles.
+
+Every route is async and does no blocking work on the event loop: Redis through `redis.asyncio`,
+files and audio on thread pools. Errors leave as one body: {"error": {code, message, recovery, details}}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from deployments.service.api import health, models, songs, uploads
+from deployments.service.api.deps import ApiConfig, Services
+from deployments.service.errors import ServiceError
+
+__all__ = ["ApiConfig", "Services", "create_api"]
+log = logging.getLogger(__name__)
+
+
+def error_response(err: ServiceError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": err.to_dict()}, status_code=err.status, headers=headers)
+
+
+def create_api(services: Services) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        services.hub.start()
+        yield
+        await services.hub.stop()
+
+    app = FastAPI(
+        title="musicgen",
+        version="1",
+        description="DiffRhythm song generation: submit, watch, cancel and download songs.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    for module in (songs, uploads, models, health):
+        app.include_router(module.router)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError):
+        headers = (
+            {"Retry-After": str(exc.details.get("retry_after_s", 10))} if exc.code == "QUEUE_FULL" else None
+        )
+        return error_response(exc, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(
+            ServiceError(
+                "INVALID_PARAMETER", f"{where or 'request'}: {first.get('msg', 'invalid')}",
+                recovery="see the OpenAPI spec at /openapi.json for the accepted fields and ranges",
+                details={"parameter": where, "errors": json.loads(json.dumps(exc.errors(), default=str))},
+            )
+        )  # fmt: skip
+
+    @app.exception_handler(redis.RedisError)
+    async def _store_down(_: Request, exc: redis.RedisError):
+        return error_response(
+            ServiceError("STORE_UNAVAILABLE", f"job store unavailable: {type(exc).__name__}")
+        )
+
+    return app

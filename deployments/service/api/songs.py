@@ -1,0 +1,215 @@
+"""/v1/songs: submit, list, read, cancel and follow song jobs, and download their takes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import Response, StreamingResponse
+
+from deployments.service.api.deps import BaseUrl, ConfigDep, ServicesDep, StoreDep
+from deployments.service.api.views import job_view
+from deployments.service.errors import ServiceError
+from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, SongJob, event_order
+from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
+from deployments.service.schemas import ErrorBody, JobView, SongCreate
+from deployments.service.webhooks import notify
+
+router = APIRouter(prefix="/v1/songs", tags=["songs"])
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+_ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+
+
+async def load_job(store: AsyncJobStore, job_id: str) -> tuple[SongJob, int | None]:
+    job, position = await store.get_with_position(job_id) if JOB_ID.fullmatch(job_id) else (None, None)
+    if job is None:
+        raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
+    return job, position
+
+
+@router.post("", status_code=202, response_model=JobView, responses={**_ERRORS, 429: {"model": ErrorBody}})
+async def submit(
+    body: SongCreate,
+    services: ServicesDep,
+    base: BaseUrl,
+    idempotency_key: str | None = Header(None, max_length=200),
+) -> JobView:
+    ok, why = await services.ready()
+    if not ok:
+        raise ServiceError("MODEL_NOT_LOADED", why)
+    params = await services.validate(body)
+    cfg = services.config
+    try:
+        job, created = await services.store.create(
+            params.to_dict(), idempotency_key=idempotency_key, max_queue=cfg.max_queue
+        )
+    except QueueFull as full:
+        raise ServiceError(
+            "QUEUE_FULL", f"{full.depth} songs are waiting; the queue holds {cfg.max_queue}",
+            details={"retry_after_s": int(cfg.seconds_per_job_estimate)},
+        ) from None  # fmt: skip
+    if created:
+        services.dispatch(job.id)
+    position = await services.store.queue_position(job.id) if job.state == JobState.QUEUED else None
+    return job_view(job, position, base, seconds_per_job=cfg.seconds_per_job_estimate)
+
+
+@router.get("", response_model=list[JobView])
+async def list_songs(
+    store: StoreDep, base: BaseUrl, limit: int = Query(20, ge=1, le=100), before: float | None = None
+) -> list[JobView]:
+    jobs = await store.recent(limit=limit, before=before)
+    positions = await store.queue_positions([j.id for j in jobs])
+    return [job_view(j, p, base) for j, p in zip(jobs, positions, strict=True)]
+
+
+@router.get("/{job_id}", response_model=JobView, responses=_ERRORS)
+async def status(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl) -> JobView:
+    job, position = await load_job(store, job_id)
+    return job_view(job, position, base, seconds_per_job=cfg.seconds_per_job_estimate)
+
+
+@router.post("/{job_id}/cancel", response_model=JobView, responses=_ERRORS)
+async def cancel(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl) -> JobView:
+    was, _ = await load_job(store, job_id)
+    await store.cancel(job_id)
+    job, position = await load_job(store, job_id)
+    if was.state == JobState.QUEUED and job.state == JobState.CANCELED:
+        # it ended here, not on a worker: its webhook goes from here
+        loop = asyncio.get_running_loop()
+
+        def record(status: str) -> None:
+            asyncio.run_coroutine_threadsafe(store.set_webhook_status(job_id, status), loop)
+
+        notify(job, cfg.webhook_secret, record)
+    return job_view(job, position, base, seconds_per_job=cfg.seconds_per_job_estimate)
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}, **_ERRORS},
+)
+async def events(
+    job_id: str,
+    request: Request,
+    services: ServicesDep,
+    base: BaseUrl,
+    last_event_id: str | None = Header(None, max_length=64),
+):
+    """The job as server-sent events: `event` is its status, `data` its view (as GET /v1/songs/{id}),
+    `id` the event id. The first event is the job as it is now (or, with Last-Event-ID, every event
+    after that one); then one per change, until the job ends. A client that already saw the final
+    event gets 204 (EventSource then stops reconnecting)."""
+    store, hub = services.store, services.hub
+    if not JOB_ID.fullmatch(job_id):
+        raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
+    if last_event_id is not None and not re.fullmatch(r"\d+-\d+", last_event_id):
+        last_event_id = None  # not one of ours: start from the job as it is now
+    params = await store.params(job_id)
+    if params is None:
+        raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
+    listener = hub.listen(job_id, params)  # before reading the backlog: nothing falls in between
+    try:
+        if last_event_id:
+            backlog = await store.events_after(job_id, last_event_id)
+        else:
+            last = await store.last_event(job_id)
+            backlog = [last] if last else []
+        if not backlog:
+            seen = await store.last_event(job_id)
+            if seen is not None and seen.state.finished:
+                hub.unlisten(listener)
+                return Response(status_code=204)
+        position = None
+        if backlog and backlog[-1].state == JobState.QUEUED:
+            position = await store.queue_position(job_id)
+    except BaseException:
+        hub.unlisten(listener)
+        raise
+    keepalive = services.config.sse_keepalive_s
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield b"retry: 2000\n\n"
+            # what was sent last: (event order, queue position); an event comes again only when
+            # its job moved in the queue
+            sent = (event_order(last_event_id), None) if last_event_id else None
+            for event in backlog:
+                update = hub.update(event, params, position if event is backlog[-1] else None)
+                yield update.frame(base)
+                sent = event_order(event.id), update.position
+                if update.final:
+                    return
+            while True:
+                update = await listener.next(keepalive)
+                if update is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                order = event_order(update.event.id)
+                if sent is not None and (
+                    order < sent[0] or (order == sent[0] and update.position == sent[1])
+                ):
+                    continue  # already sent (from the backlog, or announced while it was read)
+                yield update.frame(base)
+                sent = order, update.position
+                if update.final:
+                    return
+        finally:
+            hub.unlisten(listener)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )  # fmt: skip
+
+
+@router.get(
+    "/{job_id}/takes/{n}/audio",
+    responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, 206: {"description": "a byte range"},
+               416: {"description": "range not satisfiable"}, **_ERRORS},
+)  # fmt: skip
+async def audio(
+    job_id: str,
+    n: int,
+    services: ServicesDep,
+    range_header: str | None = Header(None, alias="Range"),
+    format: str | None = None,
+):
+    job, _ = await load_job(services.store, job_id)
+    if job.state != JobState.SUCCEEDED:
+        raise ServiceError("NOT_FOUND", f"song {job_id} has no audio yet (status {job.state.value})",
+                           recovery="wait until the job has succeeded")  # fmt: skip
+    takes = {t["n"]: t for t in job.result["takes"]}
+    if n not in takes:
+        raise ServiceError("NOT_FOUND", f"song {job_id} has takes {sorted(takes)}, not {n}")
+    results = services.results
+    key, fmt = takes[n]["key"], takes[n]["format"]
+    if format and format != fmt:
+        converter = services.converter
+        converter.target(key, format)  # refuses unknown formats before any work
+        loop = asyncio.get_running_loop()
+        key, fmt = await loop.run_in_executor(services.audio_pool, converter.convert, key, format), format
+    try:
+        size = await asyncio.to_thread(results.size, key)
+    except FileNotFoundError:
+        raise ServiceError("NOT_FOUND", f"take {n} of song {job_id} is no longer stored",
+                           recovery="generate the song again") from None  # fmt: skip
+    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{job_id}-take{n}.{fmt}"'}
+    first, last, status_code = 0, size - 1, 200
+    if range_header:
+        try:
+            first, last = parse_range(range_header, size)
+        except RangeNotSatisfiable:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        status_code = 206
+    headers["Content-Length"] = str(last - first + 1)
+    # a sync iterator: Starlette reads it on its thread pool, a chunk at a time
+    return StreamingResponse(
+        results.iter_range(key, first, last),
+        status_code=status_code,
+        headers=headers,
+        media_type=MEDIA_TYPES[fmt],
+    )

@@ -1,0 +1,92 @@
+"""The service's errors, one table: stable code -> HTTP status and default recovery hint.
+
+Body of every error response: {"error": {"code", "message", "recovery", "details"}}.
+Codes the library raises (musicgen.errors) keep the library's hint, written there once; the service's
+own codes have theirs here. Nothing else in the service writes a default hint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from musicgen.errors import LIBRARY_ERRORS, MusicgenError
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    recovery: str
+
+
+_STATUS = {
+    "INVALID_LYRICS": 422,
+    "INVALID_PROMPT": 422,
+    "INVALID_PARAMETER": 422,
+    "NOT_FOUND": 404,
+    "PAYLOAD_TOO_LARGE": 413,
+    "UNSUPPORTED_MEDIA": 415,
+    "QUEUE_FULL": 429,
+    "MODEL_NOT_LOADED": 503,
+    "STORE_UNAVAILABLE": 503,
+    "OUT_OF_MEMORY": 507,
+    "GENERATION_TIMEOUT": 504,
+    "WORKER_LOST": 500,
+    "CANCELED": 409,
+    "INTERNAL": 500,
+}
+
+_SERVICE_HINTS = {
+    "NOT_FOUND": "check the id; finished jobs are kept for the retention period only",
+    "PAYLOAD_TOO_LARGE": "upload a smaller file",
+    "QUEUE_FULL": "retry after the number of seconds in Retry-After",
+    "STORE_UNAVAILABLE": "retry shortly: the job store is unreachable; accepted jobs are not lost",
+    "GENERATION_TIMEOUT": "try a shorter song, fewer takes or fewer steps",
+    "WORKER_LOST": "submit the song again; if it keeps failing, try a shorter song",
+    "INTERNAL": "retry; if it persists, report it with the job id",
+}
+
+
+def _table() -> dict[str, ErrorKind]:
+    library = {code: cls.recovery for code, cls in LIBRARY_ERRORS.items()}
+    both = library.keys() & _SERVICE_HINTS.keys()
+    assert not both, f"hints written twice: {both}"
+    hints = {**library, **_SERVICE_HINTS}
+    assert hints.keys() == _STATUS.keys(), (
+        f"codes without a status or a hint: {hints.keys() ^ _STATUS.keys()}"
+    )
+    return {code: ErrorKind(status, hints[code]) for code, status in _STATUS.items()}
+
+
+ERRORS: dict[str, ErrorKind] = _table()
+
+
+class ServiceError(Exception):
+    def __init__(self, code: str, message: str, *, recovery: str | None = None, details: dict | None = None):
+        if code not in ERRORS:
+            raise ValueError(f"unknown error code {code}")
+        super().__init__(message)
+        self.code, self.message = code, message
+        self.recovery = recovery or ERRORS[code].recovery
+        self.details = details or {}
+
+    @property
+    def status(self) -> int:
+        return ERRORS[self.code].status
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "recovery": self.recovery,
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServiceError:
+        return cls(d["code"], d["message"], recovery=d.get("recovery"), details=d.get("details"))
+
+    @classmethod
+    def from_library(cls, exc: MusicgenError) -> ServiceError:
+        code = exc.code if exc.code in ERRORS else "INTERNAL"
+        return cls(code, exc.message, recovery=exc.recovery, details=exc.details)

@@ -1,0 +1,214 @@
+"""Job events for many listeners: one Redis subscription per process, fanned out in memory.
+
+Every change of a job is an entry of its event stream and a message on one pub/sub channel (see
+jobs.py). The `EventHub` holds that one subscription and, for each job somebody follows, the set of
+`Listener`s (one per open event stream). An event is turned into an `Update` once and rendered once
+per base URL, whatever the number of listeners; no listener polls Redis or holds a connection.
+
+Queued jobs' positions move when other jobs leave the queue, which is not an event of theirs: after
+such an event the hub re-reads the positions of the queued jobs it follows (one pipelined read) and
+sends those that changed again, under the same event id.
+
+When the subscription drops (Redis restart), the hub reconnects and sends every followed job's latest
+event, so a listener never misses the end of a job. A slow listener keeps only its newest updates
+(every event is a full snapshot of the job, so skipping older ones loses nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from deployments.service.jobs import AsyncJobStore, JobEvent, JobState, SongJob, event_order
+
+log = logging.getLogger(__name__)
+
+Render = Callable[[SongJob, "int | None", str, str], bytes]  # (job, queue position, base url, event id)
+
+
+class Update:
+    """An event as delivered: the job it describes and its queue position, rendered on demand once
+    per base URL and shared by every listener."""
+
+    __slots__ = ("event", "job", "position", "_render", "_frames")
+
+    def __init__(self, event: JobEvent, params: dict[str, Any], position: int | None, render: Render):
+        self.event = event
+        self.job = event.job(params)
+        self.position = position
+        self._render = render
+        self._frames: dict[str, bytes] = {}
+
+    @property
+    def final(self) -> bool:
+        return self.job.state.finished
+
+    def frame(self, base: str) -> bytes:
+        out = self._frames.get(base)
+        if out is None:
+            out = self._frames[base] = self._render(self.job, self.position, base, self.event.id)
+        return out
+
+    def moved(self, position: int | None) -> Update:
+        clone = Update.__new__(Update)
+        clone.event, clone.job, clone.position, clone._render, clone._frames = (
+            self.event, self.job, position, self._render, {},
+        )  # fmt: skip
+        return clone
+
+
+class Listener:
+    """One open event stream's inbox."""
+
+    def __init__(self, job_id: str, maxlen: int = 16):
+        self.job_id = job_id
+        self._updates: deque[Update] = deque(maxlen=maxlen)
+        self._wake = asyncio.Event()
+
+    def push(self, update: Update) -> None:
+        self._updates.append(update)
+        self._wake.set()
+
+    async def next(self, timeout: float) -> Update | None:
+        """The next update, or None after `timeout` seconds without one."""
+        if not self._updates:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if not self._updates:
+                return None
+        return self._updates.popleft()
+
+
+class _Followed:
+    __slots__ = ("listeners", "params", "last")
+
+    def __init__(self, params: dict[str, Any]):
+        self.listeners: set[Listener] = set()
+        self.params = params
+        self.last: Update | None = None
+
+
+class EventHub:
+    def __init__(self, store: AsyncJobStore, render: Render, *, queue_refresh_s: float = 0.2):
+        self.store, self.render = store, render
+        self.queue_refresh_s = queue_refresh_s
+        self._followed: dict[str, _Followed] = {}
+        self._task: asyncio.Task | None = None
+        self._refresh: asyncio.Task | None = None
+        self.connected = asyncio.Event()
+        self.delivered = 0  # updates pushed to listeners (metrics, tests)
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    def listen(self, job_id: str, params: dict[str, Any]) -> Listener:
+        self.start()
+        followed = self._followed.get(job_id)
+        if followed is None:
+            followed = self._followed[job_id] = _Followed(params)
+        listener = Listener(job_id)
+        followed.listeners.add(listener)
+        return listener
+
+    def unlisten(self, listener: Listener) -> None:
+        followed = self._followed.get(listener.job_id)
+        if followed is not None:
+            followed.listeners.discard(listener)
+            if not followed.listeners:
+                del self._followed[listener.job_id]
+
+    @property
+    def listeners(self) -> int:
+        return sum(len(f.listeners) for f in self._followed.values())
+
+    def update(self, event: JobEvent, params: dict[str, Any], position: int | None) -> Update:
+        """An update for `event`; the hub remembers it as the job's latest if it is newer (a stream's
+        first event is read from Redis by its handler, not delivered by the hub)."""
+        update = Update(event, params, position, self.render)
+        followed = self._followed.get(event.job_id)
+        if followed is not None and (
+            followed.last is None or event_order(event.id) > event_order(followed.last.event.id)
+        ):
+            followed.last = update
+        return update
+
+    # -- the subscription --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="event-hub")
+
+    async def stop(self) -> None:
+        for task in (self._task, self._refresh):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with self.store.notifications() as events:
+                    self.connected.set()
+                    backoff = 0.1
+                    await self._resync()
+                    async for event in events:
+                        await self._on_event(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("event subscription lost; reconnecting", exc_info=True)
+            self.connected.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _resync(self) -> None:
+        """After (re)subscribing: each followed job's latest event, in case one was missed."""
+        for job_id in list(self._followed):
+            event = await self.store.last_event(job_id)
+            followed = self._followed.get(job_id)
+            if event is None or followed is None:
+                continue
+            if followed.last is None or event_order(event.id) > event_order(followed.last.event.id):
+                await self._deliver(followed, event)
+
+    async def _on_event(self, event: JobEvent) -> None:
+        if event.state != JobState.QUEUED:  # a job may have left the queue: others moved up
+            self._schedule_queue_refresh()
+        followed = self._followed.get(event.job_id)
+        if followed is not None:
+            await self._deliver(followed, event)
+
+    async def _deliver(self, followed: _Followed, event: JobEvent) -> None:
+        position = await self.store.queue_position(event.job_id) if event.state == JobState.QUEUED else None
+        update = followed.last = Update(event, followed.params, position, self.render)
+        for listener in followed.listeners:
+            listener.push(update)
+        self.delivered += len(followed.listeners)
+
+    def _schedule_queue_refresh(self) -> None:
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_queue())
+
+    async def _refresh_queue(self) -> None:
+        await asyncio.sleep(self.queue_refresh_s)  # one read for a burst of departures
+        queued = [(job_id, f) for job_id, f in self._followed.items()
+                  if f.last is not None and f.last.job.state == JobState.QUEUED]  # fmt: skip
+        if not queued:
+            return
+        try:
+            positions = await self.store.queue_positions([job_id for job_id, _ in queued])
+        except Exception:
+            log.warning("queue position refresh failed", exc_info=True)
+            return
+        for (_, followed), position in zip(queued, positions, strict=True):
+            last = followed.last
+            if last is not None and last.job.state == JobState.QUEUED and position != last.position:
+                update = followed.last = last.moved(position)
+                for listener in followed.listeners:
+                    listener.push(update)

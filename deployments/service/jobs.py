@@ -1,0 +1,688 @@
+"""The job store: the whole Redis protocol of the service, in one place.
+
+States: queued -> running -> succeeded | failed | canceled (queued -> canceled | failed too).
+Every transition is one Lua script, so it is atomic and idempotent: a job runs at least once (a lost
+worker's lease expires and the reconciler re-queues it) and its result is recorded exactly once (a
+second completion finds the job no longer running and changes nothing). Every transition and
+progress write also appends the job's new state to its event stream and announces it on one pub/sub
+channel, in the same script, so a listener never sees a state the record does not have.
+
+Keys (prefix `mg:`), with their lifetimes and why:
+- `mg:job:{id}` hash, the job record. No TTL while queued or running (an accepted job is never
+  dropped); `retention_s` once finished (results are kept that long, then the record expires).
+- `mg:events:{id}` stream, the job's events: one entry per transition or progress write holding the
+  record's public fields after it (`EVENT_FIELDS`). Entry ids are the SSE event ids: a client that
+  reconnects with Last-Event-ID reads what it missed here. At most ~`EVENTS_MAXLEN` entries (every
+  entry is a full snapshot, so trimmed old progress loses nothing); expires with the record.
+- `mg:notify` pub/sub channel: a JSON message per event of any job ({"id", "event", ...fields}).
+  One subscription per ingress replica fans it out to that replica's listeners.
+- `mg:queue` zset id -> enqueue time: FIFO order and queue positions (ZRANK). No TTL.
+- `mg:running` zset id -> lease deadline: the reconciler re-queues entries whose deadline passed.
+- `mg:recent` zset id -> creation time: the paginated job list; trimmed to the retention window.
+- `mg:idem:{key}` string -> job id, TTL `IDEMPOTENCY_TTL_S` (24 h): clients retry a submission within
+  minutes or hours; after a day the same key may start a new job.
+- `mg:generators` hash worker -> JSON status: what each generator replica says of itself (model
+  loaded or why not, and when it said so), renewed every `GENERATOR_STATUS_EVERY_S`; readers ignore
+  and delete reports older than `GENERATOR_STATUS_TTL_S` (a dead replica stops renewing).
+  Readiness reads this one hash instead of asking the replicas, which would queue behind the songs
+  they are generating.
+
+The protocol is written once, as generators of Redis steps (`_Call`, `_Script`, `_Pipeline`) that
+receive each step's reply: `JobStore` runs them on a blocking client (the GPU worker's threads) and
+`AsyncJobStore` on `redis.asyncio` (the ingress's event loop), where every method returns an
+awaitable of what the sync method returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from deployments.service import settings
+from deployments.service.errors import ServiceError
+
+PREFIX = "mg:"
+QUEUE = PREFIX + "queue"
+RUNNING = PREFIX + "running"
+RECENT = PREFIX + "recent"
+GENERATORS = PREFIX + "generators"
+NOTIFY = PREFIX + "notify"
+IDEMPOTENCY_TTL_S = 24 * 3600
+EVENTS_MAXLEN = 1000
+PROGRESS_MIN_INTERVAL_S = 0.5  # progress writes per job are rate-limited to this
+GENERATOR_STATUS_EVERY_S = 5.0
+GENERATOR_STATUS_TTL_S = 3 * GENERATOR_STATUS_EVERY_S  # two missed renewals: the replica is gone
+# the record's fields copied into every event (params are immutable and read once)
+EVENT_FIELDS = ("state", "progress", "attempts", "created_at", "started_at", "finished_at", "updated_at",
+                "error", "result", "cancel_requested")  # fmt: skip
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{PREFIX}events:{job_id}"
+
+
+def idem_key(key: str) -> str:
+    return f"{PREFIX}idem:{key}"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
+
+
+def _text(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+@dataclass
+class SongJob:
+    id: str
+    state: JobState
+    params: dict[str, Any]
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    idempotency_key: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: Mapping[bytes | str, bytes | str], **extra: Any) -> SongJob:
+        d = {_text(k): _text(v) for k, v in h.items()}
+        d.update(extra)
+
+        def num(name):
+            return float(d[name]) if d.get(name) else None
+
+        def obj(name):
+            value = d.get(name)
+            return (json.loads(value) if isinstance(value, str) else value) if value else None
+
+        return cls(
+            id=d["id"],
+            state=JobState(d["state"]),
+            params=obj("params") or {},
+            created_at=float(d["created_at"]),
+            updated_at=float(d["updated_at"]),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            attempts=int(d.get("attempts") or 0),
+            worker=d.get("worker") or None,
+            progress=obj("progress") or {},
+            result=obj("result"),
+            error=obj("error"),
+            cancel_requested=d.get("cancel_requested") == "1",
+            idempotency_key=d.get("idempotency_key") or None,
+        )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's event stream: the record's public fields right after a change."""
+
+    job_id: str
+    id: str  # stream entry id "<ms>-<seq>", increasing per job: the SSE event id
+    fields: dict[str, str]
+
+    @property
+    def state(self) -> JobState:
+        return JobState(self.fields["state"])
+
+    @property
+    def at(self) -> float:
+        """When the writer made the change (its clock)."""
+        return float(self.fields.get("updated_at") or 0.0)
+
+    def job(self, params: dict[str, Any]) -> SongJob:
+        return SongJob.from_hash(self.fields, id=self.job_id, params=params)
+
+
+def event_order(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lua: each transition reads and writes its keys in one atomic step, and emits its event
+
+_EMIT = f"""
+local EVENT_FIELDS = {{{", ".join(repr(f) for f in EVENT_FIELDS)}}}
+-- append the record's public fields to its event stream and announce them; returns the entry id
+local function emit(job_key, events_key, id, maxlen)
+  local values = redis.call('HMGET', job_key, unpack(EVENT_FIELDS))
+  local entry, message = {{}}, {{id = id}}
+  for i, name in ipairs(EVENT_FIELDS) do
+    if values[i] then
+      entry[#entry + 1] = name
+      entry[#entry + 1] = values[i]
+      message[name] = values[i]
+    end
+  end
+  local eid = redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', unpack(entry))
+  message['event'] = eid
+  redis.call('PUBLISH', '{NOTIFY}', cjson.encode(message))
+  return eid
+end
+"""
+
+_CREATE = """
+-- KEYS: job, queue, recent, idem, events ; ARGV: id, now, params, idem_key, idem_ttl, maxlen, max_queue
+if KEYS[4] ~= '' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then return {'existing', existing} end
+end
+local depth = redis.call('ZCARD', KEYS[2])
+if depth >= tonumber(ARGV[7]) then return {'full', tostring(depth)} end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'queued', 'params', ARGV[3], 'created_at', ARGV[2],
+           'updated_at', ARGV[2], 'attempts', 0, 'idempotency_key', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[5]) end
+emit(KEYS[1], KEYS[5], ARGV[1], ARGV[6])
+return {'created', ARGV[1]}
+"""
+
+_CLAIM = """
+-- KEYS: job, queue, running, events ; ARGV: id, now, worker, lease_deadline, maxlen
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[3], 'started_at', ARGV[2], 'updated_at', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+emit(KEYS[1], KEYS[4], ARGV[1], ARGV[5])
+return 1
+"""
+
+_HEARTBEAT = """
+-- KEYS: job, running ; ARGV: id, worker, lease_deadline
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+_PROGRESS = """
+-- KEYS: job, events ; ARGV: id, now, progress, maxlen
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end  -- never revive a finished record
+redis.call('HSET', KEYS[1], 'progress', ARGV[3], 'updated_at', ARGV[2])
+emit(KEYS[1], KEYS[2], ARGV[1], ARGV[4])
+return 1
+"""
+
+_FINISH = """
+-- KEYS: job, queue, running, events ; ARGV: id, now, new_state, field, value, retention, from_states (csv), maxlen
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+local allowed = false
+for s in string.gmatch(ARGV[7], '[^,]+') do if s == state then allowed = true end end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[2], 'updated_at', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[5]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+emit(KEYS[1], KEYS[4], ARGV[1], ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
+return 1
+"""
+
+_CANCEL = """
+-- KEYS: job, queue, running, events ; ARGV: id, now, error, retention, maxlen
+-- queued: canceled at once; running: flagged, the worker stops before its next step. Returns the state.
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return '' end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'canceled', 'error', ARGV[3], 'finished_at', ARGV[2], 'updated_at', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  emit(KEYS[1], KEYS[4], ARGV[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  return 'canceled'
+end
+if state == 'running' and redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[2])
+  emit(KEYS[1], KEYS[4], ARGV[1], ARGV[5])
+end
+return state
+"""
+
+_REQUEUE = """
+-- KEYS: job, queue, running, events ; ARGV: id, now, max_attempts, error, retention, maxlen
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 0
+end
+local deadline = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if deadline and tonumber(deadline) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[1])
+if tonumber(redis.call('HGET', KEYS[1], 'attempts')) >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[4], 'finished_at', ARGV[2], 'updated_at', ARGV[2])
+  emit(KEYS[1], KEYS[4], ARGV[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+  return 2
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'cancel_requested', '', 'updated_at', ARGV[2])
+redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+emit(KEYS[1], KEYS[4], ARGV[1], ARGV[6])
+return 1
+"""
+
+_SCRIPTS = {
+    name: (_EMIT + body if "emit(" in body else body)
+    for name, body in {"create": _CREATE, "claim": _CLAIM, "heartbeat": _HEARTBEAT, "progress": _PROGRESS,
+                       "finish": _FINISH, "cancel": _CANCEL, "requeue": _REQUEUE}.items()
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# the protocol's steps, and the two drivers that run them
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Script:
+    name: str
+    keys: list
+    args: list
+
+
+@dataclass(frozen=True)
+class _Pipeline:
+    calls: tuple[_Call, ...]
+
+
+Steps = Generator[_Call | _Script | _Pipeline, Any, Any]
+
+
+def _operation(fn):
+    """A protocol operation: a generator of Redis steps, run by the store's driver (`_drive`)."""
+
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        return self._drive(fn(self, *args, **kwargs))
+
+    return run
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int):
+        super().__init__(f"{depth} songs are waiting")
+        self.depth = depth
+
+
+class _JobProtocol:
+    def __init__(
+        self,
+        client,
+        *,
+        retention_s: int = settings.RETENTION_S,
+        lease_s: float = settings.LEASE_S,
+        max_attempts: int = settings.MAX_ATTEMPTS,
+    ):
+        self._r = client
+        self.retention_s = retention_s
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+        self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+        self._last_progress: dict[str, float] = {}
+
+    def _drive(self, steps: Steps):
+        raise NotImplementedError
+
+    # -- writes ------------------------------------------------------------------------------
+
+    @_operation
+    def create(
+        self, params: dict[str, Any], idempotency_key: str | None = None, *, max_queue: int | None = None
+    ) -> Steps:
+        """Durably record a queued job (admission and creation in one atomic step). Returns (job,
+        created); with a known idempotency key, the existing job and False. Raises QueueFull when
+        `max_queue` jobs are already waiting."""
+        idem = idem_key(idempotency_key) if idempotency_key else ""
+        while True:
+            job_id = uuid.uuid4().hex
+            outcome, value = yield _Script(
+                "create",
+                [job_key(job_id), QUEUE, RECENT, idem, events_key(job_id)],
+                [job_id, time.time(), json.dumps(params), idempotency_key or "", IDEMPOTENCY_TTL_S,
+                 EVENTS_MAXLEN, max_queue if max_queue is not None else 2**62],
+            )  # fmt: skip
+            outcome, value = _text(outcome), _text(value)
+            if outcome == "full":
+                raise QueueFull(int(value))
+            h = yield _Call("hgetall", (job_key(value),))
+            if h:
+                return SongJob.from_hash(h), outcome == "created"
+            # the key pointed at a job whose record has expired: start afresh
+            yield _Call("delete", (idem,))
+
+    @_operation
+    def claim(self, job_id: str, worker: str) -> Steps:
+        now = time.time()
+        ok = yield _Script("claim", [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
+                           [job_id, now, worker, now + self.lease_s, EVENTS_MAXLEN])  # fmt: skip
+        return bool(ok)
+
+    @_operation
+    def heartbeat(self, job_id: str, worker: str) -> Steps:
+        """Renew the lease; False when the job is no longer this worker's (requeued, finished)."""
+        ok = yield _Script(
+            "heartbeat", [job_key(job_id), RUNNING], [job_id, worker, time.time() + self.lease_s]
+        )
+        return bool(ok)
+
+    @_operation
+    def set_progress(self, job_id: str, progress: dict[str, Any], *, force: bool = False) -> Steps:
+        """Write progress at most every PROGRESS_MIN_INTERVAL_S per job (stage changes use force);
+        only a running job takes it."""
+        now = time.monotonic()
+        if not force and now - self._last_progress.get(job_id, 0.0) < PROGRESS_MIN_INTERVAL_S:
+            return False
+        ok = yield _Script("progress", [job_key(job_id), events_key(job_id)],
+                           [job_id, time.time(), json.dumps(progress), EVENTS_MAXLEN])  # fmt: skip
+        if ok:
+            self._last_progress[job_id] = now
+        return bool(ok)
+
+    def _finish(self, job_id: str, state: JobState, field_name: str, value: Any, from_states) -> Steps:
+        ok = yield _Script(
+            "finish",
+            [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
+            [job_id, time.time(), state.value, field_name, json.dumps(value) if field_name else "",
+             self.retention_s, ",".join(s.value for s in from_states), EVENTS_MAXLEN],
+        )  # fmt: skip
+        if ok:
+            self._last_progress.pop(job_id, None)
+        return bool(ok)
+
+    @_operation
+    def complete(self, job_id: str, result: dict[str, Any]) -> Steps:
+        """Record the result; exactly once (False, and no change, if the job is not running)."""
+        return (yield from self._finish(job_id, JobState.SUCCEEDED, "result", result, [JobState.RUNNING]))
+
+    @_operation
+    def fail(self, job_id: str, error: dict[str, Any]) -> Steps:
+        return (
+            yield from self._finish(
+                job_id, JobState.FAILED, "error", error, [JobState.QUEUED, JobState.RUNNING]
+            )
+        )
+
+    @_operation
+    def cancel(self, job_id: str) -> Steps:
+        """Queued jobs are canceled at once; running ones are flagged and stop before the next step.
+        Returns the state after the call (None for an unknown job)."""
+        error = ServiceError("CANCELED", "canceled by the user").to_dict()
+        state = yield _Script("cancel", [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
+                              [job_id, time.time(), json.dumps(error), self.retention_s, EVENTS_MAXLEN])  # fmt: skip
+        state = _text(state)
+        return JobState(state) if state else None
+
+    @_operation
+    def finish_canceled(self, job_id: str) -> Steps:
+        """The worker saw the cancel flag and stopped."""
+        error = ServiceError("CANCELED", "canceled by the user").to_dict()
+        return (yield from self._finish(job_id, JobState.CANCELED, "error", error, [JobState.RUNNING]))
+
+    @_operation
+    def reconcile(self) -> Steps:
+        """Re-queue running jobs whose lease expired (their worker is gone), or fail them with
+        WORKER_LOST once they have used up their attempts."""
+        now = time.time()
+        expired = yield _Call("zrangebyscore", (RUNNING, "-inf", now))
+        out: dict[str, list[str]] = {"requeued": [], "failed": []}
+        error = ServiceError("WORKER_LOST", f"the worker running this job was lost {self.max_attempts} times")
+        for job_id in map(_text, expired):
+            res = yield _Script(
+                "requeue",
+                [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
+                [
+                    job_id,
+                    now,
+                    self.max_attempts,
+                    json.dumps(error.to_dict()),
+                    self.retention_s,
+                    EVENTS_MAXLEN,
+                ],
+            )
+            if res == 1:
+                out["requeued"].append(job_id)
+            elif res == 2:
+                out["failed"].append(job_id)
+        return out
+
+    @_operation
+    def put_generator_status(self, worker: str, status: dict[str, Any]) -> Steps:
+        yield _Call("hset", (GENERATORS, worker, json.dumps({**status, "at": time.time()})))
+
+    @_operation
+    def generator_statuses(self) -> Steps:
+        """The live generator replicas' own reports; stale ones (a dead replica's) are pruned."""
+        reports = yield _Call("hgetall", (GENERATORS,))
+        now, live, stale = time.time(), [], []
+        for worker, raw in reports.items():
+            report = json.loads(raw)
+            if now - report.get("at", 0) > GENERATOR_STATUS_TTL_S:
+                stale.append(_text(worker))
+            else:
+                live.append(report)
+        if stale:
+            yield _Call("hdel", (GENERATORS, *stale))
+        return live
+
+    @_operation
+    def set_webhook_status(self, job_id: str, status: str) -> Steps:
+        yield _Call("hset", (job_key(job_id), "webhook", status))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @_operation
+    def get(self, job_id: str) -> Steps:
+        h = yield _Call("hgetall", (job_key(job_id),))
+        return SongJob.from_hash(h) if h else None
+
+    @_operation
+    def get_with_position(self, job_id: str) -> Steps:
+        """(job or None, queue position or None), in one round trip."""
+        h, pos = yield _Pipeline((_Call("hgetall", (job_key(job_id),)), _Call("zrank", (QUEUE, job_id))))
+        return (SongJob.from_hash(h) if h else None), pos
+
+    @_operation
+    def params(self, job_id: str) -> Steps:
+        raw = yield _Call("hget", (job_key(job_id), "params"))
+        return json.loads(raw) if raw else None
+
+    @_operation
+    def cancel_requested(self, job_id: str) -> Steps:
+        return (yield _Call("hget", (job_key(job_id), "cancel_requested"))) in (b"1", "1")
+
+    @_operation
+    def queue_position(self, job_id: str) -> Steps:
+        """0 = next to run; None when not queued."""
+        return (yield _Call("zrank", (QUEUE, job_id)))
+
+    @_operation
+    def queue_positions(self, job_ids: list[str]) -> Steps:
+        if not job_ids:
+            return []
+        return (yield _Pipeline(tuple(_Call("zrank", (QUEUE, i)) for i in job_ids)))
+
+    @_operation
+    def queue_depth(self) -> Steps:
+        return (yield _Call("zcard", (QUEUE,)))
+
+    @_operation
+    def counts(self) -> Steps:
+        """(queued, running)."""
+        return tuple((yield _Pipeline((_Call("zcard", (QUEUE,)), _Call("zcard", (RUNNING,))))))
+
+    @_operation
+    def queued_ids(self) -> Steps:
+        return [_text(m) for m in (yield _Call("zrange", (QUEUE, 0, -1)))]
+
+    @_operation
+    def recent(self, limit: int = 20, before: float | None = None) -> Steps:
+        """Newest first; `before` (a created_at) pages further back. Expired records are pruned."""
+        yield _Call("zremrangebyscore", (RECENT, "-inf", time.time() - self.retention_s))
+        ids = yield _Call("zrevrangebyscore", (RECENT, f"({before}" if before else "+inf", "-inf"),
+                          {"start": 0, "num": limit})  # fmt: skip
+        if not ids:
+            return []
+        hashes = yield _Pipeline(tuple(_Call("hgetall", (job_key(_text(i)),)) for i in ids))
+        return [SongJob.from_hash(h) for h in hashes if h]
+
+    @_operation
+    def events_after(self, job_id: str, after: str | None, count: int = EVENTS_MAXLEN) -> Steps:
+        """The job's events after the entry `after` (all of them for None), oldest first."""
+        entries = yield _Call(
+            "xrange", (events_key(job_id), f"({after}" if after else "-", "+"), {"count": count}
+        )
+        return [
+            JobEvent(job_id, _text(eid), {_text(k): _text(v) for k, v in f.items()}) for eid, f in entries
+        ]
+
+    @_operation
+    def last_event(self, job_id: str) -> Steps:
+        entries = yield _Call("xrevrange", (events_key(job_id), "+", "-"), {"count": 1})
+        if not entries:
+            return None
+        eid, f = entries[0]
+        return JobEvent(job_id, _text(eid), {_text(k): _text(v) for k, v in f.items()})
+
+    @_operation
+    def ping(self) -> Steps:
+        return (yield _Call("ping"))
+
+
+def _decode_notification(data: bytes | str) -> JobEvent:
+    message = json.loads(data)
+    return JobEvent(message.pop("id"), message.pop("event"), message)
+
+
+def _client_options(retry_class, backoff_class) -> dict[str, Any]:
+    # A store read that takes seconds is an outage: fail fast with STORE_UNAVAILABLE. A pooled
+    # connection that a Redis restart closed is retried on a new one (three tries, 50-500 ms apart).
+    return {
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry": retry_class(backoff_class(cap=0.5, base=0.05), 3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+class JobStore(_JobProtocol):
+    """The protocol on a blocking client: for the GPU worker, whose jobs run on threads."""
+
+    @classmethod
+    def from_url(cls, url: str, **kw) -> JobStore:
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        return cls(redis.Redis.from_url(url, **_client_options(Retry, ExponentialBackoff)), **kw)
+
+    def _drive(self, steps: Steps):
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(self._run_step(step))
+        except StopIteration as done:
+            return done.value
+
+    def _run_step(self, step):
+        if isinstance(step, _Script):
+            return self._scripts[step.name](keys=step.keys, args=step.args)
+        if isinstance(step, _Pipeline):
+            pipe = self._r.pipeline(transaction=False)
+            for call in step.calls:
+                getattr(pipe, call.method)(*call.args, **call.kwargs)
+            return pipe.execute()
+        return getattr(self._r, step.method)(*step.args, **step.kwargs)
+
+
+class AsyncJobStore(_JobProtocol):
+    """The protocol on `redis.asyncio`: for the ingress's event loop. Every method returns an
+    awaitable of what JobStore's returns. Use it from one event loop only."""
+
+    @classmethod
+    def from_url(cls, url: str, *, max_connections: int = 32, **kw) -> AsyncJobStore:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=5, **_client_options(Retry, ExponentialBackoff)
+        )
+        return cls(redis.asyncio.Redis(connection_pool=pool), **kw)
+
+    async def _drive(self, steps: Steps):
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._run_step(step))
+        except StopIteration as done:
+            return done.value
+
+    async def _run_step(self, step):
+        if isinstance(step, _Script):
+            return await self._scripts[step.name](keys=step.keys, args=step.args)
+        if isinstance(step, _Pipeline):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for call in step.calls:
+                    getattr(pipe, call.method)(*call.args, **call.kwargs)
+                return await pipe.execute()
+        return await getattr(self._r, step.method)(*step.args, **step.kwargs)
+
+    @contextlib.asynccontextmanager
+    async def notifications(self) -> AsyncIterator[AsyncIterator[JobEvent]]:
+        """The events of every job, as they happen, over one pub/sub connection:
+        `async with store.notifications() as events: async for event in events: ...`."""
+        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(NOTIFY)
+
+        async def events() -> AsyncIterator[JobEvent]:
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    yield _decode_notification(message["data"])
+
+        try:
+            yield events()
+        finally:
+            await pubsub.aclose()
+
+    async def aclose(self) -> None:
+        await self._r.aclose()
