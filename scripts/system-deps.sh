@@ -15,7 +15,11 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python3.11}"
 ESPEAK_VERSION=1.51
-ESPEAK_SRC_URL="http://deb.debian.org/debian/pool/main/e/espeak-ng/espeak-ng_1.51+dfsg.orig.tar.gz"
+# the same file (same SHA-256) in Debian's and Ubuntu's pools: the first that answers is used
+ESPEAK_SRC_URLS=(
+  "http://deb.debian.org/debian/pool/main/e/espeak-ng/espeak-ng_1.51+dfsg.orig.tar.gz"
+  "http://archive.ubuntu.com/ubuntu/pool/main/e/espeak-ng/espeak-ng_1.51+dfsg.orig.tar.gz"
+)
 ESPEAK_SRC_SHA256=72242d7c06a4d80f5056335977c5be1ff79ff27bb502d4d054be1803ff787fa9
 need=()
 
@@ -81,14 +85,20 @@ if [ "$build_espeak" -eq 1 ]; then
   echo "apt offers espeak-ng ${candidate:-(none)}, not $ESPEAK_VERSION: building $ESPEAK_VERSION from Debian's source..."
   src="$(mktemp -d)"
   trap 'rm -rf "$src"' EXIT
-  curl -fsSL "$ESPEAK_SRC_URL" -o "$src/espeak-ng.tar.gz"
+  for url in "${ESPEAK_SRC_URLS[@]}"; do
+    curl -fsSL "$url" -o "$src/espeak-ng.tar.gz" && break
+    echo "warning: could not download $url" >&2
+  done
   echo "$ESPEAK_SRC_SHA256  $src/espeak-ng.tar.gz" | sha256sum -c --quiet -
   tar -xzf "$src/espeak-ng.tar.gz" -C "$src"
   (
     cd "$src"/espeak-ng-*/
-    ./autogen.sh >/dev/null 2>&1
-    ./configure --prefix=/usr/local --with-pcaudiolib=no --with-sonic=no --with-speechplayer=no >/dev/null
-    make -j"$(nproc)" >/dev/null 2>&1
+    if ! { ./autogen.sh && ./configure --prefix=/usr/local --with-pcaudiolib=no --with-sonic=no \
+             --with-speechplayer=no && make -j"$(nproc)"; } >"$src/build.log" 2>&1; then
+      tail -n 30 "$src/build.log" >&2
+      echo "error: building espeak-ng $ESPEAK_VERSION failed (output above)" >&2
+      exit 1
+    fi
     as_root make install >/dev/null
   )
   as_root ldconfig

@@ -152,7 +152,12 @@ def test_another_espeak_version_in_apt_is_built_from_debian_source(tmp_path):
     calls = log.read_text().splitlines()
     install = calls[1].split()
     assert "espeak-ng" not in install and {"gcc", "make", "autoconf", "automake", "libtool"} <= set(install)
-    assert calls[2].startswith("curl") and "espeak-ng_1.51+dfsg.orig.tar.gz" in calls[2]
+    assert (
+        calls[2].startswith("curl")
+        and "deb.debian.org" in calls[2]
+        and "espeak-ng_1.51+dfsg.orig" in calls[2]
+    )
+    assert calls[3].startswith("curl") and "archive.ubuntu.com" in calls[3]  # the same file, the other pool
     assert "building 1.51 from Debian's source" in out.stdout
 
 

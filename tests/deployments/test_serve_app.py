@@ -89,6 +89,34 @@ def test_errors_through_the_validator_deployment(service, change, status, code):
     assert err["code"] == code and err["message"] and err["recovery"]
 
 
+def test_smoke_load_test_against_the_app(service, tmp_path):
+    """The load-test command's smoke profile (Locust: creators, watchers, pollers) against the real app:
+    it runs, writes its CSV, HTML report, plot and summary, and sees no errors, songs completed and
+    events delivered. Latency objectives are measured in the README, not asserted here."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "smoke"
+    correctness = ["errors:failures:0", "JOB completed:count:>=1", "SSE first event:count:>=1",
+                   "SSE event delivery:count:>=1"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "loadtests" / "run.py"), "--profile", "smoke", "--host", str(service.base_url),
+           "--out", str(out)] + [a for o in correctness for a in ("--objective", o)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("locust_stats.csv", "locust_stats_history.csv", "report.html", "latency.png", "summary.md"):
+        assert (out / name).is_file(), name
+    summary = (out / "summary.md").read_text()
+    assert "GET GET /v1/songs/[id]" in summary and "POST POST /v1/songs" in summary
+    # a missed objective is an exit status of 1
+    impossible = subprocess.run(
+        [sys.executable, str(ROOT / "loadtests" / "run.py"), "--check-only", str(out),
+         "--objective", "GET GET /healthz:95%:0.001"], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert impossible.returncode == 1 and "MISSED" in impossible.stderr
+
+
 def test_not_found_and_payload_too_large(service):
     r = service.get("/v1/songs/" + "f" * 32)
     assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
@@ -182,8 +210,9 @@ def test_the_whole_api_through_the_serve_proxy(service, webhook_receiver, tmp_pa
 
 
 def test_compatible_jobs_share_a_batch_and_out_of_memory_is_contained(service):
-    """While one song runs, jobs queue at the generator; @serve.batch hands them over together."""
-    busy = service.post("/v1/songs", json={**SONG, "duration_s": 30, "steps": 150}).json()
+    """While one song runs, jobs queue at the generator; @serve.batch hands them over together. The
+    running song is long (~10 s here) so that the next jobs are queued before it ends even on a busy box."""
+    busy = service.post("/v1/songs", json={**SONG, "duration_s": 60, "steps": 200}).json()
     wait_for(service, busy["id"], {"running"})
     pair = [service.post("/v1/songs", json={**SONG, "seed": s}).json()["id"] for s in (1, 2)]
     odd = service.post("/v1/songs", json={**SONG, "duration_s": 12}).json()["id"]  # another length
@@ -194,7 +223,7 @@ def test_compatible_jobs_share_a_batch_and_out_of_memory_is_contained(service):
 
     # a batch that does not fit (1 + 2 takes > 2) is split and both succeed; a job that cannot fit
     # on its own (3 takes) fails with OUT_OF_MEMORY, and the replica goes on serving
-    busy = service.post("/v1/songs", json={**SONG, "duration_s": 30, "steps": 150}).json()
+    busy = service.post("/v1/songs", json={**SONG, "duration_s": 60, "steps": 200}).json()
     wait_for(service, busy["id"], {"running"})
     split = [service.post("/v1/songs", json={**SONG, "num_takes": n}).json()["id"] for n in (1, 2)]
     too_big = service.post("/v1/songs", json={**SONG, "num_takes": 3}).json()["id"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,15 @@ def test_frontend_warns_about_the_fallback(tokenizer):
     assert int((out.tokens > 0).sum()) > 100
 
 
+def _writable_copy(src: Path, dst: Path) -> None:
+    """Copy src so that this user can write into it: shared/ is laid without write bits, and copytree
+    keeps the folders' modes (root writes anyway; a developer's user does not)."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for folder in [dst, *dst.rglob("*")]:
+        if folder.is_dir():
+            folder.chmod(0o755)
+
+
 def _tiny_polyphone_model(folder, label: int, num_labels: int):
     """An ONNX model with the official interface (input_ids int32 [1, 1+n] -> outputs [1, n, labels])
     that always predicts `label` (1-based, as polydict.json counts)."""
@@ -91,7 +101,7 @@ def _tiny_polyphone_model(folder, label: int, num_labels: int):
 
 def test_polyphone_model_is_used_when_present(tmp_path):
     g2p = tmp_path / "g2p"
-    shutil.copytree(ASSETS / "g2p", g2p)
+    _writable_copy(ASSETS / "g2p", g2p)
     polydict = json.loads((g2p / "g2p_chinese_model" / "polydict.json").read_text(encoding="utf-8"))
     wei2 = int(next(k for k, v in polydict.items() if v == "为{wei2}"))
     _tiny_polyphone_model(g2p / "g2p_chinese_model", wei2, len(polydict))
@@ -125,7 +135,7 @@ def test_front_end_uses_the_optional_files_pulled_into_the_cache(tmp_path, monke
 
 def test_broken_polyphone_model_falls_back(tmp_path):
     g2p = tmp_path / "g2p"
-    shutil.copytree(ASSETS / "g2p", g2p)
+    _writable_copy(ASSETS / "g2p", g2p)
     (g2p / "g2p_chinese_model" / "poly_bert_model.onnx").write_text(
         "version https://git-lfs.github.com/spec/v1\n"
     )
