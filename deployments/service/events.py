@@ -10,8 +10,12 @@ such an event the hub re-reads the positions of the queued jobs it follows (one 
 sends those that changed again, under the same event id.
 
 When the subscription drops (Redis restart), the hub reconnects and sends every followed job's latest
-event, so a listener never misses the end of a job. A slow listener keeps only its newest updates
-(every event is a full snapshot of the job, so skipping older ones loses nothing).
+event, so a listener never misses the end of a job. Every event is a full snapshot of the job, so a
+listener that falls behind skips to the newest update it has (the final one always comes last).
+
+An update renders two ways: the job's full view (a stream's first event, and any event that changes
+the job's status) or a compact progress frame (status, stage, step, queue position, ...) for the
+many events in between, a tenth of the bytes to format, send and parse.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +30,13 @@ from deployments.service.jobs import AsyncJobStore, JobEvent, JobState, SongJob,
 
 log = logging.getLogger(__name__)
 
-Render = Callable[[SongJob, "int | None", str, str], bytes]  # (job, queue position, base url, event id)
+# (job, queue position, base url, event id, full view?) -> one server-sent event
+Render = Callable[[SongJob, "int | None", str, str, bool], bytes]
 
 
 class Update:
     """An event as delivered: the job it describes and its queue position, rendered on demand once
-    per base URL and shared by every listener."""
+    per (base URL, full or compact) and shared by every listener."""
 
     __slots__ = ("event", "job", "position", "_render", "_frames")
 
@@ -41,16 +45,16 @@ class Update:
         self.job = event.job(params)
         self.position = position
         self._render = render
-        self._frames: dict[str, bytes] = {}
+        self._frames: dict[tuple[str, bool], bytes] = {}
 
     @property
     def final(self) -> bool:
         return self.job.state.finished
 
-    def frame(self, base: str) -> bytes:
-        out = self._frames.get(base)
+    def frame(self, base: str, full: bool = True) -> bytes:
+        out = self._frames.get((base, full))
         if out is None:
-            out = self._frames[base] = self._render(self.job, self.position, base, self.event.id)
+            out = self._frames[base, full] = self._render(self.job, self.position, base, self.event.id, full)
         return out
 
     def moved(self, position: int | None) -> Update:
@@ -62,26 +66,26 @@ class Update:
 
 
 class Listener:
-    """One open event stream's inbox."""
+    """One open event stream's inbox. Only the newest update waits: each is a full snapshot, so a
+    listener that was slow to send skips what it missed."""
 
-    def __init__(self, job_id: str, maxlen: int = 16):
+    def __init__(self, job_id: str):
         self.job_id = job_id
-        self._updates: deque[Update] = deque(maxlen=maxlen)
+        self._update: Update | None = None
         self._wake = asyncio.Event()
 
     def push(self, update: Update) -> None:
-        self._updates.append(update)
+        self._update = update
         self._wake.set()
 
     async def next(self, timeout: float) -> Update | None:
-        """The next update, or None after `timeout` seconds without one."""
-        if not self._updates:
+        """The newest update not yet taken, or None after `timeout` seconds without one."""
+        if self._update is None:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            if not self._updates:
-                return None
-        return self._updates.popleft()
+        update, self._update = self._update, None
+        return update
 
 
 class _Followed:
@@ -121,6 +125,18 @@ class EventHub:
             if not followed.listeners:
                 del self._followed[listener.job_id]
 
+    def params(self, job_id: str) -> dict[str, Any] | None:
+        followed = self._followed.get(job_id)
+        return followed.params if followed is not None else None
+
+    def latest(self, job_id: str) -> Update | None:
+        """The newest update of a followed job, while the subscription is up (so nothing newer was
+        missed); None otherwise (then read the job's last event from Redis)."""
+        followed = self._followed.get(job_id)
+        if followed is None or not self.connected.is_set():
+            return None
+        return followed.last
+
     @property
     def listeners(self) -> int:
         return sum(len(f.listeners) for f in self._followed.values())
@@ -142,12 +158,14 @@ class EventHub:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="event-hub")
 
-    async def stop(self) -> None:
-        for task in (self._task, self._refresh):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+    async def stop(self, timeout: float = 5.0) -> None:
+        tasks = [t for t in (self._task, self._refresh) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # wait without awaiting the tasks themselves: their CancelledError must not reach the
+            # caller (under anyio, as in FastAPI's lifespan, that hangs the shutdown)
+            await asyncio.wait(tasks, timeout=timeout)
 
     async def _run(self) -> None:
         backoff = 0.1

@@ -59,7 +59,7 @@ GENERATORS = PREFIX + "generators"
 NOTIFY = PREFIX + "notify"
 IDEMPOTENCY_TTL_S = 24 * 3600
 EVENTS_MAXLEN = 1000
-PROGRESS_MIN_INTERVAL_S = 0.5  # progress writes per job are rate-limited to this
+PROGRESS_MIN_INTERVAL_S = 1.0  # progress writes (and events) per job: at most one a second
 GENERATOR_STATUS_EVERY_S = 5.0
 GENERATOR_STATUS_TTL_S = 3 * GENERATOR_STATUS_EVERY_S  # two missed renewals: the replica is gone
 # the record's fields copied into every event (params are immutable and read once)

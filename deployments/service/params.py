@@ -3,7 +3,7 @@ the seed) and what the generator needs. Stored on the job as JSON; one conversio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -34,7 +34,6 @@ class SongParams:
         return cls(**d)
 
     def public(self) -> dict[str, Any]:
-        """The parameters as shown to users (without the token array)."""
-        d = self.to_dict()
-        d.pop("tokens")
-        return d
+        """The parameters as shown to users (without the token array). Shallow: `asdict` would copy
+        every token of a long song, on every status read."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tokens"}

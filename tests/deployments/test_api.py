@@ -325,6 +325,27 @@ def test_metrics_endpoint_reports_the_queue(service):
     wait_done(service, job_id)
 
 
+def test_routes_and_their_dependencies_run_on_the_event_loop(service):
+    """FastAPI runs a plain `def` endpoint or dependency on a thread pool: a thread hop per request,
+    and anyio's hop walks every task of the loop (thousands with open event streams). None here."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from deployments.service.api import health, models, songs, uploads
+
+    def calls(dependant):
+        yield dependant.call
+        for sub in dependant.dependencies:
+            yield from calls(sub)
+
+    routes = [r for m in (songs, uploads, models, health) for r in m.router.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 10
+    for route in routes:
+        for fn in calls(route.dependant):
+            assert inspect.iscoroutinefunction(fn), f"{route.path}: {fn.__qualname__} is not async"
+
+
 def test_openapi_spec_names_every_route(service):
     spec = service.get("/openapi.json").json()
     assert set(spec["paths"]) >= {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,6 +88,29 @@ def test_errors_through_the_validator_deployment(service, change, status, code):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["recovery"]
+
+
+def _niceness_of(title: str) -> set[int]:
+    """Nice values of the threads of the processes whose title (Ray sets
+    `ray::ServeReplica:app:Deployment`) has `title`."""
+    out = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if title not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            for stat in proc.glob("task/*/stat"):
+                out.add(int(stat.read_text().rsplit(")", 1)[1].split()[16]))  # field 19 of proc(5)
+        except OSError:
+            continue
+    return out
+
+
+def test_a_generator_on_cpu_runs_below_the_api(service):
+    """Without a GPU the model would take both cores from the HTTP API; every thread of the generator
+    runs at the lowest priority, below the ingress's."""
+    generator, ingress = _niceness_of("SongGenerator"), _niceness_of("Ingress")
+    assert generator == {19}, generator
+    assert ingress and max(ingress) < 19, ingress
 
 
 def test_smoke_load_test_against_the_app(service, tmp_path):
@@ -330,7 +354,9 @@ def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
     failed = wait_for(service, job.json()["id"], {"failed", "succeeded"}, timeout=120)
     assert failed["error"]["code"] == "MODEL_NOT_LOADED", failed
     assert "musicgen models pull" in failed["error"]["recovery"]
-    r = service.get("/readyz")
+    deadline = time.time() + 10  # the ingress caches readiness for a second
+    while (r := service.get("/readyz")).status_code == 200 and time.time() < deadline:
+        time.sleep(0.3)
     assert r.status_code == 503 and "musicgen models pull" in r.json()["reason"]
     r = service.post("/v1/songs", json={**SONG, "model": "diffrhythm-1.2-base", "duration_s": 95})
     assert r.status_code == 503 and r.json()["error"]["code"] == "MODEL_NOT_LOADED"

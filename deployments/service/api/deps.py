@@ -68,19 +68,23 @@ class Services:
         self.converter = TakeConverter(self.results)
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def`: FastAPI runs plain `def` dependencies on a thread pool, a thread hop
+# per request (and anyio's hop walks every task of the loop: thousands with open event streams).
+
+
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
-def get_store(services: Annotated[Services, Depends(get_services)]) -> AsyncJobStore:
+async def get_store(services: Annotated[Services, Depends(get_services)]) -> AsyncJobStore:
     return services.store
 
 
-def get_config(services: Annotated[Services, Depends(get_services)]) -> ApiConfig:
+async def get_config(services: Annotated[Services, Depends(get_services)]) -> ApiConfig:
     return services.config
 
 
-def base_url(request: Request) -> str:
+async def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -98,33 +98,40 @@ async def events(
     base: BaseUrl,
     last_event_id: str | None = Header(None, max_length=64),
 ):
-    """The job as server-sent events: `event` is its status, `data` its view (as GET /v1/songs/{id}),
-    `id` the event id. The first event is the job as it is now (or, with Last-Event-ID, every event
-    after that one); then one per change, until the job ends. A client that already saw the final
-    event gets 204 (EventSource then stops reconnecting)."""
+    """The job as server-sent events, each with an `id` (send it back as Last-Event-ID to resume).
+    The first event is the job as it is now (or, with Last-Event-ID, every event after that one):
+    `event` is its status and `data` its full view, as GET /v1/songs/{id}. Then one event per change
+    until the job ends: a change of status comes as the full view again; progress within a status as
+    `event: progress` with the fields that move (status, stage, progress, step, total_steps,
+    queue_position, eta_s, updated_at, cancel_requested, attempts). A client that already saw the
+    final event gets 204 (EventSource then stops reconnecting). Comments (`: keep-alive`) every 15 s."""
     store, hub = services.store, services.hub
     if not JOB_ID.fullmatch(job_id):
         raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
     if last_event_id is not None and not re.fullmatch(r"\d+-\d+", last_event_id):
         last_event_id = None  # not one of ours: start from the job as it is now
-    params = await store.params(job_id)
+    # a job that other streams follow is already known to the hub: its parameters and latest update
+    # come from memory (no Redis read, and the first frame is rendered once for all of them)
+    params = hub.params(job_id) or await store.params(job_id)
     if params is None:
         raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
     listener = hub.listen(job_id, params)  # before reading the backlog: nothing falls in between
     try:
         if last_event_id:
-            backlog = await store.events_after(job_id, last_event_id)
+            backlog = [hub.update(e, params, None) for e in await store.events_after(job_id, last_event_id)]
         else:
-            last = await store.last_event(job_id)
-            backlog = [last] if last else []
+            latest = hub.latest(job_id)
+            if latest is None:
+                event = await store.last_event(job_id)
+                latest = hub.update(event, params, None) if event else None
+            backlog = [latest] if latest else []
         if not backlog:
             seen = await store.last_event(job_id)
             if seen is not None and seen.state.finished:
                 hub.unlisten(listener)
                 return Response(status_code=204)
-        position = None
-        if backlog and backlog[-1].state == JobState.QUEUED:
-            position = await store.queue_position(job_id)
+        if backlog and backlog[-1].job.state == JobState.QUEUED and backlog[-1].position is None:
+            backlog[-1] = backlog[-1].moved(await store.queue_position(job_id))
     except BaseException:
         hub.unlisten(listener)
         raise
@@ -133,13 +140,12 @@ async def events(
     async def stream() -> AsyncIterator[bytes]:
         try:
             yield b"retry: 2000\n\n"
-            # what was sent last: (event order, queue position); an event comes again only when
-            # its job moved in the queue
-            sent = (event_order(last_event_id), None) if last_event_id else None
-            for event in backlog:
-                update = hub.update(event, params, position if event is backlog[-1] else None)
-                yield update.frame(base)
-                sent = event_order(event.id), update.position
+            # what was sent last: (event order, queue position, status); an event comes again only
+            # when its job moved in the queue
+            sent = (event_order(last_event_id), None, None) if last_event_id else None
+            for i, update in enumerate(backlog):
+                yield update.frame(base, full=i == 0 or update.job.state != sent[2])
+                sent = event_order(update.event.id), update.position, update.job.state
                 if update.final:
                     return
             while True:
@@ -152,8 +158,8 @@ async def events(
                     order < sent[0] or (order == sent[0] and update.position == sent[1])
                 ):
                     continue  # already sent (from the backlog, or announced while it was read)
-                yield update.frame(base)
-                sent = order, update.position
+                yield update.frame(base, full=sent is None or update.job.state != sent[2])
+                sent = order, update.position, update.job.state
                 if update.final:
                     return
         finally:
@@ -206,10 +212,21 @@ async def audio(
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         status_code = 206
     headers["Content-Length"] = str(last - first + 1)
-    # a sync iterator: Starlette reads it on its thread pool, a chunk at a time
     return StreamingResponse(
-        results.iter_range(key, first, last),
-        status_code=status_code,
-        headers=headers,
-        media_type=MEDIA_TYPES[fmt],
-    )
+        _read_off_loop(results.iter_range(key, first, last), services.audio_pool),
+        status_code=status_code, headers=headers, media_type=MEDIA_TYPES[fmt],
+    )  # fmt: skip
+
+
+async def _read_off_loop(chunks: Iterator[bytes], pool) -> AsyncIterator[bytes]:
+    """A blocking iterator read on a thread pool, a chunk at a time (Starlette's own way for sync
+    iterators goes through anyio, whose every hop walks all the loop's tasks)."""
+    loop = asyncio.get_running_loop()
+    done = object()
+    try:
+        while (chunk := await loop.run_in_executor(pool, next, chunks, done)) is not done:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await loop.run_in_executor(pool, close)

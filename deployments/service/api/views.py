@@ -47,9 +47,19 @@ def sse_frame(
     position: int | None,
     base: str,
     event_id: str,
+    full: bool = True,
     *,
     seconds_per_job: float = SECONDS_PER_JOB_ESTIMATE,
 ) -> bytes:
-    """One server-sent event: `id` (for Last-Event-ID), the job's status as the event type, the view."""
-    data = job_view(job, position, base, seconds_per_job=seconds_per_job).model_dump_json()
-    return f"id: {event_id}\nevent: {job.state.value}\ndata: {data}\n\n".encode()
+    """One server-sent event: `id` (for Last-Event-ID) and either the job's full view (event type: its
+    status) or, for progress within a status, the compact `progress` event with the fields that move."""
+    view = job_view(job, position, base, seconds_per_job=seconds_per_job)
+    if full:
+        return f"id: {event_id}\nevent: {job.state.value}\ndata: {view.model_dump_json()}\n\n".encode()
+    data = view.model_dump_json(include=PROGRESS_FIELDS)
+    return f"id: {event_id}\nevent: progress\ndata: {data}\n\n".encode()
+
+
+# what a `progress` event carries: the fields of JobView that change while a job keeps its status
+PROGRESS_FIELDS = {"id", "status", "stage", "progress", "step", "total_steps", "queue_position", "eta_s",
+                   "updated_at", "cancel_requested", "attempts"}  # fmt: skip
