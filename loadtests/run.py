@@ -15,6 +15,7 @@ loadtests/locustfile.py; each profile below sets their mix, the load shape and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ipaddress
 import json
@@ -22,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,13 +129,75 @@ def run_locust(host: str, profile: Profile, out: Path, processes: int) -> int:
     if processes > 1:
         cmd += ["--processes", str(processes)]
     print(f"locust: {profile.description}; {int(seconds)} s; stages {profile.stages}", flush=True)
-    done = subprocess.run(cmd, env=env, cwd=HERE.parent, timeout=seconds + 180)
+    probe = Probe(host)
+    probe.start()
+    try:
+        done = subprocess.run(cmd, env=env, cwd=HERE.parent, timeout=seconds + 180)
+    finally:
+        probe.done.set()
+        probe.join()
+    (out / "probe.json").write_text(json.dumps(probe.rows()))
     return done.returncode
+
+
+class Probe(threading.Thread):
+    """A second opinion on latency from outside Locust: one client in this (otherwise idle) process
+    reads /healthz and the newest job's status four times a second over one keep-alive connection.
+    Locust runs hundreds of users on one gevent loop, and a burst of events on many streams delays
+    the greenlets that time other requests; the probe shows what the service itself answers."""
+
+    NAMES = ("PROBE GET /healthz", "PROBE GET /v1/songs/[id]")
+
+    def __init__(self, host: str, period_s: float = 0.25):
+        super().__init__(daemon=True)
+        self.host, self.period_s = host, period_s
+        self.samples: dict[str, list[float]] = {name: [] for name in self.NAMES}
+        self.failures = dict.fromkeys(self.NAMES, 0)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.host, timeout=10) as http:
+            job_id, i = None, 0
+            while not self.done.wait(self.period_s):
+                i += 1
+                if job_id is None or i % 40 == 0:
+                    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+                        job_id = http.get("/v1/songs", params={"limit": 1}).json()[0]["id"]
+                name, path = (self.NAMES[0], "/healthz") if i % 2 or job_id is None else (
+                    self.NAMES[1], f"/v1/songs/{job_id}")  # fmt: skip
+                start = time.perf_counter()
+                try:
+                    ok = http.get(path).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    self.samples[name].append((time.perf_counter() - start) * 1000)
+                else:
+                    self.failures[name] += 1
+
+    def rows(self) -> dict[str, dict[str, str]]:
+        """Rows shaped like Locust's stats CSV, so that objectives and the summary can use them."""
+        import numpy as np
+
+        out = {}
+        for name, values in self.samples.items():
+            if not values:
+                continue
+            pct = {f"{q}%": f"{np.percentile(values, q):.0f}" for q in (50, 95, 99)}
+            out[name] = {"Request Count": str(len(values)), "Failure Count": str(self.failures[name]),
+                         "Max Response Time": f"{max(values):.1f}", **pct}  # fmt: skip
+        return out
 
 
 def read_stats(out: Path) -> dict[str, dict[str, str]]:
     with open(out / "locust_stats.csv", newline="") as f:
-        return {f"{row['Type']} {row['Name']}".strip(): row for row in csv.DictReader(f)}
+        stats = {f"{row['Type']} {row['Name']}".strip(): row for row in csv.DictReader(f)}
+    probe = out / "probe.json"
+    if probe.exists():
+        stats.update(json.loads(probe.read_text()))
+    return stats
 
 
 def check(

@@ -29,6 +29,7 @@ from typing import Any
 from deployments.service.jobs import AsyncJobStore, JobEvent, JobState, SongJob, event_order
 
 log = logging.getLogger(__name__)
+FANOUT_CHUNK = 64  # listeners woken per turn of the event loop (see EventHub._push_all)
 
 # (job, queue position, base url, event id, full view?) -> one server-sent event
 Render = Callable[[SongJob, "int | None", str, str, bool], bytes]
@@ -111,6 +112,10 @@ class EventHub:
 
     def listen(self, job_id: str, params: dict[str, Any]) -> Listener:
         self.start()
+        return self.listen_without_subscribing(job_id, params)
+
+    def listen_without_subscribing(self, job_id: str, params: dict[str, Any]) -> Listener:
+        """Register a listener; the caller delivers events itself (tests of the fan-out)."""
         followed = self._followed.get(job_id)
         if followed is None:
             followed = self._followed[job_id] = _Followed(params)
@@ -205,9 +210,20 @@ class EventHub:
     async def _deliver(self, followed: _Followed, event: JobEvent) -> None:
         position = await self.store.queue_position(event.job_id) if event.state == JobState.QUEUED else None
         update = followed.last = Update(event, followed.params, position, self.render)
-        for listener in followed.listeners:
+        await self._push_all(followed, update)
+
+    async def _push_all(self, followed: _Followed, update: Update) -> None:
+        """Wake the listeners a chunk per turn of the event loop: each woken listener writes its frame
+        in the next turn, and other requests (a status read, a health check) get their turn between
+        chunks instead of waiting behind hundreds of writes."""
+        listeners = list(followed.listeners)
+        for i, listener in enumerate(listeners):
+            if i and i % FANOUT_CHUNK == 0:
+                await asyncio.sleep(0)
+                if followed.last is not update:
+                    return  # the listeners not woken yet are woken with the newer update
             listener.push(update)
-        self.delivered += len(followed.listeners)
+        self.delivered += len(listeners)
 
     def _schedule_queue_refresh(self) -> None:
         if self._refresh is None or self._refresh.done():
@@ -228,5 +244,4 @@ class EventHub:
             last = followed.last
             if last is not None and last.job.state == JobState.QUEUED and position != last.position:
                 update = followed.last = last.moved(position)
-                for listener in followed.listeners:
-                    listener.push(update)
+                await self._push_all(followed, update)
