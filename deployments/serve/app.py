@@ -220,7 +220,8 @@ class Ingress:
             ready=self._ready, models=self._models,
             config=ApiConfig(
                 max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                webhook_secret=args.webhook_secret or "",
+                webhook_secret=args.webhook_secret or "", cors_origins=tuple(args.cors_origins),
+                security_headers=args.security_headers,
             ),
         )  # fmt: skip
         self._loop = asyncio.get_event_loop()

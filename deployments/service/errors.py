@@ -24,6 +24,8 @@ _STATUS = {
     "INVALID_PROMPT": 422,
     "INVALID_PARAMETER": 422,
     "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "BAD_REQUEST": 400,
     "PAYLOAD_TOO_LARGE": 413,
     "UNSUPPORTED_MEDIA": 415,
     "QUEUE_FULL": 429,
@@ -38,12 +40,14 @@ _STATUS = {
 
 _SERVICE_HINTS = {
     "NOT_FOUND": "check the id; finished jobs are kept for the retention period only",
-    "PAYLOAD_TOO_LARGE": "upload a smaller file",
+    "METHOD_NOT_ALLOWED": "see the OpenAPI spec at /openapi.json for each path's methods",
+    "BAD_REQUEST": "send a well-formed HTTP request (see the OpenAPI spec at /openapi.json)",
+    "PAYLOAD_TOO_LARGE": "send a smaller body: uploads up to the upload limit, JSON requests up to 256 KiB",
     "QUEUE_FULL": "retry after the number of seconds in Retry-After",
     "STORE_UNAVAILABLE": "retry shortly: the job store is unreachable; accepted jobs are not lost",
     "GENERATION_TIMEOUT": "try a shorter song, fewer takes or fewer steps",
     "WORKER_LOST": "submit the song again; if it keeps failing, try a shorter song",
-    "INTERNAL": "retry; if it persists, report it with the job id",
+    "INTERNAL": "retry; if it persists, report it with the request id (details.request_id)",
 }
 
 

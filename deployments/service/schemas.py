@@ -8,13 +8,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.service.settings import MAX_STEPS, MAX_TAKES
 
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}\.(wav|flac|mp3|ogg)$"  # as POST /v1/uploads names them
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class EditRequest(Strict):
-    source_id: str = Field(description="upload id of the song to edit (POST /v1/uploads)")
+    source_id: str = Field(
+        pattern=UPLOAD_ID_PATTERN, description="upload id of the song to edit (POST /v1/uploads)"
+    )
     segments: list[tuple[float, float]] = Field(
         min_length=1,
         max_length=16,
@@ -27,7 +32,9 @@ class SongCreate(Strict):
         "", max_length=20_000, description="LRC ([mm:ss.xx]line) or plain lines; empty = instrumental"
     )
     style_prompt: str | None = Field(None, max_length=512, description="text description of the style")
-    reference_audio_id: str | None = Field(None, description="upload id of a reference song (>= 10 s)")
+    reference_audio_id: str | None = Field(
+        None, pattern=UPLOAD_ID_PATTERN, description="upload id of a reference song (>= 10 s)"
+    )
     duration_s: float | None = Field(None, description="song length; default: the model's shortest")
     model: str | None = Field(None, description="model name; default: the service's default model")
     seed: int | None = Field(None, ge=0, le=2**62, description="take i uses seed + i; default: random")
@@ -44,6 +51,22 @@ class ErrorBody(Strict):
     message: str
     recovery: str
     details: dict = {}
+
+
+class ErrorResponse(Strict):
+    """The body of every error answer."""
+
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` entries for these statuses, all with the error body."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# what any operation may answer: a malformed request (400), a body over the limit (413), invalid
+# fields (422), an unexpected failure (500), the job store unreachable (503)
+COMMON_ERRORS = error_responses(400, 413, 422, 500, 503)
 
 
 class TakeView(Strict):

@@ -20,6 +20,7 @@ MAX_STEPS = 200  # sampling steps of one song
 MAX_QUEUE = 100  # queued songs before submissions get QUEUE_FULL
 MAX_UPLOAD_MB = 50.0  # reference songs and songs to edit
 MAX_UPLOAD_SECONDS = 600.0
+MAX_BODY_KB = 256  # any request body but an upload's (a song request with the longest lyrics is ~60 KiB)
 GENERATION_TIMEOUT_S = 1800.0
 SECONDS_PER_JOB_ESTIMATE = 60.0  # queue ETA before measured timings exist
 SSE_KEEPALIVE_S = 15.0  # a comment line on idle event streams (proxies close silent connections)
@@ -62,6 +63,8 @@ class AppArgs(BaseModel):
     max_batch_takes: int = Field(8, ge=1)  # takes sampled together at most (GPU memory)
     fault_oom_takes: int | None = Field(None, ge=0)  # testing aid: simulate OOM above this many takes
     webhook_secret: str | None = Field(None, repr=False)
+    cors_origins: list[str] = []  # browser origins allowed to call the API from other sites ("*" = any)
+    security_headers: bool = True  # nosniff, no framing, no referrer, a strict CSP on API answers
 
     def resolved(self) -> AppArgs:
         return self.model_copy(

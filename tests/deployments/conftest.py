@@ -16,7 +16,12 @@ BAD_SUBMISSIONS = [
     ({"surprise": 1}, 422, "INVALID_PARAMETER"),
     ({"duration_s": 500}, 422, "INVALID_PARAMETER"),
     ({"model": "diffrhythm-1.2-full"}, 422, "INVALID_PARAMETER"),
-    ({"reference_audio_id": "nope.wav", "style_prompt": None}, 404, "NOT_FOUND"),
+    ({"reference_audio_id": "0" * 32 + ".wav", "style_prompt": None}, 404, "NOT_FOUND"),
+    # ids are checked by pattern before they reach storage
+    ({"reference_audio_id": "../../etc/passwd", "style_prompt": None}, 422, "INVALID_PARAMETER"),
+    ({"reference_audio_id": "nope.wav", "style_prompt": None}, 422, "INVALID_PARAMETER"),
+    ({"edit": {"source_id": "../x", "segments": [[0, 5]]}}, 422, "INVALID_PARAMETER"),
+    ({"webhook_url": "file:///etc/passwd"}, 422, "INVALID_PARAMETER"),
 ]
 
 

@@ -15,11 +15,15 @@ import logging
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.service.api import health, models, songs, uploads
 from deployments.service.api.deps import ApiConfig, Services
+from deployments.service.api.edge import EdgeMiddleware
 from deployments.service.errors import ServiceError
+from deployments.service.schemas import COMMON_ERRORS
 
 __all__ = ["ApiConfig", "Services", "create_api"]
 log = logging.getLogger(__name__)
@@ -43,8 +47,19 @@ def create_api(services: Services) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    cfg = services.config
+    if cfg.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID", "Content-Range"], max_age=600,
+        )  # fmt: skip
+    # added last: outermost, so its headers and limits apply to every answer, CORS preflights included
+    app.add_middleware(
+        EdgeMiddleware, max_body_bytes=cfg.max_body_bytes, security_headers=cfg.security_headers
+    )
     for module in (songs, uploads, models, health):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=COMMON_ERRORS)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError):
@@ -64,6 +79,13 @@ def create_api(services: Services) -> FastAPI:
                 details={"parameter": where, "errors": json.loads(json.dumps(exc.errors(), default=str))},
             )
         )  # fmt: skip
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        """Starlette's own answers (no such path, wrong method) in the service's error body."""
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "BAD_REQUEST")
+        err = ServiceError(code, str(exc.detail))
+        return JSONResponse({"error": err.to_dict()}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(redis.RedisError)
     async def _store_down(_: Request, exc: redis.RedisError):

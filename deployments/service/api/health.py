@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 
 from deployments.service.api.deps import ServicesDep
 from deployments.service.metrics import queue_metrics_text
@@ -17,7 +18,14 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    ready: bool
+    reason: str
+
+
+@router.get(
+    "/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}}
+)
 async def readyz(services: ServicesDep):
     """Ready to accept songs: the job store answers and a generator has the model (or may start one)."""
     await services.store.ping()
@@ -25,7 +33,10 @@ async def readyz(services: ServicesDep):
     return JSONResponse({"ready": ok, "reason": why}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+)  # fmt: skip
 async def metrics(services: ServicesDep):
     queued, running = await services.store.counts()
     text = queue_metrics_text(queued, running, listeners=services.hub.listeners)

@@ -14,12 +14,12 @@ from deployments.service.api.views import job_view
 from deployments.service.errors import ServiceError
 from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, SongJob, event_order
 from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
-from deployments.service.schemas import ErrorBody, JobView, SongCreate
+from deployments.service.schemas import JOB_ID_PATTERN, JobView, SongCreate, error_responses
 from deployments.service.webhooks import notify
 
 router = APIRouter(prefix="/v1/songs", tags=["songs"])
-JOB_ID = re.compile(r"[0-9a-f]{32}")
-_ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+JOB_ID = re.compile(JOB_ID_PATTERN)
+_ERRORS = error_responses(404)
 
 
 async def load_job(store: AsyncJobStore, job_id: str) -> tuple[SongJob, int | None]:
@@ -29,7 +29,7 @@ async def load_job(store: AsyncJobStore, job_id: str) -> tuple[SongJob, int | No
     return job, position
 
 
-@router.post("", status_code=202, response_model=JobView, responses={**_ERRORS, 429: {"model": ErrorBody}})
+@router.post("", status_code=202, response_model=JobView, responses=error_responses(404, 429))
 async def submit(
     body: SongCreate,
     services: ServicesDep,
@@ -58,7 +58,10 @@ async def submit(
 
 @router.get("", response_model=list[JobView])
 async def list_songs(
-    store: StoreDep, base: BaseUrl, limit: int = Query(20, ge=1, le=100), before: float | None = None
+    store: StoreDep,
+    base: BaseUrl,
+    limit: int = Query(20, ge=1, le=100),
+    before: float | None = Query(None, allow_inf_nan=False, description="created_at of the last job seen"),
 ) -> list[JobView]:
     jobs = await store.recent(limit=limit, before=before)
     positions = await store.queue_positions([j.id for j in jobs])
@@ -192,12 +195,12 @@ async def audio(
         raise ServiceError("NOT_FOUND", f"song {job_id} has takes {sorted(takes)}, not {n}")
     results = services.results
     key, fmt = takes[n]["key"], takes[n]["format"]
-    if format and format != fmt:
-        converter = services.converter
-        converter.target(key, format)  # refuses unknown formats before any work
-        loop = asyncio.get_running_loop()
-        key, fmt = await loop.run_in_executor(services.audio_pool, converter.convert, key, format), format
     try:
+        if format and format != fmt:
+            converter = services.converter
+            converter.target(key, format)  # refuses unknown formats before any work
+            loop = asyncio.get_running_loop()
+            key, fmt = await loop.run_in_executor(services.audio_pool, converter.convert, key, format), format
         size = await asyncio.to_thread(results.size, key)
     except FileNotFoundError:
         raise ServiceError("NOT_FOUND", f"take {n} of song {job_id} is no longer stored",

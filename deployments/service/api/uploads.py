@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from deployments.service.api.deps import ServicesDep
 from deployments.service.errors import ServiceError
 from deployments.service.media import sniff_audio
-from deployments.service.schemas import ErrorBody, UploadView
+from deployments.service.schemas import UploadView, error_responses
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 _SPOOL_BYTES = 1 << 20  # written to disk (in a thread) a megabyte at a time
@@ -23,7 +23,7 @@ _SPOOL_BYTES = 1 << 20  # written to disk (in a thread) a megabyte at a time
     "",
     status_code=201,
     response_model=UploadView,
-    responses={413: {"model": ErrorBody}, 415: {"model": ErrorBody}},
+    responses=error_responses(413, 415),
     openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                        "format": "binary"}}},
                                    "required": True}},
