@@ -175,10 +175,10 @@ class SongGenerator:
         fail with MODEL_NOT_LOADED rather than wait forever."""
         out: list[str | None] = []
         for job_id in job_ids:
-            claimed = self.store.claim(job_id, self.worker)
-            if claimed:
-                self.store.fail(job_id, self.load_error)
-            out.append("failed" if claimed else None)
+            token = self.store.claim(job_id, self.worker)
+            if token is not None:
+                self.store.fail(job_id, self.load_error, token=token)
+            out.append("failed" if token is not None else None)
         return out
 
     def __del__(self):
