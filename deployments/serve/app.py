@@ -237,7 +237,9 @@ class Ingress:
 
     async def _reconcile_forever(self) -> None:
         """Re-queue jobs of lost workers and (re)dispatch queued jobs: after an ingress restart, a
-        generator crash or a Redis restart, every accepted job gets a worker."""
+        generator crash or a Redis restart, every accepted job gets a worker. Then delete the files
+        whose retention period is over (expired jobs' takes, old uploads)."""
+        from deployments.service.retention import sweep_expired_files
         from deployments.service.webhooks import notify
 
         while True:
@@ -249,6 +251,7 @@ class Ingress:
                         notify(job, self.args.webhook_secret or "", self._webhook_recorder(job_id))
                 for job_id in await self.store.queued_ids():
                     self._start(job_id)
+                await sweep_expired_files(self.store, self.services.results, self.services.uploads)
             except Exception:
                 log.warning("reconcile failed (job store unreachable?)", exc_info=True)
             await asyncio.sleep(RECONCILE_EVERY_S)
