@@ -70,17 +70,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis_server:
         store = JobStore.from_url(redis_server.url)
         runner = JobRunner.__new__(JobRunner)  # only the storing half of the worker
-        runner.results = LocalStorage(Path(tmp) / "results")
+        runner.results, runner.store = LocalStorage(Path(tmp) / "results"), store
         for _ in range(args.repeat):
             for name, writer in writers.items():
                 runner_module.write_audio = writer
                 job, _ = store.create(params.to_dict())
-                store.claim(job.id, "bench")
+                token = store.claim(job.id, "bench")
+                lease = runner_module._Lease(store, job.id, token)  # not started: nothing renews it here
                 t0 = time.thread_time()
                 w0 = time.perf_counter()
-                takes = runner._store_takes(job.id, params, FakeResult([audio], sr, [0]))
+                takes = runner._store_takes(lease, params, FakeResult([audio], sr, [0]))
                 t1 = time.thread_time()
-                store.complete(job.id, {"takes": takes, "timings": {}, "sample_rate": sr})
+                store.complete(job.id, {"takes": takes, "timings": {}, "sample_rate": sr}, token=token)
                 t2 = time.thread_time()
                 row = rows.setdefault(name, {"encode+store": [], "record": [], "wall": [], "bytes": []})
                 row["encode+store"].append(t1 - t0)

@@ -38,6 +38,9 @@ RECONCILE_EVERY_S = 5.0
 READY_CACHE_S = 1.0  # submissions and /readyz read the generators' reports at most this often
 GENERATION_GRACE_S = 900  # graceful shutdown: longer than the longest song takes on a GPU
 CPU_GENERATOR_NICE = 19  # a generator without a GPU runs below the API (see SongGenerator.__init__)
+# A generator without its model reports that for this long (a loaded one: GENERATOR_STATUS_TTL_S): longer
+# than Serve takes to replace it, so /readyz keeps telling why until its successor reports.
+LOAD_ERROR_REPORT_TTL_S = 120.0
 INGRESS_GC_THRESHOLDS = (50_000, 20, 100)  # Python's default is (700, 10, 10): see Ingress.__init__
 
 
@@ -123,6 +126,7 @@ class SongGenerator:
 
         self.args = args
         self.load_error: dict | None = None
+        self.load_failed_at = 0.0  # time.monotonic() when the model failed to load
         self.runner = None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.store = JobStore.from_url(redis_url, **_store_options(args))
@@ -133,6 +137,7 @@ class SongGenerator:
             pipeline = SongPipeline.from_pretrained(args.model, device=args.device)
         except MusicgenError as exc:
             self.load_error = ServiceError.from_library(exc).to_dict()  # MODEL_NOT_LOADED
+            self.load_failed_at = time.monotonic()
             log.error("model %s not loaded: %s", args.model, exc)
             self._report_now()  # before any job is refused: /readyz then tells why
             return
@@ -152,7 +157,8 @@ class SongGenerator:
 
     def _report_now(self) -> None:
         try:
-            self.store.put_generator_status(self.worker, self.status())
+            ttl_s = LOAD_ERROR_REPORT_TTL_S if self.load_error else None
+            self.store.put_generator_status(self.worker, self.status(), ttl_s=ttl_s)
         except Exception:
             log.warning("could not report generator status (job store unreachable?)", exc_info=True)
 
@@ -175,10 +181,10 @@ class SongGenerator:
         fail with MODEL_NOT_LOADED rather than wait forever."""
         out: list[str | None] = []
         for job_id in job_ids:
-            claimed = self.store.claim(job_id, self.worker)
-            if claimed:
-                self.store.fail(job_id, self.load_error)
-            out.append("failed" if claimed else None)
+            token = self.store.claim(job_id, self.worker)
+            if token is not None:
+                self.store.fail(job_id, self.load_error, token=token)
+            out.append("failed" if token is not None else None)
         return out
 
     def __del__(self):
@@ -192,7 +198,18 @@ class SongGenerator:
                 "worker": self.worker}  # fmt: skip
 
     def check_health(self) -> None:
-        if self.runner is not None and self.device.type == "cuda":
+        """Serve calls this every health_check_period_s and replaces the replica when it raises."""
+        if self.runner is None:
+            # Without its model the replica only refuses jobs: model_retry_s after the failed load it
+            # fails, and the replica that replaces it loads the model again (after `musicgen models
+            # pull`, say). Not at once: Serve checks a new replica right after __init__ and takes a
+            # failure there for a failed start (the replica never serves, and jobs sent to it wait
+            # instead of failing with MODEL_NOT_LOADED); and a restart loop would take the node's CPU.
+            if time.monotonic() - self.load_failed_at >= self.args.model_retry_s:
+                self._report_now()  # /readyz keeps telling why while Serve replaces this replica
+                raise RuntimeError(f"model {self.args.model} not loaded: {self.load_error['message']}")
+            return
+        if self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)  # raises on a dead CUDA context: the replica is replaced
@@ -238,7 +255,9 @@ class Ingress:
 
     async def _reconcile_forever(self) -> None:
         """Re-queue jobs of lost workers and (re)dispatch queued jobs: after an ingress restart, a
-        generator crash or a Redis restart, every accepted job gets a worker."""
+        generator crash or a Redis restart, every accepted job gets a worker. Then delete the files
+        whose retention period is over (expired jobs' takes, old uploads)."""
+        from deployments.service.retention import sweep_expired_files
         from deployments.service.webhooks import notify
 
         while True:
@@ -250,6 +269,7 @@ class Ingress:
                         notify(job, self.args.webhook_secret or "", self._webhook_recorder(job_id))
                 for job_id in await self.store.queued_ids():
                     self._start(job_id)
+                await sweep_expired_files(self.store, self.services.results, self.services.uploads)
             except Exception:
                 log.warning("reconcile failed (job store unreachable?)", exc_info=True)
             await asyncio.sleep(RECONCILE_EVERY_S)

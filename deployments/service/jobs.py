@@ -1,15 +1,25 @@
 """The job store: the whole Redis protocol of the service, in one place.
 
-States: queued -> running -> succeeded | failed | canceled (queued -> canceled | failed too).
+States: queued -> running -> succeeded | failed | canceled (queued -> canceled too).
 Every transition is one Lua script, so it is atomic and idempotent: a job runs at least once (a lost
 worker's lease expires and the reconciler re-queues it) and its result is recorded exactly once (a
 second completion finds the job no longer running and changes nothing). Every transition and
 progress write also appends the job's new state to its event stream and announces it on one pub/sub
 channel, in the same script, so a listener never sees a state the record does not have.
 
+Leases and fencing. A claim returns a lease token: the job's attempt number, which the claim raises
+by one. Every later write of that run (progress, lease renewal, result, failure, cancellation, giving
+the job back) passes the token, and its script refuses it unless the job is still running under that
+token. A worker whose lease expired and whose job was claimed again (by another worker, or by itself)
+therefore cannot change the record any more: its writes return False and it stops working on the
+job. Lease deadlines and retention deadlines are computed inside the scripts from Redis `TIME`, never
+from a host's clock (record timestamps such as `updated_at` are the writer's clock, for display).
+
 Keys (prefix `mg:`), with their lifetimes and why:
 - `mg:job:{id}` hash, the job record. No TTL while queued or running (an accepted job is never
   dropped); `retention_s` once finished (results are kept that long, then the record expires).
+  `attempts` is also the current lease token; `recorded_by` the token that recorded the outcome (a
+  retried write of the same attempt is then idempotent).
 - `mg:events:{id}` stream, the job's events: one entry per transition or progress write holding the
   record's public fields after it (`EVENT_FIELDS`). Entry ids are the SSE event ids: a client that
   reconnects with Last-Event-ID reads what it missed here. At most ~`EVENTS_MAXLEN` entries (every
@@ -17,13 +27,20 @@ Keys (prefix `mg:`), with their lifetimes and why:
 - `mg:notify` pub/sub channel: a JSON message per event of any job ({"id", "event", ...fields}).
   One subscription per ingress replica fans it out to that replica's listeners.
 - `mg:queue` zset id -> enqueue time: FIFO order and queue positions (ZRANK). No TTL.
-- `mg:running` zset id -> lease deadline: the reconciler re-queues entries whose deadline passed.
+- `mg:running` zset id -> lease deadline (Redis time): the reconciler re-queues entries whose
+  deadline passed.
 - `mg:recent` zset id -> creation time: the paginated job list; trimmed to the retention window.
+- `mg:expiring` zset "results:{job id}" | "uploads:{upload id}" -> when its files are deleted (Redis
+  time): a finished job's folder of takes when its record expires, an upload `retention_s` after it
+  was stored. A sweeper claims due entries atomically (`claim_due_files`), deletes the files, then
+  removes the entries (`files_deleted`); an entry whose sweeper died comes due again after
+  `SWEEP_CLAIM_S`. No TTL.
 - `mg:idem:{key}` string -> job id, TTL `IDEMPOTENCY_TTL_S` (24 h): clients retry a submission within
   minutes or hours; after a day the same key may start a new job.
 - `mg:generators` hash worker -> JSON status: what each generator replica says of itself (model
   loaded or why not, and when it said so), renewed every `GENERATOR_STATUS_EVERY_S`; readers ignore
-  and delete reports older than `GENERATOR_STATUS_TTL_S` (a dead replica stops renewing).
+  and delete reports older than `GENERATOR_STATUS_TTL_S` (a dead replica stops renewing), or than
+  the report's own `ttl_s` (a replica that is about to be replaced keeps its report for longer).
   Readiness reads this one hash instead of asking the replicas, which would queue behind the songs
   they are generating.
 
@@ -55,6 +72,7 @@ PREFIX = "mg:"
 QUEUE = PREFIX + "queue"
 RUNNING = PREFIX + "running"
 RECENT = PREFIX + "recent"
+EXPIRING = PREFIX + "expiring"
 GENERATORS = PREFIX + "generators"
 NOTIFY = PREFIX + "notify"
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -62,6 +80,7 @@ EVENTS_MAXLEN = 1000
 PROGRESS_MIN_INTERVAL_S = 1.0  # progress writes (and events) per job: at most one a second
 GENERATOR_STATUS_EVERY_S = 5.0
 GENERATOR_STATUS_TTL_S = 3 * GENERATOR_STATUS_EVERY_S  # two missed renewals: the replica is gone
+SWEEP_CLAIM_S = 300  # a sweeper that claimed files and died before deleting them: others retry after this
 # the record's fields copied into every event (params are immutable and read once)
 EVENT_FIELDS = ("state", "progress", "attempts", "created_at", "started_at", "finished_at", "updated_at",
                 "error", "result", "cancel_requested")  # fmt: skip
@@ -171,7 +190,7 @@ def event_order(event_id: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------
 # Lua: each transition reads and writes its keys in one atomic step, and emits its event
 
-_EMIT = f"""
+_LIB = f"""
 local EVENT_FIELDS = {{{", ".join(repr(f) for f in EVENT_FIELDS)}}}
 -- append the record's public fields to its event stream and announce them; returns the entry id
 local function emit(job_key, events_key, id, maxlen)
@@ -188,6 +207,22 @@ local function emit(job_key, events_key, id, maxlen)
   message['event'] = eid
   redis.call('PUBLISH', '{NOTIFY}', cjson.encode(message))
   return eid
+end
+-- the store's clock, in seconds: deadlines never depend on the clock of the host that asks
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+-- the job is running under the lease `token` (its attempt number): the fence of a worker's writes
+local function holds(job_key, token)
+  local v = redis.call('HMGET', job_key, 'state', 'attempts')
+  return v[1] == 'running' and v[2] == token
+end
+-- a finished record and its events expire after `retention` s; its files are deleted then
+local function retire(job_key, events_key, expiring_key, id, retention)
+  redis.call('EXPIRE', job_key, retention)
+  redis.call('EXPIRE', events_key, retention)
+  redis.call('ZADD', expiring_key, server_now() + tonumber(retention), 'results:' .. id)
 end
 """
 
@@ -209,52 +244,48 @@ return {'created', ARGV[1]}
 """
 
 _CLAIM = """
--- KEYS: job, queue, running, events ; ARGV: id, now, worker, lease_deadline, maxlen
+-- KEYS: job, queue, running, events ; ARGV: id, now, worker, lease_s, maxlen
+-- returns the lease token (the new attempt number), or 0 when the job is not queued
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[3], 'started_at', ARGV[2], 'updated_at', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local token = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[3], server_now() + tonumber(ARGV[4]), ARGV[1])
 emit(KEYS[1], KEYS[4], ARGV[1], ARGV[5])
-return 1
+return token
 """
 
 _HEARTBEAT = """
--- KEYS: job, running ; ARGV: id, worker, lease_deadline
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
-  return 0
-end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+-- KEYS: job, running ; ARGV: id, token, lease_s
+if not holds(KEYS[1], ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], server_now() + tonumber(ARGV[3]), ARGV[1])
 return 1
 """
 
 _PROGRESS = """
--- KEYS: job, events ; ARGV: id, now, progress, maxlen
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end  -- never revive a finished record
+-- KEYS: job, events ; ARGV: id, now, progress, maxlen, token
+if not holds(KEYS[1], ARGV[5]) then return 0 end  -- never revive a finished record, nor write for a lost lease
 redis.call('HSET', KEYS[1], 'progress', ARGV[3], 'updated_at', ARGV[2])
 emit(KEYS[1], KEYS[2], ARGV[1], ARGV[4])
 return 1
 """
 
 _FINISH = """
--- KEYS: job, queue, running, events ; ARGV: id, now, new_state, field, value, retention, from_states (csv), maxlen
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 0 end
-local allowed = false
-for s in string.gmatch(ARGV[7], '[^,]+') do if s == state then allowed = true end end
-if not allowed then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[2], 'updated_at', ARGV[2])
+-- KEYS: job, running, events, expiring ; ARGV: id, now, new_state, field, value, retention, token, maxlen
+if not holds(KEYS[1], ARGV[7]) then
+  -- the same attempt writing again (a retried call whose reply was lost) is told it succeeded
+  return redis.call('HGET', KEYS[1], 'recorded_by') == ARGV[7] and 1 or 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[2], 'updated_at', ARGV[2], 'recorded_by', ARGV[7])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[5]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-emit(KEYS[1], KEYS[4], ARGV[1], ARGV[8])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('EXPIRE', KEYS[4], ARGV[6])
+emit(KEYS[1], KEYS[3], ARGV[1], ARGV[8])
+retire(KEYS[1], KEYS[3], KEYS[4], ARGV[1], ARGV[6])
 return 1
 """
 
 _CANCEL = """
--- KEYS: job, queue, running, events ; ARGV: id, now, error, retention, maxlen
+-- KEYS: job, queue, running, events, expiring ; ARGV: id, now, error, retention, maxlen
 -- queued: canceled at once; running: flagged, the worker stops before its next step. Returns the state.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return '' end
@@ -262,8 +293,7 @@ if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'canceled', 'error', ARGV[3], 'finished_at', ARGV[2], 'updated_at', ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[1])
   emit(KEYS[1], KEYS[4], ARGV[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[4], ARGV[4])
+  retire(KEYS[1], KEYS[4], KEYS[5], ARGV[1], ARGV[4])
   return 'canceled'
 end
 if state == 'running' and redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
@@ -274,19 +304,25 @@ return state
 """
 
 _REQUEUE = """
--- KEYS: job, queue, running, events ; ARGV: id, now, max_attempts, error, retention, maxlen
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then
-  redis.call('ZREM', KEYS[3], ARGV[1])
+-- KEYS: job, queue, running, events, expiring ; ARGV: id, now, max_attempts, error, retention, maxlen, token
+-- Back to the queue (keeping its place), or failed once its attempts are used up. Without a token: the
+-- reconciler, for a running job whose lease deadline passed; with one: the worker giving its job back.
+local state = redis.call('HGET', KEYS[1], 'state')
+if ARGV[7] == '' then
+  if state ~= 'running' then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    return 0
+  end
+  local deadline = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if deadline and tonumber(deadline) > server_now() then return 0 end
+elseif not holds(KEYS[1], ARGV[7]) then
   return 0
 end
-local deadline = redis.call('ZSCORE', KEYS[3], ARGV[1])
-if deadline and tonumber(deadline) > tonumber(ARGV[2]) then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 if tonumber(redis.call('HGET', KEYS[1], 'attempts')) >= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[4], 'finished_at', ARGV[2], 'updated_at', ARGV[2])
   emit(KEYS[1], KEYS[4], ARGV[1], ARGV[6])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[4], ARGV[5])
+  retire(KEYS[1], KEYS[4], KEYS[5], ARGV[1], ARGV[5])
   return 2
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'cancel_requested', '', 'updated_at', ARGV[2])
@@ -295,10 +331,26 @@ emit(KEYS[1], KEYS[4], ARGV[1], ARGV[6])
 return 1
 """
 
+_EXPIRE_FILES = """
+-- KEYS: expiring ; ARGV: member, after_s
+redis.call('ZADD', KEYS[1], server_now() + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+_CLAIM_DUE_FILES = """
+-- KEYS: expiring ; ARGV: limit, claim_s
+-- the entries whose time is up, pushed claim_s into the future: no other sweeper takes them meanwhile
+local now = server_now()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member) end
+return due
+"""
+
 _SCRIPTS = {
-    name: (_EMIT + body if "emit(" in body else body)
+    name: _LIB + body
     for name, body in {"create": _CREATE, "claim": _CLAIM, "heartbeat": _HEARTBEAT, "progress": _PROGRESS,
-                       "finish": _FINISH, "cancel": _CANCEL, "requeue": _REQUEUE}.items()
+                       "finish": _FINISH, "cancel": _CANCEL, "requeue": _REQUEUE,
+                       "expire_files": _EXPIRE_FILES, "claim_due_files": _CLAIM_DUE_FILES}.items()
 }  # fmt: skip
 
 
@@ -392,102 +444,130 @@ class _JobProtocol:
 
     @_operation
     def claim(self, job_id: str, worker: str) -> Steps:
-        now = time.time()
-        ok = yield _Script("claim", [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
-                           [job_id, now, worker, now + self.lease_s, EVENTS_MAXLEN])  # fmt: skip
+        """Take a queued job. Returns the lease token (the job's attempt number, from 1) that every
+        later write of this run passes, or None when the job is not queued."""
+        token = yield _Script("claim", [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
+                              [job_id, time.time(), worker, self.lease_s, EVENTS_MAXLEN])  # fmt: skip
+        return int(token) or None
+
+    @_operation
+    def heartbeat(self, job_id: str, *, token: int) -> Steps:
+        """Renew the lease; False when the job is no longer this run's (requeued, claimed again,
+        finished)."""
+        ok = yield _Script("heartbeat", [job_key(job_id), RUNNING], [job_id, token, self.lease_s])
         return bool(ok)
 
     @_operation
-    def heartbeat(self, job_id: str, worker: str) -> Steps:
-        """Renew the lease; False when the job is no longer this worker's (requeued, finished)."""
-        ok = yield _Script(
-            "heartbeat", [job_key(job_id), RUNNING], [job_id, worker, time.time() + self.lease_s]
-        )
-        return bool(ok)
-
-    @_operation
-    def set_progress(self, job_id: str, progress: dict[str, Any], *, force: bool = False) -> Steps:
-        """Write progress at most every PROGRESS_MIN_INTERVAL_S per job (stage changes use force);
-        only a running job takes it."""
+    def set_progress(
+        self, job_id: str, progress: dict[str, Any], *, token: int, force: bool = False
+    ) -> Steps:
+        """Write progress at most every PROGRESS_MIN_INTERVAL_S per job (stage changes use force).
+        True: written; None: skipped (too soon after the last write); False: refused, the job is no
+        longer running under this lease."""
         now = time.monotonic()
         if not force and now - self._last_progress.get(job_id, 0.0) < PROGRESS_MIN_INTERVAL_S:
-            return False
+            return None
         ok = yield _Script("progress", [job_key(job_id), events_key(job_id)],
-                           [job_id, time.time(), json.dumps(progress), EVENTS_MAXLEN])  # fmt: skip
+                           [job_id, time.time(), json.dumps(progress), EVENTS_MAXLEN, token])  # fmt: skip
         if ok:
             self._last_progress[job_id] = now
         return bool(ok)
 
-    def _finish(self, job_id: str, state: JobState, field_name: str, value: Any, from_states) -> Steps:
+    def _finish(self, job_id: str, token: int, state: JobState, field_name: str, value: Any) -> Steps:
         ok = yield _Script(
             "finish",
-            [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
+            [job_key(job_id), RUNNING, events_key(job_id), EXPIRING],
             [job_id, time.time(), state.value, field_name, json.dumps(value) if field_name else "",
-             self.retention_s, ",".join(s.value for s in from_states), EVENTS_MAXLEN],
+             self.retention_s, token, EVENTS_MAXLEN],
         )  # fmt: skip
-        if ok:
-            self._last_progress.pop(job_id, None)
+        self._last_progress.pop(job_id, None)
         return bool(ok)
 
     @_operation
-    def complete(self, job_id: str, result: dict[str, Any]) -> Steps:
-        """Record the result; exactly once (False, and no change, if the job is not running)."""
-        return (yield from self._finish(job_id, JobState.SUCCEEDED, "result", result, [JobState.RUNNING]))
+    def complete(self, job_id: str, result: dict[str, Any], *, token: int) -> Steps:
+        """Record the result; exactly once (False, and no change, unless the job is running under
+        this lease; True again for a repeated call of the run that recorded it)."""
+        return (yield from self._finish(job_id, token, JobState.SUCCEEDED, "result", result))
 
     @_operation
-    def fail(self, job_id: str, error: dict[str, Any]) -> Steps:
-        return (
-            yield from self._finish(
-                job_id, JobState.FAILED, "error", error, [JobState.QUEUED, JobState.RUNNING]
-            )
-        )
+    def fail(self, job_id: str, error: dict[str, Any], *, token: int) -> Steps:
+        return (yield from self._finish(job_id, token, JobState.FAILED, "error", error))
 
     @_operation
     def cancel(self, job_id: str) -> Steps:
         """Queued jobs are canceled at once; running ones are flagged and stop before the next step.
         Returns the state after the call (None for an unknown job)."""
         error = ServiceError("CANCELED", "canceled by the user").to_dict()
-        state = yield _Script("cancel", [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
+        state = yield _Script("cancel", [job_key(job_id), QUEUE, RUNNING, events_key(job_id), EXPIRING],
                               [job_id, time.time(), json.dumps(error), self.retention_s, EVENTS_MAXLEN])  # fmt: skip
         state = _text(state)
         return JobState(state) if state else None
 
     @_operation
-    def finish_canceled(self, job_id: str) -> Steps:
+    def finish_canceled(self, job_id: str, *, token: int) -> Steps:
         """The worker saw the cancel flag and stopped."""
         error = ServiceError("CANCELED", "canceled by the user").to_dict()
-        return (yield from self._finish(job_id, JobState.CANCELED, "error", error, [JobState.RUNNING]))
+        return (yield from self._finish(job_id, token, JobState.CANCELED, "error", error))
+
+    def _requeue(self, job_id: str, token: int | str) -> Steps:
+        error = ServiceError("WORKER_LOST", f"the worker running this job was lost {self.max_attempts} times")
+        keys = [job_key(job_id), QUEUE, RUNNING, events_key(job_id), EXPIRING]
+        args = [job_id, time.time(), self.max_attempts, json.dumps(error.to_dict()), self.retention_s,
+                EVENTS_MAXLEN, token]  # fmt: skip
+        return (yield _Script("requeue", keys, args))
+
+    @_operation
+    def release(self, job_id: str, *, token: int) -> Steps:
+        """The worker gives its job back (it cannot finish or record it): queued again for another
+        attempt, or failed with WORKER_LOST once its attempts are used up, as when a worker is lost.
+        Returns the new state; None when the job was no longer running under this lease."""
+        outcome = yield from self._requeue(job_id, token)
+        self._last_progress.pop(job_id, None)
+        return {1: JobState.QUEUED, 2: JobState.FAILED}.get(outcome)
 
     @_operation
     def reconcile(self) -> Steps:
         """Re-queue running jobs whose lease expired (their worker is gone), or fail them with
-        WORKER_LOST once they have used up their attempts."""
-        now = time.time()
-        expired = yield _Call("zrangebyscore", (RUNNING, "-inf", now))
+        WORKER_LOST once they have used up their attempts. Deadlines are compared in Redis time."""
+        seconds, microseconds = yield _Call("time")
+        expired = yield _Call("zrangebyscore", (RUNNING, "-inf", seconds + microseconds / 1e6))
         out: dict[str, list[str]] = {"requeued": [], "failed": []}
-        error = ServiceError("WORKER_LOST", f"the worker running this job was lost {self.max_attempts} times")
         for job_id in map(_text, expired):
-            res = yield _Script(
-                "requeue",
-                [job_key(job_id), QUEUE, RUNNING, events_key(job_id)],
-                [
-                    job_id,
-                    now,
-                    self.max_attempts,
-                    json.dumps(error.to_dict()),
-                    self.retention_s,
-                    EVENTS_MAXLEN,
-                ],
-            )
+            res = yield from self._requeue(job_id, "")
             if res == 1:
                 out["requeued"].append(job_id)
             elif res == 2:
                 out["failed"].append(job_id)
         return out
 
+    # -- files past their retention ------------------------------------------------------------
+
     @_operation
-    def put_generator_status(self, worker: str, status: dict[str, Any]) -> Steps:
-        yield _Call("hset", (GENERATORS, worker, json.dumps({**status, "at": time.time()})))
+    def expire_upload(self, upload_id: str) -> Steps:
+        """Schedule an upload's deletion `retention_s` from now (call it before storing the file: an
+        upload stored without an entry would never be deleted)."""
+        yield _Script("expire_files", [EXPIRING], [f"uploads:{upload_id}", self.retention_s])
+
+    @_operation
+    def claim_due_files(self, limit: int = 100) -> Steps:
+        """Files whose time is up, as (area, key) pairs: ("results", job id) for the job's folder of
+        takes, ("uploads", upload id). Atomic: two sweepers never get the same entry, unless the first
+        has not called `files_deleted` within SWEEP_CLAIM_S."""
+        due = yield _Script("claim_due_files", [EXPIRING], [limit, SWEEP_CLAIM_S])
+        return [tuple(_text(m).split(":", 1)) for m in due]
+
+    @_operation
+    def files_deleted(self, entries: list[tuple[str, str]]) -> Steps:
+        if entries:
+            yield _Call("zrem", (EXPIRING, *(f"{area}:{key}" for area, key in entries)))
+
+    @_operation
+    def put_generator_status(
+        self, worker: str, status: dict[str, Any], *, ttl_s: float | None = None
+    ) -> Steps:
+        """`ttl_s`: how long readers trust this report (default GENERATOR_STATUS_TTL_S)."""
+        report = {**status, "at": time.time(), **({"ttl_s": ttl_s} if ttl_s is not None else {})}
+        yield _Call("hset", (GENERATORS, worker, json.dumps(report)))
 
     @_operation
     def generator_statuses(self) -> Steps:
@@ -496,7 +576,7 @@ class _JobProtocol:
         now, live, stale = time.time(), [], []
         for worker, raw in reports.items():
             report = json.loads(raw)
-            if now - report.get("at", 0) > GENERATOR_STATUS_TTL_S:
+            if now - report.get("at", 0) > report.get("ttl_s", GENERATOR_STATUS_TTL_S):
                 stale.append(_text(worker))
             else:
                 live.append(report)

@@ -1,11 +1,22 @@
-"""Running one job on a worker: claim it, keep its lease alive, report progress, honour cancellation,
-store the takes and record the outcome exactly once. No Ray here: the GPU deployment delegates to this.
+"""Running jobs on a worker: claim them, keep their leases alive, report progress, honour cancellation,
+store the takes and record each outcome exactly once. No Ray here: the GPU deployment delegates to this.
+
+Each job of a batch ends on its own: it is recorded, or given back to the queue when the store cannot
+take its outcome, or (when the store cannot be reached at all) its lease renewals stop so that the
+lease expires and the reconciler re-queues it. No job keeps a live lease once its worker has stopped
+working on it, whatever happens to the other jobs of the batch.
+
+Fencing: every write of a run carries its lease token (see jobs.py). When the store refuses one, the
+job has been requeued, and maybe claimed again, without this run: it stops, records nothing, and
+removes the takes it stored. Takes are stored under the run's own folder (`<job id>/attempt-<n>/`),
+each through a unique temporary name renamed into place (storage.py), and the record names them only
+if the run's fenced `complete` succeeds: a run that lost its lease never writes over the files the
+record of another run points at.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import tempfile
 import threading
@@ -13,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import redis
 import torch
 
 from deployments.service.errors import ServiceError
@@ -31,25 +43,36 @@ class _TimedOut(Exception):
     """Raised from the progress callback: the job is past its deadline."""
 
 
-class _Heartbeat:
-    """Renews the job's lease every lease/3 seconds until stopped or the lease is lost."""
+class _LeaseLost(Exception):
+    """The store refused a write of this run: the job was requeued (and maybe claimed again) or ended
+    without it."""
 
-    def __init__(self, store: JobStore, job_id: str, worker: str):
-        self.store, self.job_id, self.worker = store, job_id, worker
+
+class _Lease:
+    """This worker's lease on one claimed job: its token, which fences every write of the run, and a
+    thread renewing it every lease/3 s until stopped, or until the store refuses (`lost`)."""
+
+    def __init__(self, store: JobStore, job_id: str, token: int):
+        self.store, self.job_id, self.token = store, job_id, token
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id[:8]}", daemon=True)
+
+    @property
+    def folder(self) -> str:
+        """Where this run stores its takes."""
+        return f"{self.job_id}/attempt-{self.token}"
 
     def _loop(self) -> None:
         while not self._stop.wait(self.store.lease_s / 3):
             try:
-                if not self.store.heartbeat(self.job_id, self.worker):
-                    self.lost.set()  # requeued elsewhere or finished: stop working on it
+                if not self.store.heartbeat(self.job_id, token=self.token):
+                    self.lost.set()  # requeued, claimed again or finished: stop working on it
                     return
             except Exception:  # Redis briefly away: keep trying, the lease has slack
-                log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
+                log.warning("lease renewal for %s failed", self.job_id, exc_info=True)
 
-    def start(self) -> _Heartbeat:
+    def start(self) -> _Lease:
         self._thread.start()
         return self
 
@@ -116,45 +139,42 @@ class JobRunner:
 
     def run_many(self, job_ids: list[str]) -> list[JobState | None]:
         """Run the jobs this worker can claim as one batch (the pipeline samples those of the same
-        length together). Returns each job's state: final, or RUNNING for a job whose takes are still
-        being encoded in the background; None for a job another worker has (or a repeated id)."""
-        claimed: list[tuple[int, str, SongParams]] = []
-        for i, job_id in enumerate(job_ids):
-            if job_id in job_ids[:i] or not self.store.claim(job_id, self.worker):
-                continue
-            claimed.append((i, job_id, SongParams.from_dict(self.store.get(job_id).params)))
+        length together). Returns each job's state as this worker left it: final, QUEUED when it was
+        given back, or RUNNING for a job whose takes are still being encoded in the background; None
+        for a job another worker has (or a repeated id, or one whose lease this run lost)."""
         states: list[JobState | None] = [None] * len(job_ids)
-        if not claimed:
-            return states
-        beats = {job_id: _Heartbeat(self.store, job_id, self.worker).start() for _, job_id, _ in claimed}
-        t0 = time.perf_counter()
+        leases: dict[str, _Lease] = {}  # claimed and not yet handed over to be recorded
+        claimed: list[tuple[int, str, SongParams]] = []
         try:
-            outcomes = self._generate(claimed, beats)
-        except BaseException:
-            for beat in beats.values():
-                beat.stop()
-            raise
-        for i, job_id, params in claimed:
-            finish = functools.partial(self._finish, job_id, params, outcomes[job_id], beats[job_id], t0)
-            if self.encoder is None or not isinstance(outcomes[job_id], SongResult):
-                states[i] = finish()
-                continue
-            self._encode_slots.acquire()  # back-pressure: the next batch waits for a free slot
-            future = self.encoder.submit(finish)
-            with self._encoding_lock:
-                self._encoding.add(future)
-            future.add_done_callback(self._encoded)
-            states[i] = JobState.RUNNING
+            for i, job_id in enumerate(job_ids):
+                if job_id in job_ids[:i]:
+                    continue
+                token = self.store.claim(job_id, self.worker)
+                if token is None:
+                    continue
+                leases[job_id] = _Lease(self.store, job_id, token).start()
+                claimed.append((i, job_id, SongParams.from_dict(self.store.get(job_id).params)))
+            if not claimed:
+                return states
+            t0 = time.perf_counter()
+            outcomes = self._generate(claimed, leases)
+            for i, job_id, params in claimed:
+                states[i] = self._hand_over(leases[job_id], params, outcomes[job_id], t0)
+                del leases[job_id]
+        finally:
+            # whatever stopped this batch, none of its jobs stays running under a renewed lease
+            for lease in leases.values():
+                self._give_back(lease)
         return states
 
-    def _generate(self, claimed, beats) -> dict[str, SongResult | Exception]:
+    def _generate(self, claimed, leases) -> dict[str, SongResult | Exception]:
         deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
         requests, reports, outcomes = [], [], {}
         with contextlib.ExitStack() as files:  # local copies of uploads, for the time of the batch
             for _, job_id, params in claimed:
                 try:
                     requests.append(self.request_for(params, files))
-                    reports.append(self._reporter(job_id, beats[job_id], deadline))
+                    reports.append(self._reporter(leases[job_id], deadline))
                 except Exception as exc:  # e.g. an upload that vanished: fails this job only
                     outcomes[job_id] = exc
             runnable = [job_id for _, job_id, _ in claimed if job_id not in outcomes]
@@ -162,14 +182,48 @@ class JobRunner:
         outcomes.update(zip(runnable, results, strict=True))
         return outcomes
 
-    def _finish(
-        self, job_id: str, params: SongParams, outcome, beat: _Heartbeat, t0: float
-    ) -> JobState | None:
+    def _hand_over(self, lease: _Lease, params: SongParams, outcome, t0: float) -> JobState | None:
+        """Record a job's outcome now, or (a song to encode, with a background encoder) on an encoder
+        thread, which returns RUNNING at once."""
+        if self.encoder is not None and isinstance(outcome, SongResult):
+            self._encode_slots.acquire()  # back-pressure: the next batch waits for a free slot
+            try:
+                future = self.encoder.submit(self._finish, lease, params, outcome, t0)
+            except RuntimeError:  # the encoder is shut down (the replica is stopping): encode here
+                self._encode_slots.release()
+            else:
+                with self._encoding_lock:
+                    self._encoding.add(future)
+                future.add_done_callback(self._encoded)
+                return JobState.RUNNING
+        return self._finish(lease, params, outcome, t0)
+
+    def _finish(self, lease: _Lease, params: SongParams, outcome, t0: float) -> JobState | None:
+        """Record the outcome, or give the job back when the store cannot take it. Never raises, and
+        stops the lease renewals in every case: the other jobs of the batch do not depend on this one."""
         try:
-            recorded = self._record(job_id, params, outcome, beat, t0)
+            state = self._record(lease, params, outcome, t0)
+        except Exception:  # the store failed (unreachable, timed out): another attempt will do it
+            log.warning("could not record job %s: giving it back", lease.job_id, exc_info=True)
+            state = self._give_back(lease)
         finally:
-            beat.stop()
-        return self._finished(job_id, params, hooks=recorded)
+            lease.stop()
+        if state is not None and state.finished:
+            self._after_finish(lease.job_id)
+        return state
+
+    def _give_back(self, lease: _Lease) -> JobState | None:
+        """Requeue the job for another attempt (or fail it with WORKER_LOST once its attempts are used
+        up). When the store cannot be reached either, stopping the renewals is enough: the lease
+        expires and the reconciler re-queues the job."""
+        try:
+            state = self.store.release(lease.job_id, token=lease.token)
+        except Exception:
+            log.warning("could not give job %s back: its lease will expire", lease.job_id, exc_info=True)
+            state = None
+        finally:
+            lease.stop()
+        return state
 
     def _encoded(self, future) -> None:
         with self._encoding_lock:
@@ -185,74 +239,136 @@ class JobRunner:
         _, pending = wait(futures, timeout=timeout)
         return not pending
 
-    def _reporter(self, job_id: str, beat: _Heartbeat, deadline: float | None):
+    def _reporter(self, lease: _Lease, deadline: float | None):
+        job_id = lease.job_id
+
         def on_progress(p: Progress) -> None:
-            if beat.lost.is_set() or self.store.cancel_requested(job_id):
+            if lease.lost.is_set():
+                raise _LeaseLost()
+            try:
+                canceled = self.store.cancel_requested(job_id)
+            # the store briefly away: go on; the lease renewals decide whether the job stays ours
+            except redis.RedisError:
+                log.warning("could not read the cancel flag of %s", job_id, exc_info=True)
+                canceled = False
+            if canceled:
                 raise GenerationCanceled("canceled")
             if deadline is not None and time.monotonic() > deadline:
                 raise _TimedOut()
-            self.store.set_progress(
-                job_id, {"stage": p.stage, "fraction": p.fraction, "step": p.step, "total": p.total},
-                force=p.fraction in (0.0, 1.0),
-            )  # fmt: skip
+            progress = {"stage": p.stage, "fraction": p.fraction, "step": p.step, "total": p.total}
+            self._progress(lease, progress, force=p.fraction in (0.0, 1.0))
 
         return on_progress
 
-    def _record(self, job_id: str, params: SongParams, outcome, beat: _Heartbeat, t0: float) -> bool:
-        """Write the job's outcome to the store; False when the store did not take it (the job was
-        canceled, requeued or finished meanwhile: a second completion is a no-op there)."""
+    def _progress(self, lease: _Lease, progress: dict, *, force: bool) -> None:
+        """A fenced progress write; raises _LeaseLost when the store refuses it. Progress is best
+        effort: a store error is logged and the run goes on."""
+        try:
+            written = self.store.set_progress(lease.job_id, progress, token=lease.token, force=force)
+        except redis.RedisError:
+            log.warning("could not write the progress of %s", lease.job_id, exc_info=True)
+            return
+        if written is False:
+            lease.lost.set()
+            raise _LeaseLost()
+
+    def _record(self, lease: _Lease, params: SongParams, outcome, t0: float) -> JobState | None:
+        """Write the job's outcome to the store; returns the state recorded, or None when the store
+        refused it (the lease was lost). Store errors propagate (the caller gives the job back)."""
+        state, value = self._outcome(lease, params, outcome, t0)
+        job_id, token = lease.job_id, lease.token
+        if state == JobState.SUCCEEDED:
+            written = self.store.complete(job_id, value, token=token)
+        elif state == JobState.CANCELED:
+            written = self.store.finish_canceled(job_id, token=token)
+        elif state == JobState.FAILED:
+            written = self.store.fail(job_id, value, token=token)
+        else:
+            written = False
+        if not written:
+            lease.lost.set()
+            try:  # takes no record names: this run's own folder
+                self.results.delete_prefix(lease.folder)
+            except Exception:  # left for the sweeper, which deletes the job's folder at its expiry
+                log.warning("could not delete the takes of lost job %s", lease.folder, exc_info=True)
+            return None
+        return state
+
+    def _outcome(self, lease: _Lease, params: SongParams, outcome, t0: float) -> tuple[JobState | None, dict]:
+        """What to record: (SUCCEEDED, result), (FAILED, error), (CANCELED, {}), or (None, {}) when
+        the lease was lost and nothing must be recorded."""
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
-            self.store.set_progress(job_id, {"stage": "encoding_audio", "fraction": 0.0}, force=True)
+            self._progress(lease, {"stage": "encoding_audio", "fraction": 0.0}, force=True)
             t_enc = time.perf_counter()
-            takes = self._store_takes(job_id, params, outcome)
+            takes = self._store_takes(lease, params, outcome)
             encoding_s = time.perf_counter() - t_enc
-            result = {
+            return JobState.SUCCEEDED, {
                 "takes": takes,
                 "timings": {**outcome.timings, "encoding_s": encoding_s, "wall_s": time.perf_counter() - t0},
                 "sample_rate": outcome.sample_rate,
             }
-            return self.store.complete(job_id, result)
+        except _LeaseLost:
+            return None, {}
         except _TimedOut:
             message = f"the song took longer than {self.timeout_s:g} s to generate"
-            return self.store.fail(job_id, ServiceError("GENERATION_TIMEOUT", message).to_dict())
+            return JobState.FAILED, ServiceError("GENERATION_TIMEOUT", message).to_dict()
         except GenerationCanceled:
-            # a lost lease means someone else owns the job now; else the user canceled it
-            return not beat.lost.is_set() and self.store.finish_canceled(job_id)
+            return JobState.CANCELED, {}
         except MusicgenError as exc:
-            return self.store.fail(job_id, ServiceError.from_library(exc).to_dict())
+            return JobState.FAILED, ServiceError.from_library(exc).to_dict()
         except ServiceError as exc:
-            return self.store.fail(job_id, exc.to_dict())
+            return JobState.FAILED, exc.to_dict()
         except Exception as exc:
-            log.error("job %s failed", job_id, exc_info=exc)
-            return self.store.fail(job_id, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict())
+            log.error("job %s failed", lease.job_id, exc_info=exc)
+            return JobState.FAILED, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict()
 
-    def _finished(self, job_id: str, params: SongParams, hooks: bool) -> JobState | None:
+    def _after_finish(self, job_id: str) -> None:
         """After the outcome is recorded: metrics and the webhook, once, by the worker that recorded it."""
-        final = self.store.get(job_id)
-        if hooks and final is not None and final.state.finished:
-            if self.on_finish is not None:
-                try:
-                    self.on_finish(final)
-                except Exception:  # metrics must never fail a job
-                    log.warning("on_finish hook failed", exc_info=True)
-            if params.webhook_url:
-                self.last_webhook = notify(
-                    final, self.webhook_secret, functools.partial(self.store.set_webhook_status, job_id),
-                    backoff_s=self.webhook_backoff_s,
-                )  # fmt: skip
-        return final.state if final else None
+        try:
+            final = self.store.get(job_id)
+        except Exception:
+            log.warning("could not read job %s back: no metrics or webhook for it", job_id, exc_info=True)
+            return
+        if final is None or not final.state.finished:
+            return
+        if self.on_finish is not None:
+            try:
+                self.on_finish(final)
+            except Exception:  # metrics must never fail a job
+                log.warning("on_finish hook failed", exc_info=True)
+        delivery = notify(
+            final, self.webhook_secret, lambda status: self.store.set_webhook_status(job_id, status),
+            backoff_s=self.webhook_backoff_s,
+        )  # fmt: skip
+        if delivery is not None:
+            self.last_webhook = delivery
 
-    def _store_takes(self, job_id: str, p: SongParams, result) -> list[dict]:
+    def _store_takes(self, lease: _Lease, p: SongParams, result) -> list[dict]:
+        """Each take encoded, then stored under the run's own folder if the run still holds the job
+        (a fenced lease renewal just before each write)."""
         takes = []
         with tempfile.TemporaryDirectory() as tmp:
             for i, audio in enumerate(result.audio):
                 name = f"take-{i + 1}.{p.output_format}"
                 local = write_audio(Path(tmp) / name, audio, result.sample_rate, p.output_format)
-                key = self.results.put_file(f"{job_id}/{name}", local)
+                self._still_held(lease)
+                key = self.results.put_file(f"{lease.folder}/{name}", local)
                 takes.append(
                     {"n": i + 1, "key": key, "format": p.output_format, "seed": result.seeds[i],
                      "duration_s": audio.shape[-1] / result.sample_rate}
                 )  # fmt: skip
         return takes
+
+    def _still_held(self, lease: _Lease) -> None:
+        if lease.lost.is_set():
+            raise _LeaseLost()
+        try:
+            held = self.store.heartbeat(lease.job_id, token=lease.token)
+        except redis.RedisError:  # the store briefly away: the file goes to this run's own folder
+            log.warning("could not renew the lease of %s before storing a take", lease.job_id, exc_info=True)
+            return
+        if not held:
+            lease.lost.set()
+            raise _LeaseLost()

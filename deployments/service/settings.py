@@ -22,6 +22,9 @@ MAX_UPLOAD_MB = 50.0  # reference songs and songs to edit
 MAX_UPLOAD_SECONDS = 600.0
 MAX_BODY_KB = 256  # any request body but an upload's (a song request with the longest lyrics is ~60 KiB)
 GENERATION_TIMEOUT_S = 1800.0
+# a generator whose model failed to load refuses jobs (MODEL_NOT_LOADED) this long, then fails its health
+# check so that Serve replaces it and the new replica tries again: a retry a minute, not a restart loop
+MODEL_RETRY_S = 60.0
 SECONDS_PER_JOB_ESTIMATE = 60.0  # queue ETA before measured timings exist
 SSE_KEEPALIVE_S = 15.0  # a comment line on idle event streams (proxies close silent connections)
 INGRESS_MAX_ONGOING = 5000  # concurrent requests per ingress replica: event streams stay open for minutes
@@ -58,6 +61,7 @@ class AppArgs(BaseModel):
     max_attempts: int = Field(MAX_ATTEMPTS, ge=1)
     device: str = "auto"
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
+    model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health
     max_batch_size: int = Field(4, ge=1, le=64)  # jobs gathered into one generator call (@serve.batch)
     batch_wait_s: float = Field(0.05, ge=0, le=10)  # how long a generator waits to fill a batch
     max_batch_takes: int = Field(8, ge=1)  # takes sampled together at most (GPU memory)

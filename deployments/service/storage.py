@@ -30,6 +30,7 @@ class Storage(Protocol):
     def read_range(self, key: str, start: int, end: int) -> bytes: ...
     def iter_range(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
     def local_copy(self, key: str) -> contextlib.AbstractContextManager[Path]: ...
+    def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
 
 
@@ -95,7 +96,12 @@ class LocalStorage:
             raise FileNotFoundError(key)
         yield path
 
+    def delete(self, key: str) -> None:
+        """Gone afterwards; no error when it was not there."""
+        self.path(key).unlink(missing_ok=True)
+
     def delete_prefix(self, prefix: str) -> None:
+        """The folder `prefix` and everything under it (temporary files of interrupted writes too)."""
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 
 
@@ -165,6 +171,9 @@ class S3Storage:
                 raise
             yield path
 
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))  # no error for a missing key
+
     def delete_prefix(self, prefix: str) -> None:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._key(prefix).rstrip("/") + "/"
@@ -172,7 +181,10 @@ class S3Storage:
         for page in pages:
             objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if objects:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+                done = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+                if done.get("Errors"):  # reported per object, not raised: the caller must retry
+                    first = done["Errors"][0]
+                    raise OSError(f"{len(done['Errors'])} objects under {prefix!r} not deleted: {first}")
 
 
 def open_storage(location: str, area: str) -> Storage:

@@ -9,7 +9,9 @@ import pytest
 import redis
 
 from deployments.service.jobs import (
+    EXPIRING,
     NOTIFY,
+    RUNNING,
     AsyncJobStore,
     JobState,
     JobStore,
@@ -49,13 +51,15 @@ def test_create_is_durable_and_idempotent(store, client):
 
 def test_claim_and_complete_exactly_once(store, client):
     job, _ = store.create(PARAMS)
-    assert store.claim(job.id, "w1")
+    token = store.claim(job.id, "w1")
+    assert token == 1  # the lease token is the attempt number
     assert not store.claim(job.id, "w2")
     running = store.get(job.id)
     assert running.state == JobState.RUNNING and running.attempts == 1 and running.worker == "w1"
-    assert store.complete(job.id, {"takes": [1]})
-    assert not store.complete(job.id, {"takes": [2]})  # a second completion changes nothing
-    assert not store.fail(job.id, {"code": "X"})
+    assert store.complete(job.id, {"takes": [1]}, token=token)
+    # a second completion changes nothing (the same run retrying its call is told it was recorded)
+    assert store.complete(job.id, {"takes": [2]}, token=token)
+    assert not store.fail(job.id, {"code": "X"}, token=token + 1)
     done = store.get(job.id)
     assert done.state == JobState.SUCCEEDED and done.result == {"takes": [1]} and done.finished_at
     assert 0 < client.ttl(job_key(job.id)) <= 3600
@@ -69,32 +73,148 @@ def test_cancel_queued_at_once_and_running_at_next_step(store):
     assert store.cancel(queued.id) == JobState.CANCELED
     assert store.get(queued.id).error["code"] == "CANCELED" and store.queue_depth() == 0
     running, _ = store.create(PARAMS)
-    store.claim(running.id, "w1")
+    token = store.claim(running.id, "w1")
     assert store.cancel(running.id) == JobState.RUNNING and store.cancel_requested(running.id)
-    assert store.finish_canceled(running.id)
+    assert store.finish_canceled(running.id, token=token)
     assert store.get(running.id).state == JobState.CANCELED
-    assert not store.complete(running.id, {})  # a late result of a canceled job is dropped
+    assert store.complete(running.id, {}, token=token)  # the run's repeated call changes nothing
+    assert store.get(running.id).state == JobState.CANCELED and store.get(running.id).result is None
     assert store.cancel("nope") is None
 
 
 def test_lost_worker_is_requeued_then_failed(store):
     job, _ = store.create(PARAMS)
     later, _ = store.create(PARAMS)
-    store.claim(job.id, "w1")
+    first = store.claim(job.id, "w1")
     assert store.reconcile() == {"requeued": [], "failed": []}  # lease still valid
     time.sleep(0.3)
     assert store.reconcile()["requeued"] == [job.id]
     requeued = store.get(job.id)
     assert requeued.state == JobState.QUEUED and requeued.attempts == 1
     assert store.queue_position(job.id) == 0 and store.queue_position(later.id) == 1  # keeps its place
-    assert not store.heartbeat(job.id, "w1")  # the old worker lost it
-    store.claim(job.id, "w2")
-    assert store.heartbeat(job.id, "w2")
+    assert not store.heartbeat(job.id, token=first)  # the old worker lost it
+    second = store.claim(job.id, "w2")
+    assert store.heartbeat(job.id, token=second)
     time.sleep(0.3)
     assert store.reconcile()["failed"] == [job.id]
     failed = store.get(job.id)
     assert failed.state == JobState.FAILED and failed.error["code"] == "WORKER_LOST"
-    assert not store.complete(job.id, {})  # the lost worker's late result is dropped
+    assert not store.complete(job.id, {}, token=second)  # the lost worker's late result is dropped
+
+
+def test_a_lost_lease_fences_every_write_of_the_old_run(store, client):
+    """Run 1 stalls past its lease; the reconciler re-queues the job and run 2 claims it, on the same
+    worker even: only the token tells the runs apart. Nothing run 1 still sends changes the record,
+    its events or run 2's lease; run 2's writes go through."""
+    job, _ = store.create(PARAMS)
+    old = store.claim(job.id, "w1")
+    time.sleep(0.3)
+    assert store.reconcile()["requeued"] == [job.id]
+    assert not store.set_progress(job.id, {"stage": "stale"}, token=old, force=True)  # queued meanwhile
+    new = store.claim(job.id, "w1")
+    assert new == old + 1
+    assert store.set_progress(job.id, {"stage": "sampling"}, token=new, force=True)
+    record, events, deadline = (
+        client.hgetall(job_key(job.id)),
+        store.events_after(job.id, None),
+        client.zscore(RUNNING, job.id),
+    )
+    assert not store.heartbeat(job.id, token=old)
+    assert store.set_progress(job.id, {"stage": "stale"}, token=old, force=True) is False
+    assert not store.complete(job.id, {"takes": ["stale"]}, token=old)
+    assert not store.fail(job.id, {"code": "INTERNAL"}, token=old)
+    assert not store.finish_canceled(job.id, token=old)
+    assert store.release(job.id, token=old) is None
+    assert client.hgetall(job_key(job.id)) == record and store.events_after(job.id, None) == events
+    assert client.zscore(RUNNING, job.id) == deadline
+    assert store.heartbeat(job.id, token=new) and store.complete(job.id, {"takes": ["new"]}, token=new)
+    assert not store.complete(job.id, {"takes": ["stale"]}, token=old)
+    assert store.get(job.id).result == {"takes": ["new"]}
+
+
+def test_a_worker_gives_its_job_back(store):
+    """A worker that cannot finish a job releases it: queued again in its place, until its attempts
+    are used up (max_attempts=2 here), then failed as a lost worker's job is."""
+    job, _ = store.create(PARAMS)
+    store.create(PARAMS)
+    token = store.claim(job.id, "w1")
+    assert store.release(job.id, token=token) == JobState.QUEUED
+    assert store.queue_position(job.id) == 0 and store.counts() == (2, 0)
+    assert store.release(job.id, token=token) is None  # given back already: no change
+    token = store.claim(job.id, "w1")
+    assert store.release(job.id, token=token) == JobState.FAILED
+    failed = store.get(job.id)
+    assert failed.state == JobState.FAILED and failed.error["code"] == "WORKER_LOST" and failed.attempts == 2
+
+
+class _SkewedClock:
+    """The `time` module as a host whose clock is `offset_s` off sees it."""
+
+    def __init__(self, offset_s: float):
+        self.offset_s = offset_s
+        self.monotonic = time.monotonic
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+
+def test_lease_deadlines_come_from_the_store_clock(store, client, monkeypatch):
+    """Deadlines are Redis TIME + lease_s, whatever the clocks of the worker and the reconciler say:
+    a host an hour fast neither sets a lease an hour long nor expires a live one; a host an hour slow
+    still sees an expired lease expire."""
+    from deployments.service import jobs
+
+    def server_now() -> float:
+        seconds, microseconds = client.time()
+        return seconds + microseconds / 1e6
+
+    monkeypatch.setattr(jobs, "time", _SkewedClock(3600))
+    job, _ = store.create(PARAMS)
+    token = store.claim(job.id, "w1")
+    assert server_now() < client.zscore(RUNNING, job.id) <= server_now() + 0.2  # lease_s=0.2
+    assert store.reconcile() == {"requeued": [], "failed": []}
+    time.sleep(0.1)
+    assert store.heartbeat(job.id, token=token)
+    assert client.zscore(RUNNING, job.id) <= server_now() + 0.2
+    monkeypatch.setattr(jobs, "time", _SkewedClock(-3600))
+    time.sleep(0.3)
+    assert store.reconcile()["requeued"] == [job.id]
+
+
+def test_files_come_due_with_their_records_and_are_claimed_once(client, monkeypatch):
+    """Every way a job ends schedules its files' deletion for when its record expires (Redis time),
+    uploads `retention_s` after they were stored; concurrent sweepers each get different entries, and
+    entries a sweeper claimed but never reported deleted come due again after SWEEP_CLAIM_S."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployments.service import jobs
+
+    store = JobStore(client, retention_s=1, lease_s=0.2, max_attempts=1)
+    done, _ = store.create(PARAMS)
+    store.complete(done.id, {"takes": []}, token=store.claim(done.id, "w1"))
+    canceled, _ = store.create(PARAMS)
+    store.cancel(canceled.id)
+    lost, _ = store.create(PARAMS)
+    store.claim(lost.id, "w1")
+    waiting, _ = store.create(PARAMS)  # not finished: never due
+    store.expire_upload("ref.wav")
+    time.sleep(0.3)
+    assert store.reconcile()["failed"] == [lost.id]
+    assert store.claim_due_files() == []  # not before the records expire
+    time.sleep(1.3)
+    assert [store.get(j.id) for j in (done, canceled, lost)] == [None] * 3
+    monkeypatch.setattr(jobs, "SWEEP_CLAIM_S", 0.5)
+    with ThreadPoolExecutor(4) as pool:
+        claims = list(pool.map(lambda _: store.claim_due_files(limit=2), range(4)))
+    got = [entry for claim in claims for entry in claim]
+    assert sorted(got) == sorted([("results", done.id), ("results", canceled.id), ("results", lost.id),
+                                  ("uploads", "ref.wav")])  # fmt: skip
+    assert store.claim_due_files() == []  # claimed: no other sweeper gets them
+    store.files_deleted(got[:2])
+    time.sleep(0.6)
+    assert sorted(store.claim_due_files()) == sorted(got[2:])  # their sweeper died: due again
+    store.files_deleted(got[2:])
+    assert client.zcard(EXPIRING) == 0 and store.get(waiting.id).state == JobState.QUEUED
 
 
 def test_progress_is_rate_limited_and_every_change_is_an_event(store, client):
@@ -102,14 +222,15 @@ def test_progress_is_rate_limited_and_every_change_is_an_event(store, client):
     pubsub.subscribe(NOTIFY)
     pubsub.get_message(timeout=1)  # subscription confirmation
     job, _ = store.create(PARAMS)
-    assert not store.set_progress(job.id, {"stage": "sampling"}, force=True)  # queued: no progress
-    store.claim(job.id, "w1")
-    assert store.set_progress(job.id, {"stage": "sampling", "step": 1, "total": 32})
-    assert not store.set_progress(job.id, {"stage": "sampling", "step": 2, "total": 32})
-    assert store.set_progress(job.id, {"stage": "decoding"}, force=True)
+    assert not store.set_progress(job.id, {"stage": "sampling"}, token=1, force=True)  # queued: no progress
+    token = store.claim(job.id, "w1")
+    assert store.set_progress(job.id, {"stage": "sampling", "step": 1, "total": 32}, token=token)
+    assert not store.set_progress(job.id, {"stage": "sampling", "step": 2, "total": 32}, token=token)
+    assert store.set_progress(job.id, {"stage": "decoding"}, token=token, force=True)
     assert store.get(job.id).progress == {"stage": "decoding"}
-    store.complete(job.id, {"takes": []})
-    assert not store.set_progress(job.id, {"stage": "late"}, force=True)  # a finished record stays finished
+    store.complete(job.id, {"takes": []}, token=token)
+    # a finished record stays finished
+    assert not store.set_progress(job.id, {"stage": "late"}, token=token, force=True)
 
     events = store.events_after(job.id, None)
     assert [(e.state, json.loads(e.fields.get("progress", "{}")).get("stage")) for e in events] == [
@@ -163,8 +284,10 @@ def test_generator_reports_expire(store, monkeypatch):
     assert sorted(r["loaded"] for r in store.generator_statuses()) == [False, True]
     monkeypatch.setattr(jobs, "GENERATOR_STATUS_TTL_S", -1)  # every report is now too old
     assert store.generator_statuses() == []
+    store.put_generator_status("c", {"loaded": False}, ttl_s=60)  # a report that says how long it holds
+    assert [r["loaded"] for r in store.generator_statuses()] == [False]
     monkeypatch.undo()
-    assert store.generator_statuses() == []  # and the stale ones were deleted
+    assert len(store.generator_statuses()) == 1  # and the stale ones were deleted
 
 
 def test_the_async_store_runs_the_same_protocol(server, store):

@@ -54,16 +54,16 @@ def test_cancel_while_running_stops_before_the_next_step(runner, monkeypatch):
     original = runner.store.set_progress
     steps = []
 
-    def cancel_on_first_step(job_id, progress, force=False):
+    def cancel_on_first_step(job_id, progress, **kw):
         if progress.get("stage") == "sampling":
             steps.append(progress["step"])
             runner.store.cancel(job_id)
-        return original(job_id, progress, force=force)
+        return original(job_id, progress, **kw)
 
     monkeypatch.setattr(runner.store, "set_progress", cancel_on_first_step)
     assert runner.run(job.id) == JobState.CANCELED
     assert steps == [1]  # the cancel asked during step 1 stopped it before step 2
-    assert not runner.results.exists(f"{job.id}/take-1.flac")
+    assert not runner.results.path(job.id).exists()  # no take stored
 
 
 def test_library_errors_fail_the_job_with_their_code(runner, tmp_path):
@@ -150,10 +150,10 @@ def test_a_batch_of_jobs_runs_together_and_each_ends_on_its_own(runner, monkeypa
     assert runner.store.claim(other.id, "w2")
     original = runner.store.set_progress
 
-    def cancel_c_at_step_2(job_id, progress, force=False):
+    def cancel_c_at_step_2(job_id, progress, **kw):
         if job_id == c.id and progress.get("step") == 2:
             runner.store.cancel(job_id)
-        return original(job_id, progress, force=force)
+        return original(job_id, progress, **kw)
 
     monkeypatch.setattr(runner.store, "set_progress", cancel_c_at_step_2)
     states = runner.run_many([a.id, b.id, a.id, c.id, gone.id, other.id])
@@ -199,3 +199,134 @@ def test_background_encoding_frees_the_model_and_keeps_the_lease(server, pipe, t
         assert done.state == JobState.SUCCEEDED and done.attempts == 1
         assert done.result["timings"]["encoding_s"] > 0
         assert runner.results.exists(done.result["takes"][0]["key"])
+
+
+def _lease_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("lease-")]
+
+
+def test_a_job_whose_outcome_cannot_be_recorded_does_not_strand_the_others(runner, monkeypatch):
+    """Mid-batch, the store fails to take one job's result (a Redis blip): the jobs after it are still
+    recorded, that job goes back to the queue for another attempt, and no lease is renewed after
+    run_many returns."""
+    a, _ = runner.store.create(params(seed=1, num_takes=1).to_dict())
+    b, _ = runner.store.create(params(seed=2, num_takes=1).to_dict())
+    c, _ = runner.store.create(params(seed=3, num_takes=1).to_dict())
+    real_complete = runner.store.complete
+
+    def blip_on_b(job_id, result, **kw):
+        if job_id == b.id:
+            raise redis.ConnectionError("connection reset by peer")
+        return real_complete(job_id, result, **kw)
+
+    monkeypatch.setattr(runner.store, "complete", blip_on_b)
+    assert runner.run_many([a.id, b.id, c.id]) == [JobState.SUCCEEDED, JobState.QUEUED, JobState.SUCCEEDED]
+    assert runner.store.get(c.id).result["takes"][0]["seed"] == 3
+    again = runner.store.get(b.id)
+    assert again.state == JobState.QUEUED and again.attempts == 1 and runner.store.queue_position(b.id) == 0
+    assert runner.store.counts() == (1, 0)  # nothing left running
+    assert _lease_threads() == []  # every renewer stopped
+    monkeypatch.undo()
+    assert runner.run(b.id) == JobState.SUCCEEDED  # the retry records it
+    assert runner.store.get(b.id).attempts == 2
+
+
+def test_a_job_the_store_cannot_take_back_either_lets_its_lease_expire(server, pipe, tmp_path, monkeypatch):
+    """The store is unreachable for one job's result and for giving it back: its lease is no longer
+    renewed, so the reconciler re-queues it once the lease is over; the other job is recorded."""
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    store = JobStore(client, lease_s=0.6)
+    runner = JobRunner(store, pipe, LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u"), "w1")
+    a, _ = store.create(params(seed=1, num_takes=1).to_dict())
+    b, _ = store.create(params(seed=2, num_takes=1).to_dict())
+    real_complete = store.complete
+
+    def down_for_a(job_id, result, **kw):
+        if job_id == a.id:
+            raise redis.TimeoutError("timed out")
+        return real_complete(job_id, result, **kw)
+
+    def release(job_id, **kw):
+        raise redis.ConnectionError("connection refused")
+
+    monkeypatch.setattr(store, "complete", down_for_a)
+    monkeypatch.setattr(store, "release", release)
+    assert runner.run_many([a.id, b.id]) == [None, JobState.SUCCEEDED]
+    assert store.get(a.id).state == JobState.RUNNING and _lease_threads() == []
+    time.sleep(0.8)  # longer than the lease: only a renewal could have kept it
+    assert store.reconcile()["requeued"] == [a.id]
+
+
+def test_a_batch_that_crashes_gives_its_jobs_back(runner, monkeypatch):
+    """The pipeline itself raises (a dead CUDA context, say): every job of the batch is back in the
+    queue at once, not running under a lease that nothing renews, and the error propagates."""
+    jobs = [runner.store.create(params(seed=s).to_dict())[0] for s in (1, 2)]
+
+    def crash(*args, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner.pipeline, "generate_many", crash)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        runner.run_many([j.id for j in jobs])
+    assert [runner.store.get(j.id).state for j in jobs] == [JobState.QUEUED] * 2
+    assert runner.store.queued_ids() == [j.id for j in jobs] and runner.store.counts() == (2, 0)
+    assert _lease_threads() == []
+
+
+def test_a_worker_that_lost_its_lease_cannot_overwrite_its_successor(server, pipe, tmp_path, monkeypatch):
+    """Worker A's lease renewals stop reaching Redis while it encodes (a partition); its lease expires,
+    the reconciler re-queues the job and worker B runs it to the end. A then finishes encoding: it
+    changes neither B's record nor B's files, and leaves no file of its own."""
+    import threading
+
+    import deployments.service.runner as runner_module
+
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    results = LocalStorage(tmp_path / "results")
+    store_a, store_b = JobStore(client, lease_s=0.5), JobStore(client, lease_s=5)
+    finished_by_a = []
+    uploads = LocalStorage(tmp_path / "u")
+    runner_a = JobRunner(store_a, pipe, results, uploads, "w1", on_finish=finished_by_a.append)
+    runner_b = JobRunner(store_b, pipe, results, uploads, "w1")  # the same name: only tokens tell them apart
+    job, _ = store_a.create(params(num_takes=1).to_dict())
+
+    def partitioned(job_id, **kw):
+        raise redis.ConnectionError("no route to host")
+
+    monkeypatch.setattr(store_a, "heartbeat", partitioned)
+    encoding, resume = threading.Event(), threading.Event()
+    real_write = runner_module.write_audio
+
+    def write(path, audio, *args, **kw):
+        if threading.current_thread().name == "worker-a":
+            encoding.set()
+            resume.wait(30)
+            audio = audio * 0.5  # A's take differs from B's, byte for byte
+        return real_write(path, audio, *args, **kw)
+
+    monkeypatch.setattr(runner_module, "write_audio", write)
+    out_a = []
+    thread_a = threading.Thread(target=lambda: out_a.append(runner_a.run(job.id)), name="worker-a")
+    thread_a.start()
+    assert encoding.wait(60)
+    time.sleep(0.7)  # A's lease runs out
+    assert store_b.reconcile()["requeued"] == [job.id]
+    assert runner_b.run(job.id) == JobState.SUCCEEDED
+    done = store_b.get(job.id)
+    (take,) = done.result["takes"]
+    b_bytes = results.path(take["key"]).read_bytes()
+    events = store_b.events_after(job.id, None)
+
+    resume.set()  # A stores its take and tries to record it
+    thread_a.join(60)
+    assert out_a == [None] and finished_by_a == []  # nothing recorded, no metrics or webhook from A
+    assert (
+        store_b.get(job.id) == done and done.attempts == 2 and take["key"].startswith(f"{job.id}/attempt-2/")
+    )
+    assert results.path(take["key"]).read_bytes() == b_bytes  # B's file untouched
+    assert store_b.events_after(job.id, None) == events  # A wrote nothing, not even progress
+    assert [p.name for p in results.path(job.id).iterdir()] == ["attempt-2"]  # A's own files removed

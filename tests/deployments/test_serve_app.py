@@ -335,17 +335,60 @@ def test_redis_stop_and_restart_under_the_app(service):
     assert wait_for(service, after, {"succeeded", "failed"})["status"] == "succeeded"
 
 
+def test_a_generator_without_its_model_refuses_jobs_then_fails_its_health_check(server, tmp_path):
+    """The replica class alone (no Ray cluster): the model is not downloaded (offline, empty cache).
+    It reports why to the job store, fails the jobs sent to it with MODEL_NOT_LOADED, passes the
+    health check Serve runs right after __init__, and fails it `model_retry_s` after the failed load,
+    so that Serve replaces it; its report outlives it long enough for /readyz to keep telling why."""
+    import asyncio
+
+    import redis
+
+    from deployments.serve.app import LOAD_ERROR_REPORT_TTL_S, SongGenerator
+    from deployments.service.jobs import JobState, JobStore
+    from deployments.service.settings import AppArgs
+
+    redis.Redis.from_url(server.url).flushdb()
+    store = JobStore.from_url(server.url)
+    args = AppArgs(model="diffrhythm-1.2-base", data_dir=str(tmp_path), model_retry_s=0.5).resolved()
+
+    async def scenario() -> None:
+        generator = SongGenerator.func_or_class(args, server.url)
+        try:
+            generator.check_health()  # Serve's first check, right after __init__: a start, not a failure
+            (report,) = store.generator_statuses()
+            assert report["loaded"] is False and report["error"]["code"] == "MODEL_NOT_LOADED"
+            assert report["ttl_s"] == LOAD_ERROR_REPORT_TTL_S
+            job, _ = store.create({"model": "diffrhythm-1.2-base"})
+            assert await asyncio.to_thread(generator._refuse, [job.id]) == ["failed"]
+            failed = store.get(job.id)
+            assert failed.state == JobState.FAILED and failed.error["code"] == "MODEL_NOT_LOADED"
+            assert "musicgen models pull" in failed.error["recovery"]
+            await asyncio.sleep(0.6)
+            with pytest.raises(RuntimeError, match="diffrhythm-1.2-base not loaded"):
+                generator.check_health()
+            assert store.generator_statuses()[0]["error"]["code"] == "MODEL_NOT_LOADED"
+        finally:
+            generator._reporter.cancel()
+
+    asyncio.run(scenario())
+
+
 def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
     """Last in this module: replaces the app with one scaled to zero whose model is not downloaded
     (offline, empty cache). Ready while scaled to zero; the first song starts a generator, which
     cannot load the model: that job fails with MODEL_NOT_LOADED, /readyz says why and how to fix
-    it, and new submissions get 503 MODEL_NOT_LOADED."""
+    it, and new submissions get 503 MODEL_NOT_LOADED. A second after its failed load the replica
+    fails its health checks, and Serve replaces it (the new replica tries to load the model again):
+    meanwhile /readyz keeps telling why."""
+    import ray
     from ray import serve
 
     from deployments.serve.app import build_app
 
     serve.delete("musicgen")
-    args = {"model": "diffrhythm-1.2-base", "data_dir": str(tmp_path), "min_generators": 0, "lease_s": 5}
+    args = {"model": "diffrhythm-1.2-base", "data_dir": str(tmp_path), "min_generators": 0, "lease_s": 5,
+            "model_retry_s": 1}  # fmt: skip
     serve.run(build_app(args), name="musicgen", route_prefix="/")
     ready = _get_retrying(service, "/readyz")
     assert ready["ready"] is True and "scaled to zero" in ready["reason"]
@@ -361,3 +404,17 @@ def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
     r = service.post("/v1/songs", json={**SONG, "model": "diffrhythm-1.2-base", "duration_s": 95})
     assert r.status_code == 503 and r.json()["error"]["code"] == "MODEL_NOT_LOADED"
     assert "musicgen models pull" in r.json()["error"]["recovery"]
+
+    def generators() -> set[str]:
+        return {
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SongGenerator" in a["name"]
+        }
+
+    first = generators()
+    assert first
+    deadline = time.time() + 150
+    while not generators() - first:  # three failed checks 10 s apart, then a new replica
+        assert time.time() < deadline, "the generator without its model was never replaced"
+        r = service.get("/readyz")
+        assert r.status_code == 503 and "musicgen models pull" in r.json()["reason"], r.text
+        time.sleep(1)

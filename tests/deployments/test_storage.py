@@ -91,3 +91,74 @@ def test_two_writers_of_one_key_leave_a_whole_file(tmp_path):
     data = storage.path("job/take-1.mp3").read_bytes()
     assert len(data) == 3_000_000 and len(set(data)) == 1
     assert [p.name for p in storage.path("job").iterdir()] == ["take-1.mp3"]  # no temporary left behind
+
+
+@pytest.fixture(params=["local", "s3"])
+def areas(request, tmp_path):
+    """(results, uploads) on one backend."""
+    if request.param == "local":
+        return LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads")
+    _, client, bucket = request.getfixturevalue("s3")
+    run = f"run-{uuid.uuid4().hex[:8]}"
+    return tuple(S3Storage(bucket, f"{run}/{area}", client=client) for area in ("results", "uploads"))
+
+
+def test_files_are_deleted_when_their_records_expire(areas, server, tmp_path):
+    """With a one-second retention: a finished job's takes (every attempt's) and an old upload are
+    deleted by the sweep once the record has expired, and only those; a second sweep finds nothing."""
+    import asyncio
+    import time
+
+    import redis
+
+    from deployments.service.jobs import AsyncJobStore, JobStore
+    from deployments.service.retention import sweep_expired_files
+
+    results, uploads = areas
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    short, long = JobStore(client, retention_s=1), JobStore(client, retention_s=3600)
+    src = tmp_path / "take.mp3"
+    src.write_bytes(b"ID3" + bytes(1000))
+
+    def finished_job(store: JobStore) -> tuple[str, list[str]]:
+        job, _ = store.create({})
+        token = store.claim(job.id, "w1")
+        keys = [results.put_file(f"{job.id}/attempt-{token}/take-{n}.mp3", src) for n in (1, 2)]
+        keys.append(results.put_file(f"{job.id}/attempt-{token}/take-1.flac", src))  # a conversion
+        store.complete(job.id, {"takes": keys}, token=token)
+        return job.id, keys
+
+    def sweep() -> list[tuple[str, str]]:
+        async def run():
+            store = AsyncJobStore.from_url(server.url)
+            try:
+                return await sweep_expired_files(store, results, uploads)
+            finally:
+                await store.aclose()
+
+        return asyncio.run(run())
+
+    expired, expired_keys = finished_job(short)
+    expired_keys.append(results.put_file(f"{expired}/attempt-9/take-1.mp3", src))  # a lost run's leftover
+    kept, kept_keys = finished_job(long)
+    running, _ = short.create({})
+    running_key = results.put_file(f"{running.id}/attempt-{short.claim(running.id, 'w1')}/take-1.mp3", src)
+    short.expire_upload("old.mp3")
+    uploads.put_file("old.mp3", src)
+    short.expire_upload("never-stored.wav")  # its upload failed after the entry was written
+    long.expire_upload("new.mp3")
+    uploads.put_file("new.mp3", src)
+    assert sweep() == []  # nothing is due yet
+    assert all(results.exists(k) for k in expired_keys) and uploads.exists("old.mp3")
+    time.sleep(1.3)
+    assert sorted(sweep()) == [("results", expired), ("uploads", "never-stored.wav"), ("uploads", "old.mp3")]
+    assert short.get(expired) is None  # the record expired with its files
+    assert not any(results.exists(k) for k in expired_keys) and not uploads.exists("old.mp3")
+    assert (
+        all(results.exists(k) for k in kept_keys)
+        and results.exists(running_key)
+        and uploads.exists("new.mp3")
+    )
+    assert long.get(kept).state.finished and short.get(running.id).state == "running"
+    assert sweep() == []

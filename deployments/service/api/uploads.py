@@ -1,5 +1,6 @@
 """/v1/uploads: reference songs and songs to edit. The body is streamed to a temporary file (never
-held whole in memory), identified by its bytes, decoded off the event loop, then stored."""
+held whole in memory), identified by its bytes, decoded off the event loop, then stored; it is
+deleted after the retention period (retention.py)."""
 
 from __future__ import annotations
 
@@ -66,5 +67,6 @@ async def upload(request: Request, services: ServicesDep) -> UploadView:
                 "PAYLOAD_TOO_LARGE", f"{seconds:.0f} s of audio; at most {cfg.max_upload_seconds:.0f} s"
             )
         upload_id = f"{uuid.uuid4().hex}.{kind}"
+        await services.store.expire_upload(upload_id)  # first: no stored upload without a deletion date
         await asyncio.to_thread(services.uploads.put_file, upload_id, path)
     return UploadView(id=upload_id, format=kind, duration_s=seconds, sample_rate=sr, channels=channels)
