@@ -24,9 +24,12 @@ _STATUS = {
     "INVALID_PROMPT": 422,
     "INVALID_PARAMETER": 422,
     "NOT_FOUND": 404,
+    "UNAUTHORIZED": 401,
     "PAYLOAD_TOO_LARGE": 413,
     "UNSUPPORTED_MEDIA": 415,
     "QUEUE_FULL": 429,
+    "QUOTA_EXCEEDED": 429,
+    "RATE_LIMITED": 429,
     "MODEL_NOT_LOADED": 503,
     "STORE_UNAVAILABLE": 503,
     "OUT_OF_MEMORY": 507,
@@ -39,7 +42,12 @@ _STATUS = {
 _SERVICE_HINTS = {
     "NOT_FOUND": "check the id; finished jobs are kept for the retention period only",
     "PAYLOAD_TOO_LARGE": "upload a smaller file",
+    "UNAUTHORIZED": "send an API key as `Authorization: Bearer <key>`; an operator creates one with "
+    "`musicgen keys create NAME`",
     "QUEUE_FULL": "retry after the number of seconds in Retry-After",
+    "QUOTA_EXCEEDED": "retry after the number of seconds in Retry-After (details name the quota and its "
+    "limit), or ask an operator for a higher quota",
+    "RATE_LIMITED": "slow down: retry after the number of seconds in Retry-After",
     "STORE_UNAVAILABLE": "retry shortly: the job store is unreachable; accepted jobs are not lost",
     "GENERATION_TIMEOUT": "try a shorter song, fewer takes or fewer steps",
     "WORKER_LOST": "submit the song again; if it keeps failing, try a shorter song",
