@@ -4,6 +4,9 @@ thread; the Ray Serve ingress gives it its deployment handles.
 
 Every route is async and does no blocking work on the event loop: Redis through `redis.asyncio`,
 files and audio on thread pools. Errors leave as one body: {"error": {code, message, recovery, details}}.
+
+With auth on, every /v1 route needs an API key (deps.authenticate); /healthz, /readyz, /metrics,
+/docs and /openapi.json stay open (probes, scrapers and API readers hold no key; they show no job).
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import json
 import logging
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from deployments.service.api import health, models, songs, uploads
-from deployments.service.api.deps import ApiConfig, Services
+from deployments.service.api.deps import ApiConfig, Services, authenticate
 from deployments.service.errors import ServiceError
 
 __all__ = ["ApiConfig", "Services", "create_api"]
@@ -43,15 +46,18 @@ def create_api(services: Services) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    for module in (songs, uploads, models, health):
-        app.include_router(module.router)
+    for module in (songs, uploads, models):
+        app.include_router(module.router, dependencies=[Depends(authenticate)])
+    app.include_router(health.router)  # open
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError):
-        headers = (
-            {"Retry-After": str(exc.details.get("retry_after_s", 10))} if exc.code == "QUEUE_FULL" else None
-        )
-        return error_response(exc, headers)
+        headers = {}
+        if exc.status == 429:  # QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED: each computes its wait
+            headers["Retry-After"] = str(exc.details.get("retry_after_s", 10))
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="musicgen"'
+        return error_response(exc, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
