@@ -4,6 +4,7 @@
     musicgen generate --lyrics song.lrc --ref-audio ref.wav --model diffrhythm-1.2-full --duration 180
     musicgen models pull diffrhythm-1.2-base
     musicgen models list
+    musicgen keys create alice          # the service's API keys (needs the serve extras)
 
 Errors are printed as one line with their code and a hint; no traceback (set MUSICGEN_DEBUG=1 for one).
 """
@@ -11,6 +12,7 @@ Errors are printed as one line with their code and a hint; no traceback (set MUS
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import secrets
@@ -21,6 +23,12 @@ from pathlib import Path
 from musicgen.errors import InvalidParameter, MusicgenError
 
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
+# Commands implemented outside the library (the service's `keys` talks to Redis, which musicgen never
+# imports): name -> (module, help). The module has `main(argv, prog) -> int`, and is imported only when
+# its command runs; it parses its own arguments.
+PLUGIN_COMMANDS = {
+    "keys": ("deployments.service.keys", "create, list and revoke the service's API keys"),
+}
 
 
 def _parse_segments(text: str) -> tuple[tuple[float, float], ...]:
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "names", nargs="*", default=[DEFAULT_MODEL], help="model names, 'mulan', 'vae', 'assets' or 'all'"
     )
     msub.add_parser("list", help="list models and what is cached")
+    for name, (_, text) in PLUGIN_COMMANDS.items():  # listed in --help; main() runs them
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -249,9 +259,24 @@ def cmd_models(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_plugin(name: str, argv: list[str]) -> int:
+    module_name = PLUGIN_COMMANDS[name][0]
     try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        print(f"error: `musicgen {name}` needs {exc.name!r}, which is not installed\n"
+              "  hint: install the service's packages: EXTRAS=serve,test scripts/setup.sh", file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    return module.main(argv, prog=f"musicgen {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    plugin = argv[0] if argv and argv[0] in PLUGIN_COMMANDS else None
+    args = None if plugin else build_parser().parse_args(argv)
+    try:
+        if plugin:
+            return run_plugin(plugin, argv[1:])
         if args.command == "generate":
             return cmd_generate(args)
         return cmd_models(args)

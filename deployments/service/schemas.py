@@ -67,6 +67,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 # what any operation may answer: a malformed request (400), a body over the limit (413), invalid
 # fields (422), an unexpected failure (500), the job store unreachable (503)
 COMMON_ERRORS = error_responses(400, 413, 422, 500, 503)
+# what any operation that needs an API key may answer besides: no valid key (401), rate limited (429)
+AUTH_ERRORS = error_responses(401, 429)
 
 
 class TakeView(Strict):

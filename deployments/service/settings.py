@@ -7,9 +7,11 @@ at import time.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # -- defaults (each named once; AppArgs, the job store, the wire schemas and the API read them here) --
 LEASE_S = 30.0  # a worker renews its job's lease every lease/3 s; a lost worker's job is re-queued after it
@@ -28,6 +30,13 @@ MODEL_RETRY_S = 60.0
 SECONDS_PER_JOB_ESTIMATE = 60.0  # queue ETA before measured timings exist
 SSE_KEEPALIVE_S = 15.0  # a comment line on idle event streams (proxies close silent connections)
 INGRESS_MAX_ONGOING = 5000  # concurrent requests per ingress replica: event streams stay open for minutes
+# per API key (each key's record may override them: `musicgen keys create --songs-per-day ...`)
+KEY_ACTIVE_JOBS = 4  # queued + running songs at once
+KEY_QUEUED_JOBS = 4  # songs waiting in the queue at once
+KEY_SONGS_PER_DAY = 200  # submissions accepted per UTC day
+KEY_AUDIO_S_PER_DAY = 4 * 3600.0  # seconds of audio per UTC day: duration_s x num_takes of each song
+KEY_REQUESTS_PER_MINUTE = 120  # every authenticated request (a token bucket refilled at this rate)
+KEY_BURST = 30  # requests a key may make at once after being idle (the bucket's size)
 
 ENV = {
     "REDIS_URL": "the job store; unset: an embedded Redis with its data under MUSICGEN_DATA_DIR/redis",
@@ -38,6 +47,31 @@ ENV = {
     "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
 }
+
+
+class Quotas(BaseModel):
+    """What one API key may use. The defaults apply to every key; a key's record may override some."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    active_jobs: int = Field(KEY_ACTIVE_JOBS, ge=1)
+    queued_jobs: int = Field(KEY_QUEUED_JOBS, ge=1)
+    songs_per_day: int = Field(KEY_SONGS_PER_DAY, ge=1)
+    audio_s_per_day: float = Field(KEY_AUDIO_S_PER_DAY, gt=0)
+    requests_per_minute: float = Field(KEY_REQUESTS_PER_MINUTE, gt=0)
+    burst: int = Field(KEY_BURST, ge=1)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Only this machine can connect to `host` (None: not known, so not assumed)."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 class AppArgs(BaseModel):
@@ -69,6 +103,29 @@ class AppArgs(BaseModel):
     webhook_secret: str | None = Field(None, repr=False)
     cors_origins: list[str] = []  # browser origins allowed to call the API from other sites ("*" = any)
     security_headers: bool = True  # nosniff, no framing, no referrer, a strict CSP on API answers
+    # API keys: "auto" = on unless the API listens on loopback only; "on"; "off" (refused on a public
+    # address unless allow_insecure_public). `host`: where the API listens; unset, build_app reads it
+    # from Ray Serve's http_options (unknown counts as public).
+    auth: Literal["auto", "on", "off"] = "auto"
+    allow_insecure_public: bool = False
+    host: str | None = None
+    quotas: Quotas = Field(default_factory=Quotas)  # per API key (a key's own record may override them)
+
+    @model_validator(mode="after")
+    def _refuse_an_open_public_api(self) -> AppArgs:
+        if self.auth == "off" and not is_loopback(self.host) and not self.allow_insecure_public:
+            raise ValueError(
+                f"auth is off but the API listens on {self.host or 'an unknown address'!r}, which other "
+                "machines can reach: anyone could read, cancel and download every user's songs. Either "
+                "turn auth on (auth: on, and create keys with `musicgen keys create NAME`), listen on "
+                "127.0.0.1 only (http_options.host), or accept an open API with allow_insecure_public: true"
+            )
+        return self
+
+    @property
+    def auth_required(self) -> bool:
+        """Requests need an API key: auth on, or auto on an address other machines can reach."""
+        return self.auth == "on" or (self.auth == "auto" and not is_loopback(self.host))
 
     def resolved(self) -> AppArgs:
         return self.model_copy(

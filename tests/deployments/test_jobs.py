@@ -157,6 +157,9 @@ class _SkewedClock:
     def time(self) -> float:
         return time.time() + self.offset_s
 
+    def __getattr__(self, name: str):  # gmtime, strftime, ...: the real module's
+        return getattr(time, name)
+
 
 def test_lease_deadlines_come_from_the_store_clock(store, client, monkeypatch):
     """Deadlines are Redis TIME + lease_s, whatever the clocks of the worker and the reconciler say:

@@ -374,6 +374,38 @@ def test_a_generator_without_its_model_refuses_jobs_then_fails_its_health_check(
     asyncio.run(scenario())
 
 
+def test_api_keys_through_ray_serve(service, tmp_path):
+    """Auth as build_app decides it: on this loopback proxy, auth: auto needs no key (the host is read
+    from Serve's HTTP options); an open API on a public address is refused; with auth: on, a key
+    created in the app's embedded Redis (found as `musicgen keys` finds it) works through the proxy."""
+    import pydantic
+    from ray import serve
+
+    from deployments.serve.app import app_args, build_app
+    from deployments.service.keys import KeyStore
+    from deployments.service.redis_server import EmbeddedRedis
+
+    assert app_args({}).host == "127.0.0.1" and not app_args({}).auth_required
+    with pytest.raises(pydantic.ValidationError, match="allow_insecure_public"):
+        app_args({"auth": "off", "host": "0.0.0.0"})
+    serve.delete("musicgen")
+    data = tmp_path / "data"
+    serve.run(build_app({"model": "tiny", "data_dir": str(data), "auth": "on", "lease_s": 5}),
+              name="musicgen", route_prefix="/")  # fmt: skip
+    secret, _ = KeyStore.from_url(EmbeddedRedis.running_url(data / "redis")).create("alice")
+    _get_retrying(service, "/readyz")  # open
+    refused = service.post("/v1/songs", json=SONG)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "UNAUTHORIZED"
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    with httpx.Client(
+        base_url=service.base_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30
+    ) as keyed:
+        job = keyed.post("/v1/songs", json=SONG)
+        assert job.status_code == 202, job.text
+        assert wait_for(keyed, job.json()["id"], {"succeeded", "failed"})["status"] == "succeeded"
+        assert [j["id"] for j in keyed.get("/v1/songs").json()] == [job.json()["id"]]
+
+
 def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
     """Last in this module: replaces the app with one scaled to zero whose model is not downloaded
     (offline, empty cache). Ready while scaled to zero; the first song starts a generator, which

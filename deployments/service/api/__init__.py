@@ -4,6 +4,9 @@ thread; the Ray Serve ingress gives it its deployment handles.
 
 Every route is async and does no blocking work on the event loop: Redis through `redis.asyncio`,
 files and audio on thread pools. Errors leave as one body: {"error": {code, message, recovery, details}}.
+
+With auth on, every /v1 route needs an API key (deps.authenticate); /healthz, /readyz, /metrics,
+/docs and /openapi.json stay open (probes, scrapers and API readers hold no key; they show no job).
 """
 
 from __future__ import annotations
@@ -13,17 +16,17 @@ import json
 import logging
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.service.api import health, models, songs, uploads
-from deployments.service.api.deps import ApiConfig, Services
+from deployments.service.api.deps import ApiConfig, Services, authenticate
 from deployments.service.api.edge import EdgeMiddleware
 from deployments.service.errors import ServiceError
-from deployments.service.schemas import COMMON_ERRORS
+from deployments.service.schemas import AUTH_ERRORS, COMMON_ERRORS
 
 __all__ = ["ApiConfig", "Services", "create_api"]
 log = logging.getLogger(__name__)
@@ -58,15 +61,20 @@ def create_api(services: Services) -> FastAPI:
     app.add_middleware(
         EdgeMiddleware, max_body_bytes=cfg.max_body_bytes, security_headers=cfg.security_headers
     )
-    for module in (songs, uploads, models, health):
-        app.include_router(module.router, responses=COMMON_ERRORS)
+    for module in (songs, uploads, models):
+        app.include_router(
+            module.router, dependencies=[Depends(authenticate)], responses={**COMMON_ERRORS, **AUTH_ERRORS}
+        )
+    app.include_router(health.router, responses=COMMON_ERRORS)  # open
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError):
-        headers = (
-            {"Retry-After": str(exc.details.get("retry_after_s", 10))} if exc.code == "QUEUE_FULL" else None
-        )
-        return error_response(exc, headers)
+        headers = {}
+        if exc.status == 429:  # QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED: each computes its wait
+            headers["Retry-After"] = str(exc.details.get("retry_after_s", 10))
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="musicgen"'
+        return error_response(exc, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):

@@ -1,20 +1,25 @@
 """What the routes depend on, injected the FastAPI way: one `Services` object on `app.state`, read
-by the dependency functions below (tests override them with `app.dependency_overrides`)."""
+by the dependency functions below (tests override them with `app.dependency_overrides`), and the
+caller: the API key a request sends (`authenticate`), or nobody in particular when auth is off."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
 
 from deployments.service import settings
 from deployments.service.api.views import sse_frame
+from deployments.service.errors import ServiceError
 from deployments.service.events import EventHub
 from deployments.service.jobs import AsyncJobStore
+from deployments.service.keys import SECRET, ApiKey, AsyncKeyStore, RateLimited, Unauthorized
 from deployments.service.media import TakeConverter
 from deployments.service.params import SongParams
 from deployments.service.schemas import SongCreate
@@ -32,6 +37,8 @@ class ApiConfig:
     max_body_bytes: int = settings.MAX_BODY_KB * 1024  # bodies other than uploads
     cors_origins: tuple[str, ...] = ()
     security_headers: bool = True
+    auth: bool = False  # requests need an API key (AppArgs.auth_required)
+    quotas: settings.Quotas = field(default_factory=settings.Quotas)  # each key's, unless it has its own
 
 
 async def _always_ready() -> tuple[bool, str]:
@@ -61,9 +68,12 @@ class Services:
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="audio")
     )
     hub: EventHub | None = None  # default: a hub on `store` rendering this API's views
+    keys: AsyncKeyStore | None = None  # default: on the store's connection pool
     converter: TakeConverter = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = AsyncKeyStore.sharing(self.store)
         if self.hub is None:
             self.hub = EventHub(
                 self.store, functools.partial(sse_frame, seconds_per_job=self.config.seconds_per_job_estimate)
@@ -91,7 +101,72 @@ async def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sends a request: an API key, or None when auth is off (everyone sees everything)."""
+
+    key: ApiKey | None
+
+    @property
+    def owner(self) -> str:
+        """What the caller's jobs and uploads record as their owner ("" without keys)."""
+        return self.key.id if self.key else ""
+
+    @property
+    def sees_all(self) -> bool:
+        return self.key is None or self.key.admin
+
+    def owns(self, owner: str | None) -> bool:
+        """May see a job or upload of `owner`; others' answer as missing ones do (404)."""
+        return self.sees_all or owner == self.key.id
+
+
+# Declares the bearer scheme in the OpenAPI spec; the checks (and their error bodies) are ours.
+_bearer = HTTPBearer(auto_error=False, description="an API key: `musicgen keys create NAME` prints one")
+
+
+def _unauthorized(message: str) -> ServiceError:
+    return ServiceError("UNAUTHORIZED", message)  # the error handler adds WWW-Authenticate: Bearer
+
+
+async def authenticate(
+    request: Request,
+    services: Annotated[Services, Depends(get_services)],
+    _declared: Annotated[object, Depends(_bearer)] = None,  # for the spec; the header is read below
+) -> Caller:
+    """The caller of every /v1 route: its key, checked (unknown, revoked -> 401) and counted against
+    its request rate (-> 429 RATE_LIMITED) in one Redis script."""
+    cfg = services.config
+    if not cfg.auth:
+        return Caller(None)
+    header = request.headers.get("authorization")
+    if not header:
+        raise _unauthorized("this API needs a key: send `Authorization: Bearer <key>`")
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not SECRET.fullmatch(secret):
+        raise _unauthorized("malformed Authorization header: expected `Bearer mgk_...` (an API key)")
+    try:
+        return Caller(await services.keys.authenticate(secret, cfg.quotas))
+    except Unauthorized as exc:
+        reason = "was revoked" if str(exc) == "revoked" else "is not a key of this service"
+        raise _unauthorized(f"the API key {reason}") from None
+    except RateLimited as limited:
+        raise ServiceError(
+            "RATE_LIMITED",
+            f"more than {limited.quotas['requests_per_minute']:g} requests a minute "
+            f"(bursts of {limited.quotas['burst']:g}) with this key",
+            details={"retry_after_s": retry_after(limited.retry_after_s), **limited.quotas},
+        ) from None
+
+
+def retry_after(seconds: float) -> int:
+    """A Retry-After value: whole seconds, rounded up (a client that waits that long may go on)."""
+    return max(1, math.ceil(seconds))
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 StoreDep = Annotated[AsyncJobStore, Depends(get_store)]
 ConfigDep = Annotated[ApiConfig, Depends(get_config)]
 BaseUrl = Annotated[str, Depends(base_url)]
+CallerDep = Annotated[Caller, Depends(authenticate)]

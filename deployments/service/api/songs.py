@@ -1,18 +1,29 @@
-"""/v1/songs: submit, list, read, cancel and follow song jobs, and download their takes."""
+"""/v1/songs: submit, list, read, cancel and follow song jobs, and download their takes. With API keys,
+a caller sees only its own jobs (an admin key sees all): another key's job answers 404, word for word
+as a missing one does."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from deployments.service.api.deps import BaseUrl, ConfigDep, ServicesDep, StoreDep
+from deployments.service.api.deps import (
+    BaseUrl,
+    Caller,
+    CallerDep,
+    ConfigDep,
+    ServicesDep,
+    StoreDep,
+    retry_after,
+)
 from deployments.service.api.views import job_view
 from deployments.service.errors import ServiceError
-from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, SongJob, event_order
+from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, QuotaExceeded, SongJob, event_order
 from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
 from deployments.service.schemas import JOB_ID_PATTERN, JobView, SongCreate, error_responses
 from deployments.service.webhooks import notify
@@ -22,11 +33,56 @@ JOB_ID = re.compile(JOB_ID_PATTERN)
 _ERRORS = error_responses(404)
 
 
-async def load_job(store: AsyncJobStore, job_id: str) -> tuple[SongJob, int | None]:
+def not_found(job_id: str) -> ServiceError:
+    return ServiceError("NOT_FOUND", f"no song job {job_id!r}")
+
+
+async def load_job(store: AsyncJobStore, job_id: str, caller: Caller) -> tuple[SongJob, int | None]:
     job, position = await store.get_with_position(job_id) if JOB_ID.fullmatch(job_id) else (None, None)
-    if job is None:
-        raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
+    if job is None or not caller.owns(job.owner):
+        raise not_found(job_id)
     return job, position
+
+
+async def check_references(store: AsyncJobStore, body: SongCreate, caller: Caller) -> None:
+    """A submission may name the caller's own uploads only: another key's answers as a missing one
+    (the validator's words), before any work."""
+    if caller.sees_all:
+        return  # the validator checks that they exist
+    for upload_id, what in ((body.reference_audio_id, "reference_audio_id"),
+                            (body.edit and body.edit.source_id, "edit.source_id")):  # fmt: skip
+        found = await store.upload(upload_id) if upload_id else None
+        if upload_id and (found is None or found[0] != caller.owner):
+            raise ServiceError(
+                "NOT_FOUND", f"{what} {upload_id!r} is not an upload", details={"parameter": what}
+            )
+
+
+def quota_error(exc: QuotaExceeded, audio_s: float, seconds_per_job: float) -> ServiceError:
+    """QUOTA_EXCEEDED with when to retry: when the UTC day ends, for the daily quotas; for the songs
+    at once, about when the key's oldest running song ends, else its first queued one ((queue rank + 1)
+    songs from now, at the queue's estimate per song)."""
+    now = time.time()
+    if exc.day_ends_at is not None:
+        wait = exc.day_ends_at - now
+    elif exc.quota == "active_jobs" and exc.first_start is not None:
+        wait = exc.first_start + seconds_per_job - now
+    elif exc.first_rank is not None:
+        wait = (exc.first_rank + 1) * seconds_per_job
+    else:
+        wait = seconds_per_job
+    limit, used = f"{exc.limit:g}", f"{exc.used:g}"
+    message = {
+        "active_jobs": f"this key has {used} songs queued or running; its quota is {limit} at once",
+        "queued_jobs": f"this key has {used} songs waiting in the queue; its quota is {limit}",
+        "songs_per_day": f"this key submitted {used} songs today (UTC); its quota is {limit} a day",
+        "audio_s_per_day": f"this key asked for {used} s of audio today (UTC) and this song for {audio_s:g} s "
+        f"(duration x takes); its quota is {limit} s a day",
+    }[exc.quota]
+    return ServiceError(
+        "QUOTA_EXCEEDED", message,
+        details={"quota": exc.quota, "limit": exc.limit, "used": exc.used, "retry_after_s": retry_after(wait)},
+    )  # fmt: skip
 
 
 @router.post("", status_code=202, response_model=JobView, responses=error_responses(404, 429))
@@ -34,22 +90,29 @@ async def submit(
     body: SongCreate,
     services: ServicesDep,
     base: BaseUrl,
+    caller: CallerDep,
     idempotency_key: str | None = Header(None, max_length=200),
 ) -> JobView:
+    """Queue a song. Idempotency-Key (per API key): a repeated submission returns the first one's job."""
     ok, why = await services.ready()
     if not ok:
         raise ServiceError("MODEL_NOT_LOADED", why)
+    await check_references(services.store, body, caller)
     params = await services.validate(body)
     cfg = services.config
     try:
         job, created = await services.store.create(
-            params.to_dict(), idempotency_key=idempotency_key, max_queue=cfg.max_queue
-        )
+            params.to_dict(), idempotency_key=idempotency_key, max_queue=cfg.max_queue, owner=caller.owner,
+            quotas=caller.key.quotas(cfg.quotas) if caller.key else None,
+        )  # fmt: skip
     except QueueFull as full:
         raise ServiceError(
             "QUEUE_FULL", f"{full.depth} songs are waiting; the queue holds {cfg.max_queue}",
             details={"retry_after_s": int(cfg.seconds_per_job_estimate)},
         ) from None  # fmt: skip
+    except QuotaExceeded as exc:
+        audio_s = params.duration_s * params.num_takes
+        raise quota_error(exc, audio_s, cfg.seconds_per_job_estimate) from None
     if created:
         services.dispatch(job.id)
     position = await services.store.queue_position(job.id) if job.state == JobState.QUEUED else None
@@ -60,25 +123,27 @@ async def submit(
 async def list_songs(
     store: StoreDep,
     base: BaseUrl,
+    caller: CallerDep,
     limit: int = Query(20, ge=1, le=100),
     before: float | None = Query(None, allow_inf_nan=False, description="created_at of the last job seen"),
 ) -> list[JobView]:
-    jobs = await store.recent(limit=limit, before=before)
+    """The caller's jobs (an admin's or, without keys, everyone's), newest first."""
+    jobs = await store.recent(limit=limit, before=before, owner="" if caller.sees_all else caller.owner)
     positions = await store.queue_positions([j.id for j in jobs])
     return [job_view(j, p, base) for j, p in zip(jobs, positions, strict=True)]
 
 
 @router.get("/{job_id}", response_model=JobView, responses=_ERRORS)
-async def status(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl) -> JobView:
-    job, position = await load_job(store, job_id)
+async def status(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl, caller: CallerDep) -> JobView:
+    job, position = await load_job(store, job_id, caller)
     return job_view(job, position, base, seconds_per_job=cfg.seconds_per_job_estimate)
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, responses=_ERRORS)
-async def cancel(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl) -> JobView:
-    was, _ = await load_job(store, job_id)
+async def cancel(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl, caller: CallerDep) -> JobView:
+    was, _ = await load_job(store, job_id, caller)
     await store.cancel(job_id)
-    job, position = await load_job(store, job_id)
+    job, position = await load_job(store, job_id, caller)
     if was.state == JobState.QUEUED and job.state == JobState.CANCELED:
         # it ended here, not on a worker: its webhook goes from here
         loop = asyncio.get_running_loop()
@@ -99,6 +164,7 @@ async def events(
     request: Request,
     services: ServicesDep,
     base: BaseUrl,
+    caller: CallerDep,
     last_event_id: str | None = Header(None, max_length=64),
 ):
     """The job as server-sent events, each with an `id` (send it back as Last-Event-ID to resume).
@@ -109,15 +175,15 @@ async def events(
     queue_position, eta_s, updated_at, cancel_requested, attempts). A client that already saw the
     final event gets 204 (EventSource then stops reconnecting). Comments (`: keep-alive`) every 15 s."""
     store, hub = services.store, services.hub
-    if not JOB_ID.fullmatch(job_id):
-        raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
+    if not JOB_ID.fullmatch(job_id) or (not caller.sees_all and await store.owner(job_id) != caller.owner):
+        raise not_found(job_id)
     if last_event_id is not None and not re.fullmatch(r"\d+-\d+", last_event_id):
         last_event_id = None  # not one of ours: start from the job as it is now
     # a job that other streams follow is already known to the hub: its parameters and latest update
     # come from memory (no Redis read, and the first frame is rendered once for all of them)
     params = hub.params(job_id) or await store.params(job_id)
     if params is None:
-        raise ServiceError("NOT_FOUND", f"no song job {job_id!r}")
+        raise not_found(job_id)
     listener = hub.listen(job_id, params)  # before reading the backlog: nothing falls in between
     try:
         if last_event_id:
@@ -183,10 +249,11 @@ async def audio(
     job_id: str,
     n: int,
     services: ServicesDep,
+    caller: CallerDep,
     range_header: str | None = Header(None, alias="Range"),
     format: str | None = None,
 ):
-    job, _ = await load_job(services.store, job_id)
+    job, _ = await load_job(services.store, job_id, caller)
     if job.state != JobState.SUCCEEDED:
         raise ServiceError("NOT_FOUND", f"song {job_id} has no audio yet (status {job.state.value})",
                            recovery="wait until the job has succeeded")  # fmt: skip

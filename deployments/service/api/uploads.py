@@ -1,23 +1,26 @@
 """/v1/uploads: reference songs and songs to edit. The body is streamed to a temporary file (never
-held whole in memory), identified by its bytes, decoded off the event loop, then stored; it is
-deleted after the retention period (retention.py)."""
+held whole in memory), identified by its bytes, decoded off the event loop, then stored; the job
+store records who uploaded it. With API keys, only its uploader (or an admin key) sees it and may
+name it in a submission. It is deleted after the retention period (retention.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
 import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from deployments.service.api.deps import ServicesDep
+from deployments.service.api.deps import CallerDep, ServicesDep, StoreDep
 from deployments.service.errors import ServiceError
 from deployments.service.media import sniff_audio
 from deployments.service.schemas import UploadView, error_responses
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 _SPOOL_BYTES = 1 << 20  # written to disk (in a thread) a megabyte at a time
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}\.(wav|flac|mp3|ogg)")
 
 
 @router.post(
@@ -29,7 +32,7 @@ _SPOOL_BYTES = 1 << 20  # written to disk (in a thread) a megabyte at a time
                                                                                        "format": "binary"}}},
                                    "required": True}},
 )  # fmt: skip
-async def upload(request: Request, services: ServicesDep) -> UploadView:
+async def upload(request: Request, services: ServicesDep, caller: CallerDep) -> UploadView:
     """The raw bytes of a WAV, FLAC, MP3 or OGG file as the body."""
     cfg = services.config
     limit = cfg.max_upload_bytes
@@ -69,4 +72,15 @@ async def upload(request: Request, services: ServicesDep) -> UploadView:
         upload_id = f"{uuid.uuid4().hex}.{kind}"
         await services.store.expire_upload(upload_id)  # first: no stored upload without a deletion date
         await asyncio.to_thread(services.uploads.put_file, upload_id, path)
-    return UploadView(id=upload_id, format=kind, duration_s=seconds, sample_rate=sr, channels=channels)
+    view = UploadView(id=upload_id, format=kind, duration_s=seconds, sample_rate=sr, channels=channels)
+    await services.store.put_upload(upload_id, caller.owner, view.model_dump(exclude={"id"}))
+    return view
+
+
+@router.get("/{upload_id}", response_model=UploadView, responses=error_responses(404))
+async def upload_info(upload_id: str, store: StoreDep, caller: CallerDep) -> UploadView:
+    """An upload as POST /v1/uploads described it; another key's answers 404, as a missing one."""
+    found = await store.upload(upload_id) if UPLOAD_ID.fullmatch(upload_id) else None
+    if found is None or not caller.owns(found[0]):
+        raise ServiceError("NOT_FOUND", f"no upload {upload_id!r}")
+    return UploadView(id=upload_id, **found[1])

@@ -1,0 +1,49 @@
+"""The settings: when API keys are required, and the refusal to serve an open API on a public address."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import yaml
+
+from deployments.service.settings import AppArgs, Quotas, is_loopback
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True), ("[::1]", True),
+     ("0.0.0.0", False), ("::", False), ("10.1.2.3", False), ("songs.example.com", False), (None, False)],
+)  # fmt: skip
+def test_auto_requires_keys_unless_the_api_listens_on_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+    assert AppArgs(host=host).auth_required is not loopback
+    assert AppArgs(host=host, auth="on").auth_required
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", None])
+def test_auth_off_on_a_public_address_is_refused_unless_allowed(host):
+    with pytest.raises(pydantic.ValidationError) as refused:
+        AppArgs(host=host, auth="off")
+    message = str(refused.value)
+    assert "anyone could read" in message and "allow_insecure_public: true" in message
+    assert "musicgen keys create" in message  # and how to turn auth on instead
+    allowed = AppArgs(host=host, auth="off", allow_insecure_public=True)
+    assert not allowed.auth_required
+    assert not AppArgs(host="127.0.0.1", auth="off").auth_required  # local: off needs no permission
+
+
+def test_serve_config_runs_locally_without_keys_and_requires_them_when_public():
+    """serve_config.yaml as scripts/serve.sh uses it: loopback, so a newcomer needs no key; the same
+    args on 0.0.0.0 require keys; its quotas are valid."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    host = config["http_options"]["host"]
+    args = config["applications"][0]["args"]
+    assert host == "127.0.0.1" and "host" not in args  # the host comes from http_options alone
+    assert not AppArgs(**args, host=host).auth_required
+    assert AppArgs(**args, host="0.0.0.0").auth_required
+    assert AppArgs(**args).quotas == Quotas(**args["quotas"])
+    with pytest.raises(pydantic.ValidationError):
+        AppArgs(**{**args, "auth": "off"}, host="0.0.0.0")
+    with pytest.raises(pydantic.ValidationError):
+        AppArgs(quotas={"active_jobs": 0})
