@@ -15,7 +15,9 @@ and as type "JOB", "completed": submit to final event, for every song a Creator 
 
 Environment (set by run.py): MUSICGEN_LOAD_WEIGHTS="creator:watcher:poller" (user mix),
 MUSICGEN_LOAD_STAGES (JSON list of [seconds, users, spawn rate]: the load shape),
-MUSICGEN_LOAD_SONG (JSON: the song Creators submit).
+MUSICGEN_LOAD_SONG (JSON: the song Creators submit), MUSICGEN_LOAD_API_KEY (a key, when the API needs
+one), MUSICGEN_LOAD_JOBLOG (a file: Creators append the id
+of every accepted job; loadtests/drill.py reads it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ SONG = json.loads(
 )
 _WEIGHTS = [int(w) for w in os.environ.get("MUSICGEN_LOAD_WEIGHTS", "2:10:5").split(":")]
 FINAL = {"succeeded", "failed", "canceled"}
+JOB_LOG = os.environ.get("MUSICGEN_LOAD_JOBLOG")  # a file to append accepted job ids to
+_KEY = os.environ.get("MUSICGEN_LOAD_API_KEY")  # sent as a bearer token when the API needs keys
+HEADERS = {"Authorization": f"Bearer {_KEY}"} if _KEY else {}
 ACTIVE: dict[str, str] = {}  # job id -> last status seen, shared by the users of this process
 
 
@@ -85,6 +90,7 @@ def _lines(user: FastHttpUser, path: str):
 
 
 class Creator(FastHttpUser):
+    default_headers = HEADERS
     weight = _WEIGHTS[0]
     wait_time = between(5, 15)
 
@@ -96,6 +102,9 @@ class Creator(FastHttpUser):
                 r.failure(f"{r.status_code}: {r.text[:200]}")
                 return
             job_id = r.json()["id"]
+        if JOB_LOG:  # loadtests/drill.py checks every accepted job's outcome afterwards
+            with open(JOB_LOG, "a") as log:
+                log.write(job_id + "\n")
         ACTIVE[job_id] = "queued"
         final = follow(self, job_id)
         if final is None:
@@ -112,6 +121,7 @@ class Creator(FastHttpUser):
 
 
 class Watcher(FastHttpUser):
+    default_headers = HEADERS
     weight = _WEIGHTS[1]
     wait_time = constant(0.5)
 
@@ -135,6 +145,7 @@ class Watcher(FastHttpUser):
 
 
 class Poller(FastHttpUser):
+    default_headers = HEADERS
     weight = _WEIGHTS[2]
     wait_time = constant_pacing(1.0)
     job_id: str | None = None
