@@ -23,6 +23,7 @@ _STATUS = {
     "INVALID_LYRICS": 422,
     "INVALID_PROMPT": 422,
     "INVALID_PARAMETER": 422,
+    "WEBHOOK_URL_REFUSED": 422,
     "NOT_FOUND": 404,
     "PAYLOAD_TOO_LARGE": 413,
     "UNSUPPORTED_MEDIA": 415,
@@ -39,6 +40,10 @@ _STATUS = {
 _SERVICE_HINTS = {
     "NOT_FOUND": "check the id; finished jobs are kept for the retention period only",
     "PAYLOAD_TOO_LARGE": "upload a smaller file",
+    "WEBHOOK_URL_REFUSED": (
+        "give a public http(s) URL without user:password@, whose host name resolves only to public "
+        "addresses; a receiver inside your network must be on the service's webhook_allow list"
+    ),
     "QUEUE_FULL": "retry after the number of seconds in Retry-After",
     "STORE_UNAVAILABLE": "retry shortly: the job store is unreachable; accepted jobs are not lost",
     "GENERATION_TIMEOUT": "try a shorter song, fewer takes or fewer steps",

@@ -19,7 +19,6 @@ from deployments.service.errors import ServiceError
 from deployments.service.jobs import JobState, JobStore
 from deployments.service.params import SongParams
 from deployments.service.storage import Storage
-from deployments.service.webhooks import notify
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
 from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest, SongResult
@@ -67,8 +66,6 @@ class JobRunner:
         results: Storage,
         uploads: Storage,
         worker: str,
-        webhook_secret: str = "",
-        webhook_backoff_s: float = 1.0,
         on_finish=None,
         timeout_s: float | None = None,
         encode_in_background: bool = False,
@@ -76,8 +73,6 @@ class JobRunner:
     ):
         self.store, self.pipeline, self.worker = store, pipeline, worker
         self.results, self.uploads = results, uploads
-        self.webhook_secret, self.webhook_backoff_s = webhook_secret, webhook_backoff_s
-        self.last_webhook: threading.Thread | None = None  # the latest delivery, for tests and shutdown
         self.on_finish = on_finish  # called with the finished SongJob (metrics)
         self.timeout_s = timeout_s  # a job running longer fails with GENERATION_TIMEOUT (checked per step)
         # Audio encoding (MP3 runs at ~30x real time on one core) and storage happen on CPU threads
@@ -169,7 +164,7 @@ class JobRunner:
             recorded = self._record(job_id, params, outcome, beat, t0)
         finally:
             beat.stop()
-        return self._finished(job_id, params, hooks=recorded)
+        return self._finished(job_id, hooks=recorded)
 
     def _encoded(self, future) -> None:
         with self._encoding_lock:
@@ -228,20 +223,15 @@ class JobRunner:
             log.error("job %s failed", job_id, exc_info=exc)
             return self.store.fail(job_id, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict())
 
-    def _finished(self, job_id: str, params: SongParams, hooks: bool) -> JobState | None:
-        """After the outcome is recorded: metrics and the webhook, once, by the worker that recorded it."""
+    def _finished(self, job_id: str, hooks: bool) -> JobState | None:
+        """After the outcome is recorded: metrics, once, by the worker that recorded it. (The script
+        that recorded it also queued the job's webhook, if it asked for one: see webhooks.py.)"""
         final = self.store.get(job_id)
-        if hooks and final is not None and final.state.finished:
-            if self.on_finish is not None:
-                try:
-                    self.on_finish(final)
-                except Exception:  # metrics must never fail a job
-                    log.warning("on_finish hook failed", exc_info=True)
-            if params.webhook_url:
-                self.last_webhook = notify(
-                    final, self.webhook_secret, functools.partial(self.store.set_webhook_status, job_id),
-                    backoff_s=self.webhook_backoff_s,
-                )  # fmt: skip
+        if hooks and final is not None and final.state.finished and self.on_finish is not None:
+            try:
+                self.on_finish(final)
+            except Exception:  # metrics must never fail a job
+                log.warning("on_finish hook failed", exc_info=True)
         return final.state if final else None
 
     def _store_takes(self, job_id: str, p: SongParams, result) -> list[dict]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deployments.service.netguard import parse_allow
 
 # -- defaults (each named once; AppArgs, the job store, the wire schemas and the API read them here) --
 LEASE_S = 30.0  # a worker renews its job's lease every lease/3 s; a lost worker's job is re-queued after it
@@ -24,6 +26,15 @@ GENERATION_TIMEOUT_S = 1800.0
 SECONDS_PER_JOB_ESTIMATE = 60.0  # queue ETA before measured timings exist
 SSE_KEEPALIVE_S = 15.0  # a comment line on idle event streams (proxies close silent connections)
 INGRESS_MAX_ONGOING = 5000  # concurrent requests per ingress replica: event streams stay open for minutes
+# webhooks: failed attempt n is retried after min(BACKOFF * 2**(n-1), BACKOFF_MAX); 8 attempts span ~21 min
+WEBHOOK_ATTEMPTS = 8
+WEBHOOK_BACKOFF_S = 10.0
+WEBHOOK_BACKOFF_MAX_S = 3600.0
+WEBHOOK_TIMEOUT_S = 10.0  # connect, and each read of the answer
+WEBHOOK_LEASE_S = 60.0  # an attempt in flight is no other replica's until then: longer than any attempt
+WEBHOOK_POLL_S = 1.0  # how often an idle delivery loop looks for due deliveries
+WEBHOOK_CONCURRENCY = 8  # attempts in flight per delivery loop (each on a thread)
+WEBHOOK_DEAD_MAX = 1000  # dead letters kept (newest first); older ones are dropped
 
 ENV = {
     "REDIS_URL": "the job store; unset: an embedded Redis with its data under MUSICGEN_DATA_DIR/redis",
@@ -33,6 +44,7 @@ ENV = {
     "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
     "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
+    "MUSICGEN_WEBHOOK_ALLOW": "comma-separated CIDRs and host names webhooks may reach although not public",
 }
 
 
@@ -62,8 +74,22 @@ class AppArgs(BaseModel):
     max_batch_takes: int = Field(8, ge=1)  # takes sampled together at most (GPU memory)
     fault_oom_takes: int | None = Field(None, ge=0)  # testing aid: simulate OOM above this many takes
     webhook_secret: str | None = Field(None, repr=False)
+    # internal receivers webhooks may reach (CIDRs, exact host names); everything else must be public
+    webhook_allow: list[str] | None = None
+    webhook_attempts: int = Field(WEBHOOK_ATTEMPTS, ge=1, le=30)
+    webhook_backoff_s: float = Field(WEBHOOK_BACKOFF_S, gt=0)
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow_list(cls, entries: list[str] | None) -> list[str] | None:
+        parse_allow(entries or ())  # a bad entry stops the app at start, naming it
+        return entries
 
     def resolved(self) -> AppArgs:
+        allow = self.webhook_allow
+        if allow is None:
+            allow = [e.strip() for e in os.environ.get("MUSICGEN_WEBHOOK_ALLOW", "").split(",") if e.strip()]
+            parse_allow(allow)  # model_copy does not validate
         return self.model_copy(
             update={
                 "model": self.model or os.environ.get("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
@@ -71,5 +97,6 @@ class AppArgs(BaseModel):
                 "storage_url": self.storage_url or os.environ.get("MUSICGEN_STORAGE_URL") or None,
                 "data_dir": os.path.abspath(self.data_dir or os.environ.get("MUSICGEN_DATA_DIR") or "data"),
                 "webhook_secret": self.webhook_secret or os.environ.get("MUSICGEN_WEBHOOK_SECRET", ""),
+                "webhook_allow": allow,
             }
         )

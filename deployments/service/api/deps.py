@@ -28,7 +28,6 @@ class ApiConfig:
     max_upload_seconds: float = settings.MAX_UPLOAD_SECONDS
     seconds_per_job_estimate: float = settings.SECONDS_PER_JOB_ESTIMATE
     sse_keepalive_s: float = settings.SSE_KEEPALIVE_S
-    webhook_secret: str = ""  # signs webhooks of jobs that end here (canceled while queued)
 
 
 async def _always_ready() -> tuple[bool, str]:

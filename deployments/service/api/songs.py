@@ -15,7 +15,6 @@ from deployments.service.errors import ServiceError
 from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, SongJob, event_order
 from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
 from deployments.service.schemas import ErrorBody, JobView, SongCreate
-from deployments.service.webhooks import notify
 
 router = APIRouter(prefix="/v1/songs", tags=["songs"])
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -73,17 +72,11 @@ async def status(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl) ->
 
 @router.post("/{job_id}/cancel", response_model=JobView, responses=_ERRORS)
 async def cancel(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl) -> JobView:
-    was, _ = await load_job(store, job_id)
+    """A queued job is canceled at once (its webhook is queued by the same step); a running one stops
+    before its next sampling step."""
+    await load_job(store, job_id)
     await store.cancel(job_id)
     job, position = await load_job(store, job_id)
-    if was.state == JobState.QUEUED and job.state == JobState.CANCELED:
-        # it ended here, not on a worker: its webhook goes from here
-        loop = asyncio.get_running_loop()
-
-        def record(status: str) -> None:
-            asyncio.run_coroutine_threadsafe(store.set_webhook_status(job_id, status), loop)
-
-        notify(job, cfg.webhook_secret, record)
     return job_view(job, position, base, seconds_per_job=cfg.seconds_per_job_estimate)
 
 
