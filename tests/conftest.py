@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import inflect  # noqa: F401  (see below)
 import pytest
+
+# inflect parses its own source with `ast` when first imported (typeguard's @typechecked). CPython 3.11
+# before 3.11.9 can then raise "SystemError: AST constructor recursion depth mismatch" if the recursion
+# limit changed earlier in the process (Hypothesis changes it while Schemathesis runs): importing it
+# here, before any test, keeps a late first import out of the suite.
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MUSICGEN_SHARED_DIR", ROOT.parent / "shared"))

@@ -4,9 +4,10 @@ here; what they adapt is the Ray-free service layer in deployments/service/.
 - `Ingress` (CPU, autoscaled between min_ingress and max_ingress on open requests): the async FastAPI
   app of deployments/service/api; writes every job to Redis before answering 202, pushes its id to
   the generators (at most one call in flight per job), fans job events out to event streams over one
-  Redis subscription, and runs the reconciler (re-queue lost workers' jobs, re-dispatch queued jobs,
-  e.g. after an ingress restart). Sized for thousands of open connections (`ingress_max_ongoing`):
-  an event stream stays open for the minutes a song takes.
+  Redis subscription, runs the reconciler (re-queue lost workers' jobs, re-dispatch queued jobs,
+  e.g. after an ingress restart) and a webhook delivery loop (deliveries live in Redis: any replica
+  sends them, and they outlive the replica that queued them). Sized for thousands of open
+  connections (`ingress_max_ongoing`): an event stream stays open for the minutes a song takes.
 - `PromptValidator` (CPU): the lyrics front end and request limits.
 - `SongGenerator` (a GPU each when the cluster has GPUs, else the CPU): loads DiffRhythm and the style
   encoder (MuQ-MuLan, with its prompt cache) once and runs jobs in `@serve.batch` batches; a job is
@@ -86,12 +87,14 @@ class RedisServer:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class PromptValidator:
     def __init__(self, args: AppArgs):
+        from deployments.service.netguard import AddressPolicy
         from deployments.service.validator import SongValidator
         from musicgen.lyrics.frontend import LyricsFrontEnd
 
         self.validator = SongValidator(
-            LyricsFrontEnd.from_assets(), _storage(args, "uploads"), args.model, {args.model}
-        )
+            LyricsFrontEnd.from_assets(), _storage(args, "uploads"), args.model, {args.model},
+            webhook_policy=AddressPolicy(args.webhook_allow or ()),
+        )  # fmt: skip
 
     def validate(self, body: dict) -> dict:
         """{'params': ...} or {'error': ...}: errors travel as data, not as wrapped exceptions."""
@@ -145,8 +148,8 @@ class SongGenerator:
         pipeline.fault_oom_takes = args.fault_oom_takes
         self.runner = JobRunner(
             self.store, pipeline, _storage(args, "results"), _storage(args, "uploads"), self.worker,
-            webhook_secret=args.webhook_secret or "", on_finish=GeneratorMetrics(args.model).record,
-            timeout_s=args.generation_timeout_s, encode_in_background=True,
+            on_finish=GeneratorMetrics(args.model).record, timeout_s=args.generation_timeout_s,
+            encode_in_background=True,
         )  # fmt: skip
         self.device = pipeline.device
         if self.device.type == "cpu":
@@ -228,6 +231,8 @@ class Ingress:
     ):
         from deployments.service.api import ApiConfig, Services
         from deployments.service.jobs import AsyncJobStore
+        from deployments.service.netguard import AddressPolicy
+        from deployments.service.webhooks import WebhookDeliverer
 
         self.args, self.validator, self.generator = args, validator, generator
         self.store = AsyncJobStore.from_url(redis_url, **_store_options(args))
@@ -237,14 +242,19 @@ class Ingress:
             ready=self._ready, models=self._models,
             config=ApiConfig(
                 max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                webhook_secret=args.webhook_secret or "", auth=args.auth_required, quotas=args.quotas,
-                cors_origins=tuple(args.cors_origins), security_headers=args.security_headers,
+                auth=args.auth_required, quotas=args.quotas, cors_origins=tuple(args.cors_origins),
+                security_headers=args.security_headers,
             ),
         )  # fmt: skip
         self._loop = asyncio.get_event_loop()
         self._inflight: set[str] = set()  # job ids sent to a generator whose call has not returned
         self._ready_cache: tuple[float, tuple[bool, str]] | None = None
         self._reconciler = self._loop.create_task(self._reconcile_forever())
+        self.webhooks = WebhookDeliverer(
+            self.store, args.webhook_secret or "", AddressPolicy(args.webhook_allow or ()),
+            attempts=args.webhook_attempts, backoff_s=args.webhook_backoff_s,
+        )  # fmt: skip
+        self._webhook_loop = self._loop.create_task(self.webhooks.run_forever())
         # Python's cycle collector stalled this loop: with hundreds of open streams, full collections
         # scanned every long-lived object for 100-190 ms, every few seconds, and found no garbage
         # (measured with gc.callbacks). The objects alive after start-up leave its view, and full
@@ -255,30 +265,20 @@ class Ingress:
 
     async def _reconcile_forever(self) -> None:
         """Re-queue jobs of lost workers and (re)dispatch queued jobs: after an ingress restart, a
-        generator crash or a Redis restart, every accepted job gets a worker. Then delete the files
-        whose retention period is over (expired jobs' takes, old uploads)."""
+        generator crash or a Redis restart, every accepted job gets a worker (a job failed here with
+        WORKER_LOST has its webhook queued by the same script). Then delete the files whose retention
+        period is over (expired jobs' takes, old uploads)."""
         from deployments.service.retention import sweep_expired_files
-        from deployments.service.webhooks import notify
 
         while True:
             try:
-                ended = await self.store.reconcile()
-                for job_id in ended["failed"]:  # WORKER_LOST: their webhooks go from here
-                    job = await self.store.get(job_id)
-                    if job is not None:
-                        notify(job, self.args.webhook_secret or "", self._webhook_recorder(job_id))
+                await self.store.reconcile()
                 for job_id in await self.store.queued_ids():
                     self._start(job_id)
                 await sweep_expired_files(self.store, self.services.results, self.services.uploads)
             except Exception:
                 log.warning("reconcile failed (job store unreachable?)", exc_info=True)
             await asyncio.sleep(RECONCILE_EVERY_S)
-
-    def _webhook_recorder(self, job_id: str):
-        def record(status: str) -> None:  # called from the delivery thread
-            asyncio.run_coroutine_threadsafe(self.store.set_webhook_status(job_id, status), self._loop)
-
-        return record
 
     def _start(self, job_id: str) -> None:
         """Send a job to the generators; at most one call per job in flight. Never blocks."""

@@ -23,6 +23,7 @@ _STATUS = {
     "INVALID_LYRICS": 422,
     "INVALID_PROMPT": 422,
     "INVALID_PARAMETER": 422,
+    "WEBHOOK_URL_REFUSED": 422,
     "NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,
     "BAD_REQUEST": 400,
@@ -48,6 +49,10 @@ _SERVICE_HINTS = {
     "PAYLOAD_TOO_LARGE": "send a smaller body: uploads up to the upload limit, JSON requests up to 256 KiB",
     "UNAUTHORIZED": "send an API key as `Authorization: Bearer <key>`; an operator creates one with "
     "`musicgen keys create NAME`",
+    "WEBHOOK_URL_REFUSED": (
+        "give a public http(s) URL without user:password@, whose host name resolves only to public "
+        "addresses; a receiver inside your network must be on the service's webhook_allow list"
+    ),
     "QUEUE_FULL": "retry after the number of seconds in Retry-After",
     "QUOTA_EXCEEDED": "retry after the number of seconds in Retry-After (details name the quota and its "
     "limit), or ask an operator for a higher quota",

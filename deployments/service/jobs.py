@@ -52,6 +52,17 @@ Keys (prefix `mg:`), with their lifetimes and why:
   the report's own `ttl_s` (a replica that is about to be replaced keeps its report for longer).
   Readiness reads this one hash instead of asking the replicas, which would queue behind the songs
   they are generating.
+- `mg:webhook:{id}` hash, the webhook delivery of a finished job that asked for one: URL, the job's
+  final fields (the payload is rebuilt from them, so it outlives the job record), attempts so far,
+  the last error and the token of the attempt in flight. Written by the same script that ends the
+  job (a job never ends without its delivery queued); no TTL while pending (attempts are bounded);
+  deleted once delivered or dead-lettered.
+- `mg:webhooks` zset id -> when the delivery is due; while an attempt is in flight, when its lease
+  ends (`WEBHOOK_LEASE_S`, longer than any attempt). A claim moves the score to the lease's end in
+  one script, so one attempt is sent by one replica; a replica that dies mid-attempt leaves an entry
+  that falls due again when its lease ends, and any live replica picks it up.
+- `mg:webhooks:dead` list of JSON deliveries that used up their attempts or were refused at delivery,
+  newest first, trimmed to `WEBHOOK_DEAD_MAX`; no TTL (an operator reads it: `dead_webhooks`).
 
 The protocol is written once, as generators of Redis steps (`_Call`, `_Script`, `_Pipeline`) that
 receive each step's reply: `JobStore` runs them on a blocking client (the GPU worker's threads) and
@@ -84,6 +95,8 @@ RECENT = PREFIX + "recent"
 EXPIRING = PREFIX + "expiring"
 GENERATORS = PREFIX + "generators"
 NOTIFY = PREFIX + "notify"
+WEBHOOKS = PREFIX + "webhooks"
+DEAD_WEBHOOKS = PREFIX + "webhooks:dead"
 IDEMPOTENCY_TTL_S = 24 * 3600
 USAGE_TTL_S = 2 * 24 * 3600  # a day's usage counters outlive the day (they are read during it only)
 EVENTS_MAXLEN = 1000
@@ -121,6 +134,10 @@ def utc_day(t: float) -> tuple[str, float]:
     """The UTC day of unix time `t` (the usage counters' key) and when it ends."""
     day = int(t // 86400)
     return time.strftime("%Y%m%d", time.gmtime(day * 86400)), (day + 1) * 86400.0
+
+
+def webhook_key(job_id: str) -> str:
+    return f"{PREFIX}webhook:{job_id}"
 
 
 class JobState(enum.StrEnum):
@@ -209,6 +226,37 @@ class JobEvent:
         return SongJob.from_hash(self.fields, id=self.job_id, params=params)
 
 
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """A claimed webhook delivery: the job's final fields and this attempt's number and token."""
+
+    job_id: str
+    url: str
+    attempt: int  # 1 for the first
+    token: str  # the claim's: only its holder records the attempt's outcome
+    state: str
+    result: str  # JSON, or "" (as on the job record)
+    error: str
+    finished_at: str
+    created_at: float
+
+    @classmethod
+    def from_hash(cls, h: Mapping[bytes | str, bytes | str]) -> WebhookDelivery:
+        d = {_text(k): _text(v) for k, v in h.items()}
+        return cls(
+            job_id=d["id"], url=d["url"], attempt=int(d["attempts"]), token=d.get("claim", ""),
+            state=d.get("state", ""), result=d.get("result", ""), error=d.get("error", ""),
+            finished_at=d.get("finished_at", ""), created_at=float(d.get("created_at") or 0),
+        )  # fmt: skip
+
+    def payload(self) -> dict[str, Any]:
+        """What the receiver gets: the finished job."""
+        return {"id": self.job_id, "status": self.state,
+                "result": json.loads(self.result) if self.result else None,
+                "error": json.loads(self.error) if self.error else None,
+                "finished_at": float(self.finished_at) if self.finished_at else None}  # fmt: skip
+
+
 def event_order(event_id: str) -> tuple[int, int]:
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)
@@ -251,12 +299,23 @@ local function retire(job_key, events_key, expiring_key, id, retention)
   redis.call('EXPIRE', events_key, retention)
   redis.call('ZADD', expiring_key, server_now() + tonumber(retention), 'results:' .. id)
 end
+-- a job that asked for a webhook and has just ended: queue its delivery, due now
+local function enqueue_webhook(job_key, hook_key, hooks_key, id, now)
+  local url = redis.call('HGET', job_key, 'webhook_url')
+  if not url or url == '' then return end
+  local v = redis.call('HMGET', job_key, 'state', 'result', 'error', 'finished_at')
+  redis.call('HSET', hook_key, 'id', id, 'url', url, 'state', v[1], 'result', v[2] or '',
+             'error', v[3] or '', 'finished_at', v[4] or '', 'attempts', 0, 'created_at', now)
+  redis.call('ZADD', hooks_key, now, id)
+  redis.call('HSET', job_key, 'webhook', 'pending')
+end
 """
 
 _CREATE = f"""
 -- KEYS: job, queue, recent, idem, events, owner's recent, owner's active, owner's usage today
 -- ARGV: id, now, params, idem_key, idem_ttl, maxlen, max_queue, owner, audio_s, usage_ttl,
---       then the owner's quotas: active_jobs, queued_jobs, songs_per_day, audio_s_per_day ('' = none)
+--       then the owner's quotas: active_jobs, queued_jobs, songs_per_day, audio_s_per_day ('' = none),
+--       webhook_url ('' = none)
 if KEYS[4] ~= '' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {{'existing', existing}} end
@@ -300,6 +359,7 @@ if ARGV[8] ~= '' then
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'queued', 'params', ARGV[3], 'created_at', ARGV[2],
            'updated_at', ARGV[2], 'attempts', 0, 'idempotency_key', ARGV[4], 'owner', ARGV[8])
+if ARGV[15] ~= '' then redis.call('HSET', KEYS[1], 'webhook_url', ARGV[15]) end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[5]) end
@@ -342,7 +402,7 @@ return 1
 """
 
 _FINISH = """
--- KEYS: job, running, events, expiring ; ARGV: id, now, new_state, field, value, retention, token, maxlen
+-- KEYS: job, running, events, expiring, webhook, webhooks ; ARGV: id, now, new_state, field, value, retention, token, maxlen
 if not holds(KEYS[1], ARGV[7]) then
   -- the same attempt writing again (a retried call whose reply was lost) is told it succeeded
   return redis.call('HGET', KEYS[1], 'recorded_by') == ARGV[7] and 1 or 0
@@ -352,11 +412,12 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[5]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 emit(KEYS[1], KEYS[3], ARGV[1], ARGV[8])
 retire(KEYS[1], KEYS[3], KEYS[4], ARGV[1], ARGV[6])
+enqueue_webhook(KEYS[1], KEYS[5], KEYS[6], ARGV[1], ARGV[2])
 return 1
 """
 
 _CANCEL = """
--- KEYS: job, queue, running, events, expiring ; ARGV: id, now, error, retention, maxlen
+-- KEYS: job, queue, running, events, expiring, webhook, webhooks ; ARGV: id, now, error, retention, maxlen
 -- queued: canceled at once; running: flagged, the worker stops before its next step. Returns the state.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return '' end
@@ -365,6 +426,7 @@ if state == 'queued' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   emit(KEYS[1], KEYS[4], ARGV[1], ARGV[5])
   retire(KEYS[1], KEYS[4], KEYS[5], ARGV[1], ARGV[4])
+  enqueue_webhook(KEYS[1], KEYS[6], KEYS[7], ARGV[1], ARGV[2])
   return 'canceled'
 end
 if state == 'running' and redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
@@ -375,7 +437,7 @@ return state
 """
 
 _REQUEUE = """
--- KEYS: job, queue, running, events, expiring ; ARGV: id, now, max_attempts, error, retention, maxlen, token
+-- KEYS: job, queue, running, events, expiring, webhook, webhooks ; ARGV: id, now, max_attempts, error, retention, maxlen, token
 -- Back to the queue (keeping its place), or failed once its attempts are used up. Without a token: the
 -- reconciler, for a running job whose lease deadline passed; with one: the worker giving its job back.
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -394,6 +456,7 @@ if tonumber(redis.call('HGET', KEYS[1], 'attempts')) >= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[4], 'finished_at', ARGV[2], 'updated_at', ARGV[2])
   emit(KEYS[1], KEYS[4], ARGV[1], ARGV[6])
   retire(KEYS[1], KEYS[4], KEYS[5], ARGV[1], ARGV[5])
+  enqueue_webhook(KEYS[1], KEYS[6], KEYS[7], ARGV[1], ARGV[2])
   return 2
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'cancel_requested', '', 'updated_at', ARGV[2])
@@ -417,11 +480,49 @@ for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[
 return due
 """
 
+_WEBHOOK_CLAIM = """
+-- KEYS: webhooks, webhook ; ARGV: id, now, lease_deadline, token
+-- the delivery if it is due (a claim by another replica moved its score past now), with its lease taken
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then return false end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return false
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+redis.call('HSET', KEYS[2], 'claim', ARGV[4])
+return redis.call('HGETALL', KEYS[2])
+"""
+
+_WEBHOOK_SETTLE = """
+-- KEYS: webhooks, webhook, job, dead ; ARGV: id, token, outcome (delivered|retry|dead), due, error,
+--   dead letter (JSON), dead_max
+-- only the holder of the attempt's claim records its outcome (after a lost lease another replica has it)
+if redis.call('HGET', KEYS[2], 'claim') ~= ARGV[2] then return 0 end
+if ARGV[3] == 'retry' then
+  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+  redis.call('HSET', KEYS[2], 'last_error', ARGV[5], 'claim', '')
+  return 1
+end
+if ARGV[3] == 'dead' then
+  redis.call('LPUSH', KEYS[4], ARGV[6])
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[7]) - 1)
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then  -- never revive an expired job record
+  redis.call('HSET', KEYS[3], 'webhook', ARGV[3] == 'dead' and 'failed' or 'delivered')
+end
+return 1
+"""
+
 _SCRIPTS = {
     name: _LIB + body
     for name, body in {"create": _CREATE, "claim": _CLAIM, "heartbeat": _HEARTBEAT, "progress": _PROGRESS,
                        "finish": _FINISH, "cancel": _CANCEL, "requeue": _REQUEUE,
-                       "expire_files": _EXPIRE_FILES, "claim_due_files": _CLAIM_DUE_FILES}.items()
+                       "expire_files": _EXPIRE_FILES, "claim_due_files": _CLAIM_DUE_FILES,
+                       "webhook_claim": _WEBHOOK_CLAIM, "webhook_settle": _WEBHOOK_SETTLE}.items()
 }  # fmt: skip
 
 
@@ -533,7 +634,7 @@ class _JobProtocol:
                 [job_key(job_id), QUEUE, RECENT, idem, events_key(job_id), *mine],
                 [job_id, now, json.dumps(params), idempotency_key or "", IDEMPOTENCY_TTL_S,
                  EVENTS_MAXLEN, max_queue if max_queue is not None else 2**62, owner, audio_s, USAGE_TTL_S,
-                 *limits],
+                 *limits, params.get("webhook_url") or ""],
             )  # fmt: skip
             outcome, value = _text(reply[0]), _text(reply[1])
             if outcome == "full":
@@ -586,7 +687,7 @@ class _JobProtocol:
     def _finish(self, job_id: str, token: int, state: JobState, field_name: str, value: Any) -> Steps:
         ok = yield _Script(
             "finish",
-            [job_key(job_id), RUNNING, events_key(job_id), EXPIRING],
+            [job_key(job_id), RUNNING, events_key(job_id), EXPIRING, webhook_key(job_id), WEBHOOKS],
             [job_id, time.time(), state.value, field_name, json.dumps(value) if field_name else "",
              self.retention_s, token, EVENTS_MAXLEN],
         )  # fmt: skip
@@ -608,8 +709,11 @@ class _JobProtocol:
         """Queued jobs are canceled at once; running ones are flagged and stop before the next step.
         Returns the state after the call (None for an unknown job)."""
         error = ServiceError("CANCELED", "canceled by the user").to_dict()
-        state = yield _Script("cancel", [job_key(job_id), QUEUE, RUNNING, events_key(job_id), EXPIRING],
-                              [job_id, time.time(), json.dumps(error), self.retention_s, EVENTS_MAXLEN])  # fmt: skip
+        state = yield _Script(
+            "cancel",
+            [job_key(job_id), QUEUE, RUNNING, events_key(job_id), EXPIRING, webhook_key(job_id), WEBHOOKS],
+            [job_id, time.time(), json.dumps(error), self.retention_s, EVENTS_MAXLEN],
+        )
         state = _text(state)
         return JobState(state) if state else None
 
@@ -621,7 +725,7 @@ class _JobProtocol:
 
     def _requeue(self, job_id: str, token: int | str) -> Steps:
         error = ServiceError("WORKER_LOST", f"the worker running this job was lost {self.max_attempts} times")
-        keys = [job_key(job_id), QUEUE, RUNNING, events_key(job_id), EXPIRING]
+        keys = [job_key(job_id), QUEUE, RUNNING, events_key(job_id), EXPIRING, webhook_key(job_id), WEBHOOKS]
         args = [job_id, time.time(), self.max_attempts, json.dumps(error.to_dict()), self.retention_s,
                 EVENTS_MAXLEN, token]  # fmt: skip
         return (yield _Script("requeue", keys, args))
@@ -694,9 +798,55 @@ class _JobProtocol:
             yield _Call("hdel", (GENERATORS, *stale))
         return live
 
+    # -- webhook deliveries (queued by the scripts that end a job) -----------------------------
+
     @_operation
-    def set_webhook_status(self, job_id: str, status: str) -> Steps:
-        yield _Call("hset", (job_key(job_id), "webhook", status))
+    def claim_webhooks(self, limit: int, lease_s: float = settings.WEBHOOK_LEASE_S) -> Steps:
+        """Up to `limit` due deliveries, each claimed for `lease_s` seconds: no other replica takes
+        them until then. Each claim counts as an attempt."""
+        now = time.time()
+        due = yield _Call("zrangebyscore", (WEBHOOKS, "-inf", now), {"start": 0, "num": limit})
+        claimed = []
+        for job_id in map(_text, due):
+            h = yield _Script("webhook_claim", [WEBHOOKS, webhook_key(job_id)],
+                              [job_id, now, now + lease_s, uuid.uuid4().hex])  # fmt: skip
+            if h:  # None: another replica claimed it between the read and the script
+                claimed.append(WebhookDelivery.from_hash(dict(zip(h[::2], h[1::2], strict=True))))
+        return claimed
+
+    def _settle(
+        self, d: WebhookDelivery, outcome: str, due: float = 0.0, error: str = "", dead: str = ""
+    ) -> Steps:
+        ok = yield _Script(
+            "webhook_settle", [WEBHOOKS, webhook_key(d.job_id), job_key(d.job_id), DEAD_WEBHOOKS],
+            [d.job_id, d.token, outcome, due, error, dead, settings.WEBHOOK_DEAD_MAX],
+        )  # fmt: skip
+        return bool(ok)
+
+    @_operation
+    def webhook_delivered(self, d: WebhookDelivery) -> Steps:
+        """Forget the delivery and mark the job's `webhook` field "delivered". False when this
+        attempt's lease was lost (another replica owns the delivery now): nothing changes."""
+        return (yield from self._settle(d, "delivered"))
+
+    @_operation
+    def webhook_retry(self, d: WebhookDelivery, error: str, due: float) -> Steps:
+        """Schedule the next attempt at `due` (unix time)."""
+        return (yield from self._settle(d, "retry", due=due, error=error))
+
+    @_operation
+    def webhook_dead(self, d: WebhookDelivery, error: str) -> Steps:
+        """Move the delivery to the dead-letter list and mark the job's `webhook` field "failed"."""
+        letter = {"id": d.job_id, "url": d.url, "attempts": d.attempt, "error": error, "status": d.state,
+                  "finished_at": d.payload()["finished_at"], "queued_at": d.created_at,
+                  "dead_at": time.time()}  # fmt: skip
+        return (yield from self._settle(d, "dead", error=error, dead=json.dumps(letter)))
+
+    @_operation
+    def dead_webhooks(self, limit: int = 100) -> Steps:
+        """The dead letters, newest first: {"id", "url", "attempts", "error", "status", "finished_at",
+        "queued_at", "dead_at"}. The URL is whole (query included): this is operator data, not a log."""
+        return [json.loads(x) for x in (yield _Call("lrange", (DEAD_WEBHOOKS, 0, limit - 1)))]
 
     @_operation
     def put_upload(self, upload_id: str, owner: str, info: dict[str, Any]) -> Steps:

@@ -31,7 +31,6 @@ from deployments.service.errors import ServiceError
 from deployments.service.jobs import JobState, JobStore
 from deployments.service.params import SongParams
 from deployments.service.storage import Storage
-from deployments.service.webhooks import notify
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
 from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest, SongResult
@@ -90,8 +89,6 @@ class JobRunner:
         results: Storage,
         uploads: Storage,
         worker: str,
-        webhook_secret: str = "",
-        webhook_backoff_s: float = 1.0,
         on_finish=None,
         timeout_s: float | None = None,
         encode_in_background: bool = False,
@@ -99,8 +96,6 @@ class JobRunner:
     ):
         self.store, self.pipeline, self.worker = store, pipeline, worker
         self.results, self.uploads = results, uploads
-        self.webhook_secret, self.webhook_backoff_s = webhook_secret, webhook_backoff_s
-        self.last_webhook: threading.Thread | None = None  # the latest delivery, for tests and shutdown
         self.on_finish = on_finish  # called with the finished SongJob (metrics)
         self.timeout_s = timeout_s  # a job running longer fails with GENERATION_TIMEOUT (checked per step)
         # Audio encoding (MP3 runs at ~30x real time on one core) and storage happen on CPU threads
@@ -325,11 +320,12 @@ class JobRunner:
             return JobState.FAILED, ServiceError("INTERNAL", f"{type(exc).__name__}: {exc}").to_dict()
 
     def _after_finish(self, job_id: str) -> None:
-        """After the outcome is recorded: metrics and the webhook, once, by the worker that recorded it."""
+        """After the outcome is recorded: metrics, once, by the worker that recorded it. (The script that
+        recorded it also queued the job's webhook, if it asked for one: see webhooks.py.)"""
         try:
             final = self.store.get(job_id)
         except Exception:
-            log.warning("could not read job %s back: no metrics or webhook for it", job_id, exc_info=True)
+            log.warning("could not read job %s back: no metrics for it", job_id, exc_info=True)
             return
         if final is None or not final.state.finished:
             return
@@ -338,12 +334,6 @@ class JobRunner:
                 self.on_finish(final)
             except Exception:  # metrics must never fail a job
                 log.warning("on_finish hook failed", exc_info=True)
-        delivery = notify(
-            final, self.webhook_secret, lambda status: self.store.set_webhook_status(job_id, status),
-            backoff_s=self.webhook_backoff_s,
-        )  # fmt: skip
-        if delivery is not None:
-            self.last_webhook = delivery
 
     def _store_takes(self, lease: _Lease, p: SongParams, result) -> list[dict]:
         """Each take encoded, then stored under the run's own folder if the run still holds the job

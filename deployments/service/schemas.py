@@ -43,7 +43,10 @@ class SongCreate(Strict):
     cfg_strength: float = Field(4.0, ge=0.0, le=20.0)
     output_format: Literal["wav", "flac", "mp3"] = "mp3"
     edit: EditRequest | None = None
-    webhook_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
+    webhook_url: str | None = Field(
+        None, max_length=2048,
+        description="POSTed the finished job, signed (X-Musicgen-Signature); http(s), public addresses only",
+    )  # fmt: skip
 
 
 class ErrorBody(Strict):

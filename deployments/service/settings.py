@@ -11,7 +11,9 @@ import ipaddress
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.service.netguard import parse_allow
 
 # -- defaults (each named once; AppArgs, the job store, the wire schemas and the API read them here) --
 LEASE_S = 30.0  # a worker renews its job's lease every lease/3 s; a lost worker's job is re-queued after it
@@ -22,6 +24,7 @@ MAX_STEPS = 200  # sampling steps of one song
 MAX_QUEUE = 100  # queued songs before submissions get QUEUE_FULL
 MAX_UPLOAD_MB = 50.0  # reference songs and songs to edit
 MAX_UPLOAD_SECONDS = 600.0
+MAX_LYRICS_LINES = 400  # lines of one song's lyrics (20,000 characters at most: schemas.py)
 MAX_BODY_KB = 256  # any request body but an upload's (a song request with the longest lyrics is ~60 KiB)
 GENERATION_TIMEOUT_S = 1800.0
 # a generator whose model failed to load refuses jobs (MODEL_NOT_LOADED) this long, then fails its health
@@ -37,6 +40,15 @@ KEY_SONGS_PER_DAY = 200  # submissions accepted per UTC day
 KEY_AUDIO_S_PER_DAY = 4 * 3600.0  # seconds of audio per UTC day: duration_s x num_takes of each song
 KEY_REQUESTS_PER_MINUTE = 120  # every authenticated request (a token bucket refilled at this rate)
 KEY_BURST = 30  # requests a key may make at once after being idle (the bucket's size)
+# webhooks: failed attempt n is retried after min(BACKOFF * 2**(n-1), BACKOFF_MAX); 8 attempts span ~21 min
+WEBHOOK_ATTEMPTS = 8
+WEBHOOK_BACKOFF_S = 10.0
+WEBHOOK_BACKOFF_MAX_S = 3600.0
+WEBHOOK_TIMEOUT_S = 10.0  # connect, and each read of the answer
+WEBHOOK_LEASE_S = 60.0  # an attempt in flight is no other replica's until then: longer than any attempt
+WEBHOOK_POLL_S = 1.0  # how often an idle delivery loop looks for due deliveries
+WEBHOOK_CONCURRENCY = 8  # attempts in flight per delivery loop (each on a thread)
+WEBHOOK_DEAD_MAX = 1000  # dead letters kept (newest first); older ones are dropped
 
 ENV = {
     "REDIS_URL": "the job store; unset: an embedded Redis with its data under MUSICGEN_DATA_DIR/redis",
@@ -46,6 +58,7 @@ ENV = {
     "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
     "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
+    "MUSICGEN_WEBHOOK_ALLOW": "comma-separated CIDRs and host names webhooks may reach although not public",
 }
 
 
@@ -127,7 +140,22 @@ class AppArgs(BaseModel):
         """Requests need an API key: auth on, or auto on an address other machines can reach."""
         return self.auth == "on" or (self.auth == "auto" and not is_loopback(self.host))
 
+    # internal receivers webhooks may reach (CIDRs, exact host names); everything else must be public
+    webhook_allow: list[str] | None = None
+    webhook_attempts: int = Field(WEBHOOK_ATTEMPTS, ge=1, le=30)
+    webhook_backoff_s: float = Field(WEBHOOK_BACKOFF_S, gt=0)
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow_list(cls, entries: list[str] | None) -> list[str] | None:
+        parse_allow(entries or ())  # a bad entry stops the app at start, naming it
+        return entries
+
     def resolved(self) -> AppArgs:
+        allow = self.webhook_allow
+        if allow is None:
+            allow = [e.strip() for e in os.environ.get("MUSICGEN_WEBHOOK_ALLOW", "").split(",") if e.strip()]
+            parse_allow(allow)  # model_copy does not validate
         return self.model_copy(
             update={
                 "model": self.model or os.environ.get("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
@@ -135,5 +163,6 @@ class AppArgs(BaseModel):
                 "storage_url": self.storage_url or os.environ.get("MUSICGEN_STORAGE_URL") or None,
                 "data_dir": os.path.abspath(self.data_dir or os.environ.get("MUSICGEN_DATA_DIR") or "data"),
                 "webhook_secret": self.webhook_secret or os.environ.get("MUSICGEN_WEBHOOK_SECRET", ""),
+                "webhook_allow": allow,
             }
         )

@@ -10,6 +10,8 @@ from deployments.service.redis_server import EmbeddedRedis
 # the API alone (test_api) and through the Ray Serve proxy (test_serve_app).
 BAD_SUBMISSIONS = [
     ({"lyrics": "[00:75.00]bad"}, 422, "INVALID_LYRICS"),
+    ({"lyrics": "la\n" * 400}, 422, "INVALID_LYRICS"),  # 401 lines
+    ({"lyrics": "la " * 7000}, 422, "INVALID_PARAMETER"),  # 21,000 characters
     ({"style_prompt": "  "}, 422, "INVALID_PROMPT"),
     ({"style_prompt": None}, 422, "INVALID_PROMPT"),
     ({"num_takes": 9}, 422, "INVALID_PARAMETER"),
@@ -21,8 +23,77 @@ BAD_SUBMISSIONS = [
     ({"reference_audio_id": "../../etc/passwd", "style_prompt": None}, 422, "INVALID_PARAMETER"),
     ({"reference_audio_id": "nope.wav", "style_prompt": None}, 422, "INVALID_PARAMETER"),
     ({"edit": {"source_id": "../x", "segments": [[0, 5]]}}, 422, "INVALID_PARAMETER"),
-    ({"webhook_url": "file:///etc/passwd"}, 422, "INVALID_PARAMETER"),
+    ({"webhook_url": "file:///etc/passwd"}, 422, "WEBHOOK_URL_REFUSED"),
+    ({"webhook_url": "http://169.254.169.254/latest/meta-data/"}, 422, "WEBHOOK_URL_REFUSED"),
+    ({"webhook_url": "http://2130706433/"}, 422, "WEBHOOK_URL_REFUSED"),
 ]
+
+PUBLIC_IP = "93.184.215.14"  # only ever checked by the tests, never connected to
+# webhook URLs the service refuses, with a word of the reason; names resolve through `FakeDns()`
+REFUSED_WEBHOOK_URLS = [
+    ("ftp://public.test/hook", "scheme"),
+    ("file:///etc/passwd", "scheme"),
+    ("gopher://public.test/", "scheme"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("http://127.0.0.1:6379/", "loopback"),
+    ("http://localhost:6379/", "loopback"),
+    ("http://10.1.2.3/hook", "private"),
+    ("http://172.16.0.1/", "private"),
+    ("http://192.168.1.1/", "private"),
+    ("http://100.64.0.1/", "private"),  # CGNAT
+    ("http://224.0.0.1/", "multicast"),
+    ("http://0.0.0.0/", "unspecified"),
+    ("http://240.0.0.1/", "reserved"),
+    ("http://255.255.255.255/", "reserved"),
+    ("http://[::1]/", "loopback"),
+    ("http://[::]/", "unspecified"),
+    ("http://[fc00::1]/", "private"),
+    ("http://[fd12:3456::1]/", "private"),
+    ("http://[fe80::1]/", "link-local"),
+    ("http://[fe80::1%25eth0]/", "zone"),
+    ("http://[ff02::1]/", "multicast"),
+    ("http://[::ffff:127.0.0.1]/", "loopback"),
+    ("http://[::ffff:7f00:1]/", "loopback"),
+    ("http://[::ffff:169.254.169.254]/", "link-local"),
+    ("http://[64:ff9b::a9fe:a9fe]/", "link-local"),  # NAT64 of the metadata address
+    ("http://[2002:7f00:1::]/", "loopback"),  # 6to4 of 127.0.0.1
+    ("http://2130706433/", "ambiguous"),  # 127.0.0.1 in decimal
+    ("http://0x7f000001/", "ambiguous"),
+    ("http://0x7f.1/", "ambiguous"),
+    ("http://0177.0.0.1/", "ambiguous"),  # octal
+    ("http://127.1/", "ambiguous"),
+    ("http://0/", "ambiguous"),
+    ("http://127.0.0.1./", "ambiguous"),
+    ("http://user:pass@public.test/hook", "credentials"),
+    ("http://public.test@127.0.0.1/", "credentials"),
+    ("http://public.test\\@127.0.0.1/", "credentials"),
+    ("http://%31%32%37.0.0.1/", "host name"),
+    ("http://public.test:99999/", "port"),
+    ("http:///hook", "no host"),
+    ("http://private.test/hook", "private"),  # a name that resolves to a private address
+    ("http://mixed.test/hook", "loopback"),  # one of its addresses is private
+    ("http://nowhere.test/hook", "does not resolve"),
+    ("", "scheme"),
+]
+
+
+class FakeDns:
+    """An injected resolver (no lookups leave the machine): name -> addresses, changeable mid-test;
+    counts lookups. Unknown names fail as getaddrinfo does."""
+
+    def __init__(self, **names: list[str]):
+        self.names = {"public.test": [PUBLIC_IP], "private.test": ["10.0.0.7"],
+                      "mixed.test": [PUBLIC_IP, "127.0.0.1"], "localhost": ["127.0.0.1", "::1"],
+                      **names}  # fmt: skip
+        self.lookups: list[str] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        import socket
+
+        self.lookups.append(host)
+        if host.rstrip(".") not in self.names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return list(self.names[host.rstrip(".")])
 
 
 @pytest.fixture(scope="module")
@@ -62,41 +133,113 @@ def s3(tmp_path_factory):
 
 
 class WebhookReceiver:
-    """A local HTTP endpoint recording the webhooks it gets; answers 500 to the first `failures`."""
+    """A local HTTP endpoint on 127.0.0.1 recording the webhooks it gets (headers, body, arrival time).
+    Answers 500 to the first `failures`; `respond(n)` (n = 1 for the first request) may instead
+    return (status, headers) and may block (a receiver that hangs)."""
 
-    def __init__(self, failures: int = 0):
+    def __init__(self, failures: int = 0, port: int = 0):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.received: list[tuple[dict, bytes]] = []
+        self.times: list[float] = []
         self.failures = failures
-        self.got = threading.Event()
+        self.respond = None
+        self.got = threading.Event()  # set by the first 2xx answer
+        lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
+                import time
+
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.received.append((dict(self.headers), body))
-                self.send_response(500 if len(receiver.received) <= receiver.failures else 200)
+                with lock:
+                    receiver.received.append((dict(self.headers), body))
+                    receiver.times.append(time.monotonic())
+                    n = len(receiver.received)
+                if receiver.respond is not None:
+                    status, headers = receiver.respond(n)
+                else:
+                    status, headers = (500 if n <= receiver.failures else 200), {}
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
-                if len(receiver.received) > receiver.failures:
+                if 200 <= status < 300:
                     receiver.got.set()
 
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_port
+        self.url = self.url_for("127.0.0.1")
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url_for(self, host: str, path: str = "/hook") -> str:
+        return f"http://{host}:{self.port}{path}"
 
     def payloads(self) -> list[dict]:
         import json
 
         return [json.loads(body) for _, body in self.received]
 
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
 
 @pytest.fixture()
 def webhook_receiver():
     receiver = WebhookReceiver()
     yield receiver
-    receiver.server.shutdown()
+    receiver.close()
+
+
+class RunningDeliverer:
+    """A WebhookDeliverer on an event loop of its own, in a thread, as on an ingress replica, with its
+    own Redis connections. `stop()` cancels its loop wherever it is (a replica that dies)."""
+
+    def __init__(self, redis_url: str, policy, secret: str = "", **options):
+        import asyncio
+        import threading
+
+        from deployments.service.jobs import AsyncJobStore
+        from deployments.service.webhooks import WebhookDeliverer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.store = AsyncJobStore.from_url(redis_url)
+        self.deliverer = WebhookDeliverer(self.store, secret, policy, **{"poll_s": 0.02, **options})
+        self.task = asyncio.run_coroutine_threadsafe(self.deliverer.run_forever(), self.loop)
+
+    def stop(self) -> None:
+        import asyncio
+
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        asyncio.run_coroutine_threadsafe(self.store.aclose(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.deliverer.close()
+
+    def __enter__(self) -> RunningDeliverer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition"):
+    """Poll `condition()` until it returns something truthy; that value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout} s")

@@ -19,28 +19,36 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from deployments.service.api import ApiConfig, Services, create_api
-from deployments.service.jobs import AsyncJobStore, JobStore
+from deployments.service.jobs import AsyncJobStore, JobStore, job_key
 from deployments.service.media import sniff_audio
+from deployments.service.netguard import AddressPolicy
 from deployments.service.redis_server import EmbeddedRedis, free_port
 from deployments.service.runner import JobRunner
 from deployments.service.storage import LocalStorage, S3Storage
 from deployments.service.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
-from tests.deployments.conftest import BAD_SUBMISSIONS
+from tests.deployments.conftest import (
+    BAD_SUBMISSIONS,
+    PUBLIC_IP,
+    REFUSED_WEBHOOK_URLS,
+    FakeDns,
+    RunningDeliverer,
+    wait_until,
+)
 
 SONG = {"lyrics": "[00:01.00]Hello there\n[00:03.00]good night", "style_prompt": "calm piano", "model": "tiny",
         "duration_s": 8, "steps": 3, "num_takes": 2, "seed": 9, "output_format": "wav"}  # fmt: skip
 
 
 def make_services(
-    url: str, pipe, results, uploads, *, lease_s: float = 5, **config
+    url: str, pipe, results, uploads, *, lease_s: float = 5, webhook_policy=None, **config
 ) -> tuple[Services, JobStore]:
     """The API's collaborators as the ingress has them, with a runner on one worker thread as the
     generator. Returns (services, the worker's sync store)."""
     store = JobStore.from_url(url, lease_s=lease_s)
     runner = JobRunner(store, pipe, results, uploads, "w1")
     pool = ThreadPoolExecutor(1)
-    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"})
+    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"}, webhook_policy)
 
     async def validate(body):
         return await asyncio.to_thread(validator.validate, body)
@@ -56,7 +64,9 @@ def make_services(
 
 @pytest.fixture()
 def service(request, server, pipe, tmp_path):
-    """The API on the local-folder storage, or with `indirect` param "s3" on an S3-compatible bucket."""
+    """The API on the local-folder storage, or with `indirect` param "s3" on an S3-compatible bucket.
+    Webhook hosts resolve through `service.dns` (a FakeDns); the name hooks.test is allow-listed (an
+    internal receiver: point it at a local one)."""
     redis.Redis.from_url(server.url).flushdb()
     if getattr(request, "param", "local") == "s3":
         _, s3_client, bucket = request.getfixturevalue("s3")
@@ -65,9 +75,11 @@ def service(request, server, pipe, tmp_path):
         uploads = S3Storage(bucket, f"{prefix}/uploads", client=s3_client)
     else:
         results, uploads = LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads")
-    services, store = make_services(server.url, pipe, results, uploads)
+    dns = FakeDns()
+    policy = AddressPolicy(["hooks.test"], resolve=dns)
+    services, store = make_services(server.url, pipe, results, uploads, webhook_policy=policy)
     with TestClient(create_api(services)) as http:
-        http.store, http.pool = store, services.worker_pool
+        http.store, http.pool, http.dns, http.webhook_policy = store, services.worker_pool, dns, policy
         yield http
     services.worker_pool.shutdown(wait=True)
 
@@ -216,15 +228,53 @@ def test_sse_streams_until_the_end(service):
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(set(ids)) == len(ids)
 
 
-def test_cancel_queued_job(service, webhook_receiver):
+def test_cancel_queued_job(service, server, webhook_receiver):
     service.pool.submit(time.sleep, 1.0)  # keep the single worker busy so that the next job waits
-    job = service.post("/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url}).json()
+    service.dns.names["hooks.test"] = ["127.0.0.1"]  # the allow-listed internal receiver
+    job = service.post(
+        "/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("hooks.test")}
+    ).json()
     r = service.post(f"/v1/songs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["error"]["code"] == "CANCELED"
-    assert webhook_receiver.got.wait(10)  # a job that ends in the queue still reaches its webhook
+    with RunningDeliverer(server.url, service.webhook_policy):  # as every ingress replica runs one
+        assert webhook_receiver.got.wait(10)  # a job that ends in the queue still reaches its webhook
     assert [(p["id"], p["status"]) for p in webhook_receiver.payloads()] == [(job["id"], "canceled")]
+    assert webhook_receiver.received[0][0]["Host"] == f"hooks.test:{webhook_receiver.port}"
     assert service.get(f"/v1/songs/{job['id']}/takes/1/audio").json()["error"]["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("url, reason", REFUSED_WEBHOOK_URLS)
+def test_refused_webhook_urls(service, url, reason):
+    r = service.post("/v1/songs", json={**SONG, "webhook_url": url})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert (
+        err["code"] == "WEBHOOK_URL_REFUSED"
+        and reason in err["message"]
+        and "webhook_allow" in err["recovery"]
+    )
+    assert err["details"]["parameter"] == "webhook_url" and reason in err["details"]["reason"]
+    assert service.store.queue_depth() == 0 and service.get("/v1/songs").json() == []
+
+
+def test_a_name_public_at_submission_and_private_at_delivery_is_refused(service, server, webhook_receiver):
+    """DNS rebinding: flip.test resolves to a public address when the song is submitted, to loopback
+    when its webhook is due. The delivery checks again, refuses, and never connects."""
+    service.dns.names["flip.test"] = [PUBLIC_IP]
+    service.pool.submit(time.sleep, 1.0)
+    r = service.post("/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("flip.test")})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert service.post(f"/v1/songs/{job_id}/cancel").json()["status"] == "canceled"
+    service.dns.names["flip.test"] = ["127.0.0.1"]
+    with RunningDeliverer(server.url, service.webhook_policy):
+        [letter] = wait_until(service.store.dead_webhooks, what="a dead letter")
+    assert (
+        letter["id"] == job_id and "refused at delivery" in letter["error"] and "127.0.0.1" in letter["error"]
+    )
+    assert webhook_receiver.received == []
+    assert redis.Redis.from_url(server.url).hget(job_key(job_id), "webhook") == b"failed"
 
 
 @pytest.mark.parametrize("change, status, code", BAD_SUBMISSIONS)

@@ -9,9 +9,11 @@ import pytest
 import redis
 
 from deployments.service.jobs import (
+    DEAD_WEBHOOKS,
     EXPIRING,
     NOTIFY,
     RUNNING,
+    WEBHOOKS,
     AsyncJobStore,
     JobState,
     JobStore,
@@ -19,6 +21,7 @@ from deployments.service.jobs import (
     event_order,
     events_key,
     job_key,
+    webhook_key,
 )
 from deployments.service.redis_server import EmbeddedRedis
 
@@ -324,6 +327,122 @@ def test_recent_is_paginated_newest_first(store):
     assert [j.id for j in first] == ids[::-1][:2]
     second = store.recent(limit=2, before=first[-1].created_at)
     assert [j.id for j in second] == ids[::-1][2:4]
+
+
+HOOKED = {**PARAMS, "webhook_url": "http://hooks.example/h?token=t"}
+
+
+def test_every_way_a_job_ends_queues_its_webhook_in_the_same_step(store, client):
+    """Cancel while queued, fail, succeed, cancel while running, WORKER_LOST: each final transition
+    writes the job's delivery (URL and final fields) and makes it due, once; jobs without a URL none."""
+    ends = {}
+    job = store.create(HOOKED)[0]
+    store.cancel(job.id)
+    ends[job.id] = "canceled"
+    job = store.create(HOOKED)[0]
+    store.fail(job.id, {"code": "X"}, token=store.claim(job.id, "w1"))
+    ends[job.id] = "failed"
+    job = store.create(HOOKED)[0]
+    store.complete(job.id, {"takes": []}, token=store.claim(job.id, "w1"))
+    ends[job.id] = "succeeded"
+    job = store.create(HOOKED)[0]
+    token = store.claim(job.id, "w1")
+    store.cancel(job.id)
+    store.finish_canceled(job.id, token=token)
+    ends[job.id] = "canceled"
+    lost = store.create(HOOKED)[0]
+    for _ in range(2):  # max_attempts=2: the second lost lease fails it
+        store.claim(lost.id, "w1")
+        time.sleep(0.3)
+        store.reconcile()
+    ends[lost.id] = "failed"
+    plain = store.create(PARAMS)[0]
+    store.cancel(plain.id)
+    store.claim(store.create(HOOKED)[0].id, "w1")  # still running: nothing to deliver yet
+
+    due = {m.decode(): score for m, score in client.zrange(WEBHOOKS, 0, -1, withscores=True)}
+    assert set(due) == set(ends) and all(score <= time.time() for score in due.values())
+    for job_id, state in ends.items():
+        hook = {k.decode(): v.decode() for k, v in client.hgetall(webhook_key(job_id)).items()}
+        final = store.get(job_id)
+        assert hook["url"] == HOOKED["webhook_url"] and hook["state"] == state == final.state.value
+        assert hook["attempts"] == "0" and float(hook["finished_at"]) == final.finished_at
+        assert client.hget(job_key(job_id), "webhook") == b"pending"
+        assert client.ttl(webhook_key(job_id)) == -1  # a queued delivery is not dropped
+    assert store.get(lost.id).error["code"] == "WORKER_LOST"
+    assert not client.exists(webhook_key(plain.id))
+    assert not store.fail(lost.id, {"code": "Y"}, token=2) and client.zcard(WEBHOOKS) == len(
+        ends
+    )  # ends once
+
+
+def test_a_webhook_claim_is_exclusive_until_its_lease_ends(server, store, client, monkeypatch):
+    from deployments.service import settings
+
+    job = store.create(HOOKED)[0]
+    store.cancel(job.id)
+    other = JobStore.from_url(server.url)  # a second replica
+    [mine] = store.claim_webhooks(10, lease_s=0.3)
+    assert (mine.job_id, mine.attempt, mine.url) == (job.id, 1, HOOKED["webhook_url"])
+    final = store.get(job.id)
+    assert mine.payload() == {"id": job.id, "status": "canceled", "result": None, "error": final.error,
+                              "finished_at": final.finished_at}  # fmt: skip
+    assert other.claim_webhooks(10) == []  # leased
+    time.sleep(0.35)  # the first replica died mid-attempt: its lease ends
+    [theirs] = other.claim_webhooks(10, lease_s=30)
+    assert theirs.attempt == 2 and theirs.token != mine.token
+    assert not store.webhook_delivered(mine)  # the late first replica records nothing
+    assert client.exists(webhook_key(job.id))
+    assert other.webhook_retry(theirs, "answered 500", due=time.time() + 60)
+    assert (
+        store.claim_webhooks(10) == [] and client.hget(webhook_key(job.id), "last_error") == b"answered 500"
+    )
+    client.zadd(WEBHOOKS, {job.id: 0})  # due now
+    [third] = store.claim_webhooks(10)
+    assert third.attempt == 3 and store.webhook_dead(third, "answered 500")
+    assert not client.exists(webhook_key(job.id)) and client.zcard(WEBHOOKS) == 0
+    assert client.hget(job_key(job.id), "webhook") == b"failed"
+    [letter] = other.dead_webhooks()
+    assert letter["id"] == job.id and letter["url"] == HOOKED["webhook_url"] and letter["attempts"] == 3
+    assert letter["error"] == "answered 500" and letter["status"] == "canceled" and letter["dead_at"] > 0
+
+    # the list keeps the newest WEBHOOK_DEAD_MAX; a job record that expired meanwhile is not revived
+    monkeypatch.setattr(settings, "WEBHOOK_DEAD_MAX", 2)
+    ids = []
+    for _ in range(3):
+        job = store.create(HOOKED)[0]
+        store.cancel(job.id)
+        client.delete(job_key(job.id))
+        [d] = store.claim_webhooks(1)
+        assert store.webhook_dead(d, "gone")
+        ids.append(job.id)
+        assert not client.exists(job_key(job.id))
+    assert [x["id"] for x in store.dead_webhooks()] == ids[::-1][:2] and client.llen(DEAD_WEBHOOKS) == 2
+    job = store.create(HOOKED)[0]
+    store.cancel(job.id)
+    [d] = store.claim_webhooks(1)
+    assert store.webhook_delivered(d) and client.hget(job_key(job.id), "webhook") == b"delivered"
+    assert not client.exists(webhook_key(job.id)) and client.zcard(WEBHOOKS) == 0
+
+
+def test_replicas_claiming_at_once_never_take_the_same_delivery(server, store, client):
+    """Eight replicas claim 60 due deliveries at the same moment: each is claimed exactly once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(60):
+        store.cancel(store.create(HOOKED)[0].id)
+    stores = [JobStore.from_url(server.url) for _ in range(8)]
+    start = threading.Barrier(8)
+
+    def claim(s):
+        start.wait()
+        return [d.job_id for d in s.claim_webhooks(60)]
+
+    with ThreadPoolExecutor(8) as pool:
+        claimed = [job_id for ids in pool.map(claim, stores) for job_id in ids]
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+    assert {int(v) for k in client.scan_iter("mg:webhook:*") for v in [client.hget(k, "attempts")]} == {1}
 
 
 def test_jobs_survive_a_redis_restart(tmp_path):

@@ -75,18 +75,32 @@ def test_library_errors_fail_the_job_with_their_code(runner, tmp_path):
     assert err["code"] == "INVALID_PROMPT" and "10 s" in err["recovery"]
 
 
-def test_webhook_is_signed_and_retried(runner, webhook_receiver, server):
+def test_a_finished_job_queues_its_signed_webhook(runner, webhook_receiver, server):
+    """The runner's outcome queues the delivery in the same step; a delivery loop (on the ingress, here
+    run once) sends the finished job, signed. Retries: test_webhooks.py."""
+    import asyncio
     import hmac
 
-    from deployments.service.webhooks import sign
+    from deployments.service.jobs import AsyncJobStore, webhook_key
+    from deployments.service.netguard import AddressPolicy
+    from deployments.service.webhooks import WebhookDeliverer, sign
 
-    webhook_receiver.failures = 2  # fails twice, then accepts
-    runner.webhook_secret, runner.webhook_backoff_s = "s3cret", 0.01
     job, _ = runner.store.create(params(webhook_url=webhook_receiver.url).to_dict())
     assert runner.run(job.id) == JobState.SUCCEEDED
-    runner.last_webhook.join(timeout=10)
-    assert len(webhook_receiver.received) == 3
-    headers, body = webhook_receiver.received[-1]
+    client = redis.Redis.from_url(server.url)
+    assert client.hget(webhook_key(job.id), "state") == b"succeeded" and webhook_receiver.received == []
+
+    async def deliver():
+        store = AsyncJobStore.from_url(server.url)
+        deliverer = WebhookDeliverer(store, "s3cret", AddressPolicy(["127.0.0.1"]))  # the receiver's address
+        try:
+            return await deliverer.deliver_due()
+        finally:
+            await store.aclose()
+            deliverer.close()
+
+    assert asyncio.run(deliver()) == 1
+    [(headers, body)] = webhook_receiver.received
     assert hmac.compare_digest(
         headers["X-Musicgen-Signature"], sign("s3cret", headers["X-Musicgen-Timestamp"], body)
     )
@@ -94,7 +108,8 @@ def test_webhook_is_signed_and_retried(runner, webhook_receiver, server):
     assert (
         payload["id"] == job.id and payload["status"] == "succeeded" and len(payload["result"]["takes"]) == 2
     )
-    assert redis.Redis.from_url(server.url).hget(f"mg:job:{job.id}", "webhook") == b"delivered"
+    assert payload["result"] == runner.store.get(job.id).result
+    assert client.hget(f"mg:job:{job.id}", "webhook") == b"delivered"
 
 
 def test_finished_jobs_reach_the_metrics_hook(runner):

@@ -41,6 +41,7 @@ def service(tmp_path_factory, tiny_model_paths):
                     "fault_oom_takes": 2,
                     "max_queue": 5,
                     "webhook_secret": "serve-secret",
+                    "webhook_allow": ["127.0.0.1"],  # the test's receiver: an internal one
                     "max_upload_mb": 3,
                 }
             ),  # fmt: skip

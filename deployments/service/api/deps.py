@@ -33,7 +33,6 @@ class ApiConfig:
     max_upload_seconds: float = settings.MAX_UPLOAD_SECONDS
     seconds_per_job_estimate: float = settings.SECONDS_PER_JOB_ESTIMATE
     sse_keepalive_s: float = settings.SSE_KEEPALIVE_S
-    webhook_secret: str = ""  # signs webhooks of jobs that end here (canceled while queued)
     max_body_bytes: int = settings.MAX_BODY_KB * 1024  # bodies other than uploads
     cors_origins: tuple[str, ...] = ()
     security_headers: bool = True

@@ -26,7 +26,6 @@ from deployments.service.errors import ServiceError
 from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, QuotaExceeded, SongJob, event_order
 from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
 from deployments.service.schemas import JOB_ID_PATTERN, JobView, SongCreate, error_responses
-from deployments.service.webhooks import notify
 
 router = APIRouter(prefix="/v1/songs", tags=["songs"])
 JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -141,17 +140,11 @@ async def status(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl, ca
 
 @router.post("/{job_id}/cancel", response_model=JobView, responses=_ERRORS)
 async def cancel(job_id: str, store: StoreDep, cfg: ConfigDep, base: BaseUrl, caller: CallerDep) -> JobView:
-    was, _ = await load_job(store, job_id, caller)
+    """A queued job is canceled at once (its webhook is queued by the same step); a running one stops
+    before its next sampling step."""
+    await load_job(store, job_id, caller)
     await store.cancel(job_id)
     job, position = await load_job(store, job_id, caller)
-    if was.state == JobState.QUEUED and job.state == JobState.CANCELED:
-        # it ended here, not on a worker: its webhook goes from here
-        loop = asyncio.get_running_loop()
-
-        def record(status: str) -> None:
-            asyncio.run_coroutine_threadsafe(store.set_webhook_status(job_id, status), loop)
-
-        notify(job, cfg.webhook_secret, record)
     return job_view(job, position, base, seconds_per_job=cfg.seconds_per_job_estimate)
 
 
