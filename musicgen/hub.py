@@ -2,11 +2,12 @@
 
 - Model weights: Hugging Face Hub repositories, through `huggingface_hub` into the cache folder
   (`models/cache` by default), with resume and progress bars; `HF_HUB_OFFLINE=1` is honoured.
-- Data files of the official repository: the small ones the front end and the sampler always need
-  (phone vocabulary, Mandarin tables, negative style embedding; ~150 KB) ship inside the package
-  (`musicgen/data/`) and are checked against their pinned SHA-256 before use; the large optional ones
-  (Mandarin lexicon, polyphone model) are fetched from the official GitHub repository at a pinned
-  commit into the cache, or copied from a local folder with the same layout (`MUSICGEN_ASSETS_DIR`).
+- Data files of the official repository: the small tables the front end always needs (phone
+  vocabulary, Mandarin tables; ~150 KB) ship inside the package (`musicgen/data/`) and are checked
+  against their pinned SHA-256 before use; the sampler's negative style embedding (pinned too) and the
+  large optional files (Mandarin lexicon, polyphone model) are fetched from the official GitHub
+  repository at a pinned commit into the cache, or copied from a local folder with the same layout
+  (`MUSICGEN_ASSETS_DIR`).
 
 A file that is missing and cannot be fetched raises `ModelNotAvailable` naming the files and the
 command that fetches them.
@@ -108,11 +109,7 @@ class Asset:
     source: str  # path in the official repository
     sha256: str | None  # None: not pinned (large optional files, checked for presence only)
     optional: bool = False  # the front end works without it, with a documented fallback
-
-    @property
-    def bundled(self) -> bool:
-        """Shipped inside the package (small, always needed); the others are downloaded."""
-        return not self.optional
+    bundled: bool = True  # shipped inside the package (musicgen/data); the others are fetched
 
 
 _ZH = "g2p/g2p_chinese_model"
@@ -120,7 +117,7 @@ ASSETS: dict[str, Asset] = {
     a.path: a
     for a in (
         Asset("negative_style_vocal.npy", "infer/example/vocal.npy",
-              "6cb7d74eb7a8eda12acb8247b21d373928301db8a8cb0db480d341799fed3ce5"),
+              "6cb7d74eb7a8eda12acb8247b21d373928301db8a8cb0db480d341799fed3ce5", bundled=False),
         Asset("g2p/vocab.json", "g2p/g2p/vocab.json",
               "0f5c44e05f79df8ae4fd77d7772950436a8bacc83d134fdf0ae3c72412b5676a"),
         Asset("g2p/pinyin_2_bpmf.txt", "g2p/sources/pinyin_2_bpmf.txt",
@@ -131,9 +128,9 @@ ASSETS: dict[str, Asset] = {
               "ec6c8bd6d223205f48a17a07720bc594c20b3eab5460175414f7ebee1e66b6b9"),
         Asset(f"{_ZH}/vocab.txt", "g2p/sources/g2p_chinese_model/vocab.txt",
               "366fe2b1318c774fd28bdea58dbcfbd6d6aeae313fdcd9063d170cdc602fd51a"),
-        Asset("g2p/chinese_lexicon.txt", "g2p/sources/chinese_lexicon.txt", None, optional=True),
+        Asset("g2p/chinese_lexicon.txt", "g2p/sources/chinese_lexicon.txt", None, optional=True, bundled=False),
         Asset(f"{_ZH}/poly_bert_model.onnx", "g2p/sources/g2p_chinese_model/poly_bert_model.onnx",
-              None, optional=True),
+              None, optional=True, bundled=False),
     )
 }  # fmt: skip
 
@@ -144,7 +141,7 @@ def bundled_dir() -> Path:
 
 
 def assets_dir() -> Path:
-    """Where downloaded data files go (the optional large ones)."""
+    """Where fetched data files go (those not shipped in the package)."""
     return cache_dir() / "diffrhythm-assets"
 
 
@@ -174,8 +171,8 @@ def _bundled_path(asset: Asset) -> Path:
 
 
 def asset_path(name: str, *, download: bool = True) -> Path:
-    """Local path of an official data file: the packaged copy (verified), or for the large optional
-    ones the cached copy, fetched (and verified where pinned) if needed."""
+    """Local path of an official data file: the packaged copy (verified), or for the others the
+    cached copy, fetched (and verified where pinned) if needed."""
     asset = ASSETS[name]
     if asset.bundled:
         return _bundled_path(asset)
@@ -264,12 +261,15 @@ def pull_mulan(repo_id: str) -> Path:
     return folder
 
 
-def pull_assets() -> list[Path]:
-    """Fetch the optional large data files (the small ones ship with the package); one that cannot
-    be had is reported, not fatal."""
+def pull_assets(include_optional: bool = True) -> list[Path]:
+    """Fetch the data files that do not ship with the package. A required one that cannot be had
+    raises; an optional one is reported, not fatal."""
     got = []
     for name, asset in ASSETS.items():
-        if asset.bundled:
+        if asset.bundled or (asset.optional and not include_optional):
+            continue
+        if not asset.optional:
+            got.append(asset_path(name))
             continue
         try:
             got.append(asset_path(name))
@@ -280,24 +280,28 @@ def pull_assets() -> list[Path]:
     return got
 
 
+def _asset_at_hand(name: str) -> bool:
+    """In the cache or the local source: usable without a download."""
+    local_source = os.environ.get(ENV_ASSETS_DIR)
+    return (assets_dir() / ASSETS[name].path).is_file() or bool(
+        local_source and (Path(local_source) / ASSETS[name].path).is_file()
+    )
+
+
 def optional_asset(name: str) -> Path | None:
     """An optional data file if it is in the cache or the local source; never downloads."""
-    target = assets_dir() / ASSETS[name].path
-    if target.is_file():
-        return target
-    local_source = os.environ.get(ENV_ASSETS_DIR)
-    if local_source and (Path(local_source) / ASSETS[name].path).is_file():
-        return asset_path(name)
-    return None
+    return asset_path(name) if _asset_at_hand(name) else None
 
 
 def _requirements(spec) -> list[tuple[str, str, bool]]:
     """(kind, what, cached now) for every file a model needs; no network."""
     from musicgen.registry import MULAN_REPO, VAE_FILE, VAE_REPO
 
+    negative = ("assets", "assets/negative_style_vocal.npy", _asset_at_hand("negative_style_vocal.npy"))
     if spec.untrained:
-        return [("built locally", "tiny model", (cache_dir() / "tiny" / "tiny.json").is_file())]
+        return [("built locally", "tiny model", (cache_dir() / "tiny" / "tiny.json").is_file()), negative]
     return [
+        negative,
         (
             "checkpoint",
             f"{spec.repo_id}/{spec.checkpoint_file}",

@@ -47,11 +47,12 @@ def session_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def offline_hub(session_cache):
     """The whole session runs with the hub offline and an isolated cache (session-wide, so that
-    module-scoped fixtures see it too). No MUSICGEN_ASSETS_DIR: the data files ship with the package."""
+    module-scoped fixtures see it too). The data files that do not ship with the package (the negative
+    style embedding) come from ../shared by path, as MUSICGEN_ASSETS_DIR, the local-source route."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("MUSICGEN_CACHE_DIR", str(session_cache))
-        mp.delenv("MUSICGEN_ASSETS_DIR", raising=False)
+        mp.setenv("MUSICGEN_ASSETS_DIR", str(ASSETS))
         yield
 
 

@@ -35,7 +35,7 @@ def test_small_data_files_ship_with_the_package_verified(tmp_path, monkeypatch, 
     cache, network or MUSICGEN_ASSETS_DIR."""
     monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path / "empty"))
     bundled = [name for name, asset in hub.ASSETS.items() if asset.bundled]
-    assert len(bundled) == 6
+    assert len(bundled) == 5
     total = 0
     for name in bundled:
         path = hub.asset_path(name)
@@ -56,7 +56,29 @@ def test_a_damaged_packaged_file_is_refused(tmp_path, monkeypatch):
         hub.asset_path("g2p/vocab.json")
     assert "reinstall" in exc.value.recovery
     with pytest.raises(ModelNotAvailable, match="missing"):
-        hub.asset_path("negative_style_vocal.npy")
+        hub.asset_path("g2p/pinyin_2_bpmf.txt")
+
+
+def test_the_negative_style_embedding_is_fetched_pinned(tmp_path, monkeypatch, shared_dir):
+    """Not shipped: copied from the local source (here ../shared's, by path) into the cache and checked
+    against its pinned SHA-256; a different file is refused; offline without a source, the error names
+    what to pull."""
+    monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path / "cache"))
+    name = "negative_style_vocal.npy"
+    path = hub.asset_path(name)
+    assert path.is_relative_to(tmp_path / "cache")
+    assert path.read_bytes() == (shared_dir / "diffrhythm-assets" / name).read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / name).write_bytes(b"not the embedding")
+    monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path / "cache2"))
+    monkeypatch.setenv("MUSICGEN_ASSETS_DIR", str(bad))
+    with pytest.raises(ModelNotAvailable):
+        hub.asset_path(name)
+    monkeypatch.delenv("MUSICGEN_ASSETS_DIR")
+    with pytest.raises(ModelNotAvailable) as exc:
+        hub.asset_path(name)
+    assert "musicgen models pull" in exc.value.recovery
 
 
 def test_optional_assets_copied_from_local_source(tmp_path, monkeypatch):
@@ -76,9 +98,14 @@ def test_optional_assets_copied_from_local_source(tmp_path, monkeypatch):
 
 def test_optional_assets_offline_without_source(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path))
+    required = hub.asset_path("negative_style_vocal.npy")  # cached from the suite's local source
+    monkeypatch.delenv("MUSICGEN_ASSETS_DIR", raising=False)
     with pytest.raises(ModelNotAvailable, match="HF_HUB_OFFLINE"):
         hub.asset_path("g2p/chinese_lexicon.txt")
-    assert hub.pull_assets() == []  # optional: reported, not fatal
+    assert hub.pull_assets() == [required]  # the optional ones: reported, not fatal
+    (tmp_path / "diffrhythm-assets" / "negative_style_vocal.npy").unlink()
+    with pytest.raises(ModelNotAvailable, match="HF_HUB_OFFLINE"):
+        hub.pull_assets()  # a required one is fatal
 
 
 def test_check_cached_lists_everything_missing(tmp_path, monkeypatch):

@@ -27,7 +27,10 @@ def service(tmp_path_factory, tiny_model_paths):
     data = tmp_path_factory.mktemp("data")
     port = free_port()
     # the replicas are other processes: they must see the same offline, isolated cache
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MUSICGEN_CACHE_DIR", "RAY_AUTH_MODE")}
+    env = {
+        k: os.environ[k]
+        for k in ("HF_HUB_OFFLINE", "MUSICGEN_CACHE_DIR", "MUSICGEN_ASSETS_DIR", "RAY_AUTH_MODE")
+    }
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
