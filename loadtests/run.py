@@ -8,7 +8,8 @@
 
 Writes, under --out (default loadtests/results/<profile>-<time>/): Locust's CSV files and HTML report,
 `latency.png` (p50/p95 per endpoint over time), `summary.md` (the table printed at the end). Only
-addresses on this machine are accepted (load tests never leave loopback). The users are in
+addresses on this machine are accepted (load tests never leave loopback). When the API needs keys,
+export MUSICGEN_LOAD_API_KEY=<key> (sent by every Locust user and the probe). The users are in
 loadtests/locustfile.py; each profile below sets their mix, the load shape and the objectives.
 """
 
@@ -158,7 +159,9 @@ class Probe(threading.Thread):
     def run(self) -> None:
         import httpx
 
-        with httpx.Client(base_url=self.host, timeout=10) as http:
+        key = os.environ.get("MUSICGEN_LOAD_API_KEY")  # the key the Locust users send, if the API needs one
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.Client(base_url=self.host, timeout=10, headers=headers) as http:
             job_id, i = None, 0
             while not self.done.wait(self.period_s):
                 i += 1

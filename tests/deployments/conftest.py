@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import redis
 
 from deployments.service.redis_server import EmbeddedRedis
 
@@ -101,6 +102,14 @@ def server(tmp_path_factory):
     """The project's embedded Redis, as users get it without REDIS_URL."""
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as srv:
         yield srv
+
+
+@pytest.fixture()
+def client(server):
+    """A client of the embedded Redis, emptied for each test."""
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    return client
 
 
 @pytest.fixture(scope="module")

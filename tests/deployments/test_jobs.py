@@ -27,13 +27,6 @@ from deployments.service.redis_server import EmbeddedRedis
 
 
 @pytest.fixture()
-def client(server):
-    client = redis.Redis.from_url(server.url)
-    client.flushdb()
-    return client
-
-
-@pytest.fixture()
 def store(client):
     return JobStore(client, retention_s=3600, lease_s=0.2, max_attempts=2)
 

@@ -10,7 +10,6 @@ import threading
 import time
 
 import pytest
-import redis
 
 from deployments.service.jobs import AsyncJobStore, JobStore, job_key, webhook_key
 from deployments.service.netguard import AddressPolicy
@@ -19,13 +18,6 @@ from deployments.service.webhooks import WebhookDeliverer, sign
 from tests.deployments.conftest import FakeDns, RunningDeliverer, WebhookReceiver, wait_until
 
 LOCAL = AddressPolicy(["127.0.0.1"])
-
-
-@pytest.fixture()
-def client(server):
-    client = redis.Redis.from_url(server.url)
-    client.flushdb()
-    return client
 
 
 @pytest.fixture()
