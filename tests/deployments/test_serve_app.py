@@ -145,6 +145,29 @@ def test_smoke_load_test_against_the_app(service, tmp_path):
     assert impossible.returncode == 1 and "MISSED" in impossible.stderr
 
 
+def test_lean_latency_clients_against_the_app(service):
+    """loadtests/lean_clients.py: both client kinds time real answers (a row per run, non-2xx counted,
+    exit 1 on any), and it refuses an address that is not this machine."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    tool = [sys.executable, str(ROOT / "loadtests" / "lean_clients.py"), "--host", str(service.base_url),
+            "--clients", "5", "--seconds", "2"]  # fmt: skip
+    for client in ("raw", "httpx"):
+        done = subprocess.run([*tool, "--client", client], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        row = done.stdout.strip().splitlines()[-1].split("|")
+        assert row[1].strip() == client and int(row[3]) >= 5 and int(row[4]) == 0
+    missing = subprocess.run([*tool, "--path", "/v1/songs/" + "0" * 32], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT)  # fmt: skip
+    assert missing.returncode == 1 and int(missing.stdout.strip().splitlines()[-1].split("|")[4]) >= 5
+    remote = subprocess.run([*tool[:2], "--host", "http://192.0.2.1:8000"], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)  # fmt: skip
+    assert remote.returncode != 0 and "loopback" in remote.stderr
+
+
 def test_not_found_and_payload_too_large(service):
     r = service.get("/v1/songs/" + "f" * 32)
     assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
