@@ -156,7 +156,9 @@ def test_lean_latency_clients_against_the_app(service):
     tool = [sys.executable, str(ROOT / "loadtests" / "lean_clients.py"), "--host", str(service.base_url),
             "--clients", "5", "--seconds", "2"]  # fmt: skip
     for client in ("raw", "httpx"):
-        done = subprocess.run([*tool, "--client", client], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        done = subprocess.run(
+            [*tool, "--client", client], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
         assert done.returncode == 0, done.stderr
         row = done.stdout.strip().splitlines()[-1].split("|")
         assert row[1].strip() == client and int(row[3]) >= 5 and int(row[4]) == 0
