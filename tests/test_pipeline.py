@@ -186,3 +186,17 @@ def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(pipe, mo
     assert torch.allclose(outs[0].latents, pipe.generate(request(pipe, seed=1)).latents, atol=2e-5)
     monkeypatch.setattr(pipe, "fault_oom_takes", None)
     assert pipe.generate(request(pipe, seed=3, num_takes=3)).audio.shape[0] == 3  # the pipeline recovered
+
+
+def test_execution_settings_are_checked_and_give_the_same_song(pipe, tiny_model_paths):
+    """`plan` and `compile` of from_pretrained: bad values are refused with a recovery hint; the
+    batched plan gives the song the CPU's default (one row at a time) gives."""
+    assert pipe.plan.batched is False  # auto on the CPU
+    for bad in ({"plan": "fastest"}, {"plan": "graphs"}, {"compile": "yes"}):
+        with pytest.raises(InvalidParameter) as err:
+            SongPipeline.from_pretrained("tiny", device="cpu", **bad)
+        assert err.value.recovery
+    batched = SongPipeline.from_pretrained("tiny", device="cpu", plan="batched", compile="off")
+    assert batched.plan.batched and batched.dit.fused
+    req = request(pipe, seed=3)
+    assert torch.allclose(batched.generate(req).latents, pipe.generate(req).latents, atol=1e-5, rtol=0)

@@ -137,7 +137,9 @@ class SongGenerator:
         self.run.set_batch_wait_timeout_s(args.batch_wait_s)
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
         try:
-            pipeline = SongPipeline.from_pretrained(args.model, device=args.device)
+            pipeline = SongPipeline.from_pretrained(
+                args.model, device=args.device, plan=args.plan, compile=args.compile
+            )
         except MusicgenError as exc:
             self.load_error = ServiceError.from_library(exc).to_dict()  # MODEL_NOT_LOADED
             self.load_failed_at = time.monotonic()

@@ -107,6 +107,8 @@ class AppArgs(BaseModel):
     lease_s: float = Field(LEASE_S, gt=0)
     max_attempts: int = Field(MAX_ATTEMPTS, ge=1)
     device: str = "auto"
+    plan: Literal["auto", "batched", "sequential", "graphs"] = "auto"  # see musicgen ExecutionPlan
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
     model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health
     max_batch_size: int = Field(4, ge=1, le=64)  # jobs gathered into one generator call (@serve.batch)

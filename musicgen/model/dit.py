@@ -169,8 +169,15 @@ class ConvPositionEmbedding(nn.Module):
             nn.Mish(),
         )
 
+        # The convolution works on (b, d, n); transposed back, its output is a (b, n, d) view with
+        # frame-major strides, and `conv_pos_embed(h) + h` would carry that layout through the whole
+        # residual stream, so that every linear layer copies its input at batch > 1. Made contiguous
+        # here (a benchmark can turn this off to measure it).
+        self.contiguous = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d)
-        return self.conv1d(x.transpose(1, 2)).transpose(1, 2)
+        out = self.conv1d(x.transpose(1, 2)).transpose(1, 2)
+        return out.contiguous() if self.contiguous else out
 
 
 class InputEmbedding(nn.Module):
@@ -267,17 +274,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        self.qkv: torch.Tensor | None = None  # (3d, d) fused weight; see fuse_projections
+        # The official v1.2 code passes an all-ones attention mask, which transformers turns into an
+        # all-zero additive float mask: the same numbers, on a slower attention kernel. Off here; the
+        # benchmark turns it on to time the official computation as it runs.
+        self.additive_mask = False
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        b, n, _ = x.shape
+        b, n, d = x.shape
 
         def heads(t):  # (b, n, d) -> (b, h, n, hd)
             return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-        q = apply_rope(heads(self.q_proj(x)), *rope)
-        k = apply_rope(heads(self.k_proj(x)), *rope)
-        v = heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and n > 1)
+        if self.qkv is not None:
+            q, k, v = F.linear(x, self.qkv).split(d, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = apply_rope(heads(q), *rope), apply_rope(heads(k), *rope), heads(v)
+        mask = x.new_zeros(b, 1, n, n) if self.additive_mask and not self.causal else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and n > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -287,9 +302,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up: torch.Tensor | None = None  # (2 hidden, dim) fused weight; see fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):
@@ -318,6 +338,17 @@ class AdaLayerNormFinal(nn.Module):
         return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 
+def _fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """Concatenate the weights of bias-free linears (rows) and make each weight a view of the result."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=lin.weight.requires_grad)
+        start += rows
+    return fused
+
+
 # --------------------------------------------------------------------------------------------------
 # the network
 
@@ -340,6 +371,15 @@ class Conditioning:
     @property
     def groups(self) -> int:
         return self.input_bias.shape[0]
+
+    def group(self, j: int) -> Conditioning:
+        """Group j alone, for a batch of its rows (views, no copies)."""
+        return Conditioning(
+            input_bias=self.input_bias[j : j + 1],
+            fusion=[f[j : j + 1] for f in self.fusion],
+            extra_time=self.extra_time[j : j + 1],
+            rope=self.rope,
+        )
 
     def select(self, groups: list[int], rows: tuple[int, ...]) -> Conditioning:
         """The conditioning of a subset of the groups (in that order), for a new row layout."""
@@ -372,7 +412,47 @@ class DiT(nn.Module):
         # length: keep the last few, keyed by (length, dtype, device). Not part of the state dict.
         self._null_text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.null_text_cache_size = 4
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._null_text_cache.clear())
+        self._fused = False
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
+
+    def _after_load(self) -> None:
+        self._null_text_cache.clear()
+        if self._fused:  # loading may have replaced the parameters (assign=True): fuse the new ones
+            self.fuse_projections()
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda() convert each parameter on its own, which would leave the fused
+        # weights behind: fuse the converted parameters again.
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):
+            self.fuse_projections()
+        return out
+
+    def fuse_projections(self) -> None:
+        """q/k/v of every attention as one weight and gate/up of every MLP as one: one matrix multiply
+        instead of three and two. The official parameters remain, as views into the fused weights, so
+        the state dict, strict loading and saving are unchanged and no weight is held twice."""
+        for block in self.transformer_blocks:
+            attn, mlp = block.self_attn, block.mlp
+            attn.qkv = _fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            mlp.gate_up = _fuse_linears(mlp.gate_proj, mlp.up_proj)
+        self._fused = True
+
+    def unfuse_projections(self) -> None:
+        """Back to one matrix multiply per official projection (benchmarks measure the difference)."""
+        for block in self.transformer_blocks:
+            block.self_attn.qkv = block.mlp.gate_up = None
+        self._fused = False
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    def compile_blocks(self, **options) -> None:
+        """`torch.compile` each transformer block (the blocks share one compiled graph: their
+        parameters are graph inputs). Compilation happens at the first forward of each new shape."""
+        for block in self.transformer_blocks:
+            block.compile(**options)
 
     @property
     def dtype(self) -> torch.dtype:

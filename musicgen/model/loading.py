@@ -39,8 +39,18 @@ def read_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_dit(
-    path: str | Path, cfg: DiTConfig, *, device: torch.device, dtype: torch.dtype, model_name: str = ""
+    path: str | Path,
+    cfg: DiTConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    model_name: str = "",
+    fuse: bool | None = None,
 ) -> DiT:
+    """`fuse`: run q/k/v and gate/up as one matrix multiply each (`DiT.fuse_projections`); None picks
+    by device: on the CPU, not on CUDA, where `benchmarks/sampler.py` measured it slower (0.94x eager,
+    0.99x compiled, at DiffRhythm's size in bf16: the split outputs are strided, which takes RoPE and
+    the SwiGLU product off their vectorised kernels)."""
     state = read_dit_state_dict(path)
     has_duration = any(k.startswith("duration_time_embed.") for k in state)
     if has_duration != cfg.duration_embed:
@@ -58,14 +68,18 @@ def load_dit(
         raise CheckpointMismatch(
             f"{Path(path).name} does not fit {model_name or 'the model'}: {' '.join(first)}"
         ) from None
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if fuse if fuse is not None else device.type == "cpu":
+        model.fuse_projections()  # the parameters and the state dict are unchanged
+    return model
 
 
 def save_dit_checkpoint(model: DiT, path: str | Path) -> Path:
-    """Write a DiT in the official cfm_model.pt layout."""
+    """Write a DiT in the official cfm_model.pt layout (each tensor its own storage, also when the
+    parameters are views into fused weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {PREFIX + k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save({"model_state_dict": state}, path)
     return path
 

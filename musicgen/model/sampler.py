@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from musicgen.model.dit import DiT
+from musicgen.model.dit import Conditioning, DiT
 
 # Called after every Euler step with (steps done, total steps); raising from it stops sampling
 # before the next step (that is how a running job is canceled).
@@ -65,6 +65,67 @@ class SongConditions:
         return self.text.shape[1]
 
 
+PLANS = ("auto", "batched", "sequential", "graphs")
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How one Euler step's rows (both guidance branches, every take, every request) run.
+
+    batched: one forward over all rows. On a GPU that is what fills the device. On a CPU it is slower
+        than the same rows one by one (measured with `benchmarks/sampler.py`: a batch-2 step costs more
+        than two batch-1 steps on this project's 2-core reference machine), so there each row runs as
+        its own forward, back to back. The numbers are the same either way, to fp32 rounding.
+    cuda_graph: the batched step is captured once as a CUDA graph and replayed for the other steps
+        (CUDA only); the capture is dropped when the batch changes (a request leaves it).
+    """
+
+    batched: bool = True
+    cuda_graph: bool = False
+
+    @classmethod
+    def resolve(cls, name: str, device: torch.device) -> ExecutionPlan:
+        """`auto`: sequential on the CPU, batched with a CUDA graph on CUDA, batched elsewhere (MPS)."""
+        if name not in PLANS:
+            raise ValueError(f"unknown execution plan {name!r}; use one of {', '.join(PLANS)}")
+        if name == "auto":
+            name = {"cpu": "sequential", "cuda": "graphs"}.get(device.type, "batched")
+        if name == "graphs" and device.type != "cuda":
+            raise ValueError("the 'graphs' plan needs a CUDA device")
+        return cls(batched=name != "sequential", cuda_graph=name == "graphs")
+
+
+class _GraphedStep:
+    """One velocity call over fixed tensors, captured as a CUDA graph; replaying it reads new inputs
+    copied into the captured ones. `pre` must stay alive and unchanged while the graph is used."""
+
+    def __init__(self, model: DiT, rows_in: torch.Tensor, t: torch.Tensor, pre: Conditioning):
+        self.x, self.t = rows_in.clone(), t.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model.velocity(self.x, self.t, pre).float()
+
+    def __call__(self, rows_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(rows_in)
+        self.t.copy_(t)
+        self.graph.replay()
+        return self.out
+
+
+def _velocity_by_row(model: DiT, rows_in: torch.Tensor, t: torch.Tensor, pre: Conditioning) -> torch.Tensor:
+    """The batched velocity computed one row at a time, each row with its own group's conditioning
+    (views, no copies)."""
+    g = pre.groups
+    rows = pre.rows if pre.rows is not None else (rows_in.shape[0] // g,) * g
+    out, start = [], 0
+    for j, count in enumerate(rows):
+        one = pre.group(j)
+        for i in range(start, start + count):
+            out.append(model.velocity(rows_in[i : i + 1], t, one).float())
+        start += count
+    return torch.cat(out)
+
+
 def take_noise(seeds: list[int], frames: int, channels: int) -> torch.Tensor:
     """(len(seeds), frames, channels) fp32 on the CPU; row i is torch.randn under seed seeds[i]."""
     rows = [torch.randn(frames, channels, generator=torch.Generator().manual_seed(s)) for s in seeds]
@@ -88,9 +149,10 @@ def sample(
     noise: torch.Tensor,  # (k, n, 64): one row per take
     settings: SamplerSettings,
     on_step: StepCallback | None = None,
+    plan: ExecutionPlan | None = None,
 ) -> torch.Tensor:
     """Latents (k, n, 64) in fp32, one row per take. An exception raised by `on_step` propagates."""
-    (out,) = sample_many(model, [cond], [noise], [settings], [on_step])
+    (out,) = sample_many(model, [cond], [noise], [settings], [on_step], plan=plan)
     if isinstance(out, BaseException):
         raise out
     return out
@@ -122,6 +184,7 @@ def sample_many(
     noises: list[torch.Tensor],  # per request (k_r, n, 64)
     settings: list[SamplerSettings],
     on_step: list[StepCallback | None] | None = None,
+    plan: ExecutionPlan | None = None,
 ) -> list[torch.Tensor | BaseException]:
     """Sample several requests of the same length and step count as one batch.
 
@@ -130,6 +193,7 @@ def sample_many(
     keeps its own guidance strength. When a request's `on_step` raises (canceled, timed out), the
     request leaves the batch before the next step and its slot in the result holds the exception;
     the others go on. Returns per request the latents (k_r, n, 64) in fp32, or that exception.
+    `plan` says how each step's rows run (default: `ExecutionPlan.resolve("auto", device)`).
     """
     r_count = len(conds)
     if not r_count or not len(noises) == len(settings) == r_count:
@@ -142,6 +206,7 @@ def sample_many(
             raise ValueError(f"noise {tuple(noise.shape)} does not fit {n} frames")
     callbacks = list(on_step) if on_step is not None else [None] * r_count
     device = next(model.parameters()).device
+    plan = plan if plan is not None else ExecutionPlan.resolve("auto", device)
     guided = any(s.uses_guidance for s in settings)
 
     # Work in an order where requests sharing a null group are adjacent, so that the null rows are
@@ -194,9 +259,18 @@ def sample_many(
     cfg = guidance(active)
     results: list[torch.Tensor | BaseException | None] = [None] * r_count
     t = settings[0].time_grid().to(device)
+    graphed: _GraphedStep | None = None
     for i in range(steps):
         rows_in = torch.cat((x, x)) if guided else x
-        v = model.velocity(rows_in, t[i], pre).float()
+        if not plan.batched:
+            v = _velocity_by_row(model, rows_in, t[i], pre)
+        elif graphed is not None:
+            v = graphed(rows_in, t[i])
+        elif plan.cuda_graph and i > 0:  # step 0 ran eagerly: kernels chosen, lazy state made
+            graphed = _GraphedStep(model, rows_in, t[i], pre)
+            v = graphed(rows_in, t[i])
+        else:
+            v = model.velocity(rows_in, t[i], pre).float()
         if guided:
             k = x.shape[0]
             pred, null = v[:k], v[k:]
@@ -222,6 +296,7 @@ def sample_many(
             groups, rows = layout(active)
             pre = pre.select([old_groups.index(g) for g in groups], rows)
             cfg = guidance(active)
+            graphed = None  # captured for the old batch; the next step captures the new one
 
     offset = 0
     for r in active:

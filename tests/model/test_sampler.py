@@ -8,6 +8,7 @@ import torch
 from musicgen.errors import GenerationCanceled
 from musicgen.model.dit import DiT, DiTConfig
 from musicgen.model.sampler import (
+    ExecutionPlan,
     SamplerSettings,
     SongConditions,
     sample,
@@ -213,3 +214,46 @@ def test_batch_rejects_incompatible_requests(model):
                            torch.tensor([0.1]))  # fmt: skip
     with pytest.raises(ValueError, match="same frame count"):
         sample_many(model, [_request(1), short], [noise, take_noise([1], 8, 64)], [SETTINGS] * 2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sequential_and_batched_plans_agree(model, fused):
+    """The CPU's one-row-at-a-time plan and the batched plan compute the same numbers, for a batch of
+    requests with uneven takes, two null groups, an edit request and a request that stops mid-way."""
+    conds = [_request(1), _request(2, duration=0.5), _request(3, edit=True), _request(4)]
+    noises = [take_noise([10], FRAMES, 64), take_noise([20, 21, 22], FRAMES, 64),
+              take_noise([30, 31], FRAMES, 64), take_noise([40], FRAMES, 64)]  # fmt: skip
+    settings = [SETTINGS, SamplerSettings(4, 2.5), SETTINGS, SamplerSettings(4, 0.0)]
+
+    def stop_at_2(k, n):
+        if k == 2:
+            raise GenerationCanceled("leaves the batch")
+
+    callbacks = [None, None, stop_at_2, None]
+    if fused:
+        model.fuse_projections()
+    try:
+        runs = {
+            name: sample_many(model, conds, noises, settings, callbacks, plan=ExecutionPlan.resolve(name, torch.device("cpu")))
+            for name in ("batched", "sequential")
+        }  # fmt: skip
+    finally:
+        model.unfuse_projections()
+    for batched, sequential in zip(runs["batched"], runs["sequential"], strict=True):
+        if isinstance(batched, BaseException):
+            assert isinstance(sequential, GenerationCanceled)
+            continue
+        assert torch.allclose(batched, sequential, atol=1e-5, rtol=0), (batched - sequential).abs().max()
+    assert isinstance(runs["batched"][2], GenerationCanceled)
+
+
+def test_execution_plan_rule():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert ExecutionPlan.resolve("auto", cpu) == ExecutionPlan(batched=False)
+    assert ExecutionPlan.resolve("auto", cuda) == ExecutionPlan(batched=True, cuda_graph=True)
+    assert ExecutionPlan.resolve("auto", mps) == ExecutionPlan(batched=True)
+    assert ExecutionPlan.resolve("batched", cpu) == ExecutionPlan(batched=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ExecutionPlan.resolve("graphs", cpu)
+    with pytest.raises(ValueError, match="unknown execution plan"):
+        ExecutionPlan.resolve("fastest", cpu)

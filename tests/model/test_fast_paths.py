@@ -1,0 +1,123 @@
+"""The DiT's fast paths compute the official numbers: fused projections over the official parameters,
+a contiguous residual stream, compiled blocks."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from musicgen.model.dit import DiT
+from musicgen.model.loading import load_dit, save_dit_checkpoint
+from musicgen.registry import TINY_DIT
+
+CPU = torch.device("cpu")
+
+
+def _random_dit(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(TINY_DIT).eval()
+    with torch.no_grad():  # the official init zeroes some layers; random weights exercise every path
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def _velocity(model: DiT, frames: int = 48) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(0, 364, (2, frames), generator=g)
+    with torch.inference_mode():
+        pre = model.prepare(torch.zeros(2, frames, 64), model.embed_text(text), torch.randn(2, 512, generator=g),
+                            torch.zeros(2), torch.full((2,), 0.1))  # fmt: skip
+        return model.velocity(torch.randn(2, frames, 64, generator=g), torch.tensor(0.4), pre)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_loaded_models_run_fused_projections_over_the_official_parameters(tmp_path):
+    """q/k/v and gate/up run as one matrix multiply each; the official parameters are views into the
+    fused weights (no weight held twice), the state dict is the official one, and the numbers are the
+    unfused ones."""
+    model = _random_dit()
+    path = save_dit_checkpoint(model, tmp_path / "cfm_model.pt")
+    loaded = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32)
+    assert loaded.fused and not model.fused
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    for block in loaded.transformer_blocks:
+        attn, mlp = block.self_attn, block.mlp
+        assert attn.qkv.shape == (3 * TINY_DIT.dim, TINY_DIT.dim)
+        assert all(_storage(p.weight) == _storage(attn.qkv) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        assert all(_storage(p.weight) == _storage(mlp.gate_up) for p in (mlp.gate_proj, mlp.up_proj))
+        assert torch.equal(attn.qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert torch.allclose(_velocity(loaded), _velocity(model), atol=1e-6, rtol=0)
+    loaded.unfuse_projections()
+    assert torch.equal(_velocity(loaded), _velocity(model))
+
+
+def test_fused_weights_follow_dtype_changes_and_new_weights(tmp_path):
+    model = _random_dit()
+    model.fuse_projections()
+    model.double()  # .to() converts each parameter on its own: the fused weights are rebuilt
+    attn = model.transformer_blocks[0].self_attn
+    assert attn.qkv.dtype == torch.float64 and _storage(attn.q_proj.weight) == _storage(attn.qkv)
+    model.float()
+    other = _random_dit(seed=1)
+    reference = _velocity(other)
+    model.load_state_dict(other.state_dict())  # copied into the views, so into the fused weights
+    assert torch.allclose(_velocity(model), reference, atol=1e-6, rtol=0)
+    model.load_state_dict(_random_dit(seed=2).state_dict(), assign=True)  # new tensors: fused again
+    fresh = _random_dit(seed=2)
+    assert _storage(model.transformer_blocks[0].mlp.gate_proj.weight) == _storage(
+        model.transformer_blocks[0].mlp.gate_up
+    )
+    assert torch.allclose(_velocity(model), _velocity(fresh), atol=1e-6, rtol=0)
+    # a checkpoint written from a fused model holds each official tensor on its own
+    raw = torch.load(save_dit_checkpoint(model, tmp_path / "fused.pt"), weights_only=True)["model_state_dict"]
+    q = raw["transformer.transformer_blocks.0.self_attn.q_proj.weight"]
+    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()
+
+
+def test_the_residual_stream_is_contiguous():
+    """The conv position embedding's transposed output would otherwise set the layout of the whole
+    residual stream (and make every linear layer copy its input)."""
+    model = _random_dit()
+    h = torch.randn(2, 48, TINY_DIT.dim)
+    assert model.input_embed.conv_pos_embed(h).is_contiguous()
+    model.input_embed.conv_pos_embed.contiguous = False
+    assert not model.input_embed.conv_pos_embed(h).is_contiguous()
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler for torch.compile"
+)
+def test_compiled_blocks_equal_eager():
+    """`compile_blocks` (the `compile` setting): the same numbers as eager, to fp32 precision."""
+    model = _random_dit()
+    model.fuse_projections()
+    eager = _velocity(model)
+    model.compile_blocks()
+    try:
+        compiled = _velocity(model)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0), (compiled - eager).abs().max()
+
+
+def test_the_official_additive_mask_changes_speed_not_numbers():
+    """The official v1.2 code's all-zero additive mask (the benchmark's reference turns it on)."""
+    model = _random_dit()
+    plain = _velocity(model)
+    for block in model.transformer_blocks:
+        block.self_attn.additive_mask = True
+    assert torch.allclose(_velocity(model), plain, atol=1e-6, rtol=0)
+
+
+def test_fusing_is_chosen_by_device_unless_asked(tmp_path):
+    path = save_dit_checkpoint(_random_dit(), tmp_path / "cfm_model.pt")
+    assert load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32).fused  # auto: fused on the CPU
+    assert not load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32, fuse=False).fused
