@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--plot", help="write a bar chart (PNG) here")
+    ap.add_argument("--check-plans", action="store_true",
+                    help="only compare the plans' latents (batched, sequential, graphs; eager and compiled) and exit")  # fmt: skip
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -138,6 +140,10 @@ def main() -> None:
         f"plan(auto)={auto}",
         flush=True,
     )
+
+    if args.check_plans:
+        check_plans(model, cfg, args, device)
+        return
 
     def official(m):
         set_state(m, contiguous=False, fused=False)
@@ -281,6 +287,45 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")
+
+
+def check_plans(model: DiT, cfg: DiTConfig, args, device) -> None:
+    """Every plan, eager and compiled, against the batched eager plan: a batch of three requests (one
+    with two takes) in which one request leaves after step 2 (the CUDA graph is then captured again)."""
+    from musicgen.errors import GenerationCanceled
+
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions in fp32: the plans differ by rounding alone
+
+    conds = [conditions(args.frames, cfg.max_frames, seed=i) for i in range(3)]
+    noises = [
+        take_noise([10], args.frames, 64),
+        take_noise([20, 21], args.frames, 64),
+        take_noise([30], args.frames, 64),
+    ]
+    settings = [SamplerSettings(steps=args.steps, cfg_strength=4.0)] * 3
+
+    def leave_at_2(k, n):
+        if k == 2:
+            raise GenerationCanceled("leaves")
+
+    def run(plan):
+        return sample_many(model, conds, noises, settings, [None, leave_at_2, None], plan=plan)
+
+    plans = ["batched", "sequential"] + (["graphs"] if device.type == "cuda" else [])
+    base = run(ExecutionPlan.resolve("batched", device))
+    print(f"{'plan':<22} | {'max |diff| vs batched eager':>27} | canceled request")
+    for compiled in (False, True):
+        if compiled:
+            model.compile_blocks()
+        for name in plans:
+            out = run(ExecutionPlan.resolve(name, device))
+            diff = max(
+                (a - b).abs().max().item()
+                for a, b in zip(out, base, strict=True)
+                if isinstance(a, torch.Tensor)
+            )
+            label = f"{name}{' compiled' if compiled else ''}"
+            print(f"{label:<22} | {diff:>27.2e} | {type(out[1]).__name__}", flush=True)
 
 
 def one_by_one(model, conds, noises, settings) -> list[torch.Tensor]:

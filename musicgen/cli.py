@@ -260,8 +260,7 @@ def cmd_models(args) -> int:
             if spec.untrained:
                 from musicgen.tiny import ensure_tiny_model
 
-                ensure_tiny_model(hub.cache_dir() / "tiny")
-                hub.pull_assets(include_optional=False)  # the negative style embedding
+                ensure_tiny_model(hub.cache_dir() / "tiny")  # built locally, with all it needs
                 continue
             print(f"pulling {name} ({spec.repo_id}) into {hub.cache_dir()}")
             hub.hub_file(spec.repo_id, spec.checkpoint_file, pull_target=name)

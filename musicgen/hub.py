@@ -298,8 +298,8 @@ def _requirements(spec) -> list[tuple[str, str, bool]]:
     from musicgen.registry import MULAN_REPO, VAE_FILE, VAE_REPO
 
     negative = ("assets", "assets/negative_style_vocal.npy", _asset_at_hand("negative_style_vocal.npy"))
-    if spec.untrained:
-        return [("built locally", "tiny model", (cache_dir() / "tiny" / "tiny.json").is_file()), negative]
+    if spec.untrained:  # it brings its own negative style embedding
+        return [("built locally", "tiny model", (cache_dir() / "tiny" / "tiny.json").is_file())]
     return [
         negative,
         (

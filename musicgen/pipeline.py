@@ -174,13 +174,15 @@ class SongPipeline:
 
             paths = ensure_tiny_model(hub.cache_dir() / "tiny")
             dit_path, vae_path, mulan_source = paths["dit"], paths["vae"], str(paths["mulan"])
+            negative_path = paths["negative"]
         else:
             if not download or hub.hub_offline():
                 hub.check_cached(spec)
             dit_path = hub.hub_file(spec.repo_id, spec.checkpoint_file, download=download, pull_target=name)
             vae_path = hub.hub_file(VAE_REPO, VAE_FILE, download=download, pull_target=name)
             mulan_source = MULAN_REPO
-        negative = load_negative_style(hub.asset_path("negative_style_vocal.npy", download=download))
+            negative_path = hub.asset_path("negative_style_vocal.npy", download=download)
+        negative = load_negative_style(negative_path)
         dit = load_dit(dit_path, spec.dit, device=dev, dtype=dt, model_name=name)
         if compile == "on" or (compile == "auto" and dev.type == "cuda"):
             dit.compile_blocks()

@@ -20,7 +20,7 @@ from musicgen.model.loading import save_dit_checkpoint
 from musicgen.registry import LATENT_CHANNELS, LATENT_HOP, TINY_DIT
 
 STYLE_DIM = 512
-FORMAT_VERSION = 1  # bump when the files written here change
+FORMAT_VERSION = 2  # bump when the files written here change
 _TEXT_WORDS = [
     "pop",
     "rock",
@@ -181,7 +181,19 @@ def save_tiny_mulan(folder: Path, seed: int = 0) -> Path:
 
 
 def tiny_paths(root: Path) -> dict[str, Path]:
-    return {"dit": root / "cfm_model.pt", "vae": root / "vae_model.pt", "mulan": root / "mulan/mulan"}
+    return {"dit": root / "cfm_model.pt", "vae": root / "vae_model.pt", "mulan": root / "mulan/mulan",
+            "negative": root / "negative_style.npy"}  # fmt: skip
+
+
+def save_tiny_negative_style(path: Path) -> Path:
+    """The tiny model's own negative style embedding, in the official file's format ((1, 512) fp32
+    .npy): an untrained model has no use for the official one, so the offline demo needs no download."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(1, STYLE_DIM, generator=g)
+    np.save(path, (emb / emb.norm()).numpy().astype(np.float32))
+    return path
 
 
 def ensure_tiny_model(root: Path) -> dict[str, Path]:
@@ -196,5 +208,6 @@ def ensure_tiny_model(root: Path) -> dict[str, Path]:
     save_tiny_dit(paths["dit"])
     save_tiny_vae(paths["vae"])
     save_tiny_mulan(root / "mulan")  # MuQ-MuLan records its towers' absolute paths: build in place
+    save_tiny_negative_style(paths["negative"])
     marker.write_text(json.dumps({"format": FORMAT_VERSION, "untrained": True}))
     return paths

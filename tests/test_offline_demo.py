@@ -1,7 +1,6 @@
 """The README's offline demo, as a new user runs it: `MUSICGEN_MODEL=tiny scripts/serve.sh` in a network
-namespace with nothing but loopback and a fresh model cache; the one data file that does not ship with
-the package (the 2 KB negative style embedding) comes from a local copy (MUSICGEN_ASSETS_DIR, ../shared's);
-a song is submitted, generated and downloaded over HTTP, then Ctrl-C stops the service and its Redis."""
+namespace with nothing but loopback, a fresh model cache and no MUSICGEN_ASSETS_DIR (the tiny model
+brings everything it needs); a song is submitted, generated and downloaded over HTTP, then Ctrl-C stops the service and its Redis."""
 
 from __future__ import annotations
 
@@ -82,7 +81,6 @@ def test_tiny_demo_runs_with_no_network_and_no_assets_folder(tmp_path):
     env.update(
         MUSICGEN_MODEL="tiny",
         MUSICGEN_CACHE_DIR=str(tmp_path / "cache"),  # empty: the tiny model is built from nothing
-        MUSICGEN_ASSETS_DIR=os.environ["MUSICGEN_ASSETS_DIR"],
         MUSICGEN_DATA_DIR=str(tmp_path / "data"),
         RAY_TMPDIR=ray_tmp,
         RAY_USAGE_STATS_ENABLED="0",

@@ -200,3 +200,17 @@ def test_execution_settings_are_checked_and_give_the_same_song(pipe, tiny_model_
     assert batched.plan.batched and batched.dit.fused
     req = request(pipe, seed=3)
     assert torch.allclose(batched.generate(req).latents, pipe.generate(req).latents, atol=1e-5, rtol=0)
+
+
+def test_the_tiny_model_needs_no_download_and_no_local_copy(tmp_path, monkeypatch):
+    """Offline, with an empty cache and no MUSICGEN_ASSETS_DIR: the tiny model is built with its own
+    negative style embedding and generates."""
+    from musicgen import hub
+
+    monkeypatch.delenv("MUSICGEN_ASSETS_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path / "cache"))
+    pipe = SongPipeline.from_pretrained("tiny", device="cpu")
+    assert pipe.negative_style.shape == (1, 512)
+    assert not (hub.cache_dir() / "assets" / "negative_style_vocal.npy").exists()
+    assert pipe.generate(request(pipe, seconds=5.0)).audio.shape[0] == 1
