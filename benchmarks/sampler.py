@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--plot", help="write a bar chart (PNG) here")
     ap.add_argument("--check-plans", action="store_true",
                     help="only compare the plans' latents (batched, sequential, graphs; eager and compiled) and exit")  # fmt: skip
+    ap.add_argument("--service-path", type=int, nargs="*", metavar="FRAMES",
+                    help="only time songs of these lengths as the service runs them (compile=auto, plan=auto): "
+                    "first and second song per length, so compile time shows; then exit")  # fmt: skip
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -140,6 +143,10 @@ def main() -> None:
         f"plan(auto)={auto}",
         flush=True,
     )
+
+    if args.service_path:
+        service_path(model, cfg, args, device)
+        return
 
     if args.check_plans:
         check_plans(model, cfg, args, device)
@@ -287,6 +294,24 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")
+
+
+def service_path(model: DiT, cfg: DiTConfig, args, device) -> None:
+    """What the service does: compile as `compile: auto` does (with its start-up probe), then songs of
+    each length under the `auto` plan, twice: the first song of a length includes any compiling."""
+    from musicgen.pipeline import _compile_or_fall_back
+
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        _compile_or_fall_back(model, device, required=False)
+    print(f"start-up compile probe: {time.perf_counter() - t0:.1f} s")
+    settings = SamplerSettings(steps=args.steps, cfg_strength=4.0)
+    print(f"{'frames':>6} | {'first song s':>12} | {'second song s':>13}")
+    for frames in args.service_path:
+        c, n = conditions(frames, max(cfg.max_frames, frames)), take_noise([0], frames, 64)
+        first, _ = timed(device, sample, model, c, n, settings)
+        second, _ = timed(device, sample, model, c, n, settings)
+        print(f"{frames:>6} | {first:>12.2f} | {second:>13.2f}", flush=True)
 
 
 def check_plans(model: DiT, cfg: DiTConfig, args, device) -> None:

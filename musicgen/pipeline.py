@@ -35,6 +35,38 @@ from musicgen.registry import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _compile_or_fall_back(dit: DiT, device: torch.device, *, required: bool) -> None:
+    """Compile the DiT's blocks and prove it on a short input now, not in a user's first song: a
+    machine without a working compiler toolchain (Triton, a C compiler) then runs eagerly with a
+    warning when compiling was only `auto`, and refuses to load when it was asked for (`on`)."""
+    dit.compile_blocks()
+    frames = 32
+    try:
+        with torch.inference_mode():
+            pre = dit.prepare(
+                torch.zeros(1, frames, dit.cfg.mel_dim, device=device),
+                dit.null_text_embedding(frames, device),
+                torch.zeros(1, 512, device=device),
+                torch.zeros(1, device=device),
+                torch.ones(1, device=device) if dit.duration_time_embed is not None else None,
+            )
+            dit.velocity(
+                torch.zeros(1, frames, dit.cfg.mel_dim, device=device), torch.tensor(0.5, device=device), pre
+            )
+    except Exception as exc:
+        dit.uncompile_blocks()
+        if required:
+            raise ModelNotAvailable(
+                f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}",
+                recovery="install a C compiler (and Triton on CUDA) or set compile to auto or off",
+            ) from None
+        log.warning(
+            "torch.compile failed (%s: %s): running the DiT eagerly", type(exc).__name__, str(exc)[:300]
+        )
+
+
 MAX_TAKES = 4
 MAX_SEED = 2**63 - 1 - MAX_TAKES
 
@@ -185,7 +217,7 @@ class SongPipeline:
         negative = load_negative_style(negative_path)
         dit = load_dit(dit_path, spec.dit, device=dev, dtype=dt, model_name=name)
         if compile == "on" or (compile == "auto" and dev.type == "cuda"):
-            dit.compile_blocks()
+            _compile_or_fall_back(dit, dev, required=compile == "on")
         vae = load_vae(vae_path, device=dev)
         style = (
             StyleEncoder.from_pretrained(mulan_source, dev, cache_dir=hub.cache_dir(), download=download)

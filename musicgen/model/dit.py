@@ -454,6 +454,11 @@ class DiT(nn.Module):
         for block in self.transformer_blocks:
             block.compile(**options)
 
+    def uncompile_blocks(self) -> None:
+        """Back to eager blocks (after `compile_blocks`)."""
+        for block in self.transformer_blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile sets
+
     @property
     def dtype(self) -> torch.dtype:
         return self.proj_out.weight.dtype

@@ -121,3 +121,32 @@ def test_fusing_is_chosen_by_device_unless_asked(tmp_path):
     path = save_dit_checkpoint(_random_dit(), tmp_path / "cfm_model.pt")
     assert load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32).fused  # auto: fused on the CPU
     assert not load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32, fuse=False).fused
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no compiler toolchain here")
+
+
+def test_a_compile_that_fails_runs_eagerly_or_refuses_to_load(monkeypatch, caplog):
+    """compile=auto on a machine whose toolchain fails: a warning and eager blocks (the numbers are
+    the eager ones); compile=on: the model does not load, with a recovery hint."""
+    from musicgen.errors import ModelNotAvailable
+    from musicgen.pipeline import _compile_or_fall_back
+
+    def compile_with_a_broken_toolchain(self, **options):
+        for block in self.transformer_blocks:
+            block.compile(backend=_failing_backend)
+
+    monkeypatch.setattr(DiT, "compile_blocks", compile_with_a_broken_toolchain)
+    model = _random_dit()
+    eager = _velocity(model)
+    try:
+        with caplog.at_level("WARNING", logger="musicgen.pipeline"):
+            _compile_or_fall_back(model, CPU, required=False)
+        assert "running the DiT eagerly" in caplog.text
+        assert torch.equal(_velocity(model), eager)
+        with pytest.raises(ModelNotAvailable) as err:
+            _compile_or_fall_back(model, CPU, required=True)
+        assert "C compiler" in err.value.recovery
+    finally:
+        torch._dynamo.reset()
