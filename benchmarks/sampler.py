@@ -16,6 +16,7 @@ Rows, each adding one change to the row above (the model's weights never change)
   contiguous stream   the conv position embedding's output made contiguous
   fused projections   q/k/v in one matrix multiply, gate/up in one
   device plan         the plan `auto` picks: rows one by one on a CPU, a CUDA graph per step on CUDA
+  packed weights      (CPU, fp32) the projections' weights packed for oneDNN (`DiT.pack_weights`)
   torch.compile       (with --compile) the blocks compiled; the first song's compile time is reported
 
 Times are per song (one take); with --repeats N the rows run N rounds, alternating, and the table
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from musicgen.model.device import resolve_device, resolve_dtype
-from musicgen.model.dit import DiT, DiTConfig
+from musicgen.model.dit import DiT, DiTConfig, packing_available
 from musicgen.model.sampler import (
     ExecutionPlan,
     SamplerSettings,
@@ -91,7 +92,9 @@ class Row:
     note: str = ""
 
 
-def set_state(model: DiT, *, contiguous: bool, fused: bool, mask: bool = False) -> None:
+def set_state(model: DiT, *, contiguous: bool, fused: bool, mask: bool = False, packed: bool = False) -> None:
+    if model.packed and not packed:
+        model.unpack_weights()
     model.input_embed.conv_pos_embed.contiguous = contiguous
     for block in model.transformer_blocks:
         block.self_attn.additive_mask = mask
@@ -99,6 +102,8 @@ def set_state(model: DiT, *, contiguous: bool, fused: bool, mask: bool = False) 
         model.fuse_projections()
     elif not fused and model.fused:
         model.unfuse_projections()
+    if packed:
+        model.pack_weights()
 
 
 def main() -> None:
@@ -169,6 +174,9 @@ def main() -> None:
             lambda m: set_state(m, contiguous=True, fused=True),
             lambda: sample(model, cond, noise, settings, plan=auto), []),
     ]  # fmt: skip
+    if device.type == "cpu" and dtype == torch.float32 and packing_available():
+        rows.append(Row("+ packed weights (oneDNN)", lambda m: set_state(m, contiguous=True, fused=True, packed=True),
+                        lambda: sample(model, cond, noise, settings, plan=auto), []))  # fmt: skip
 
     # warm-up (kernel selection, allocator, CUDA graph private pools) on a short song, not timed
     warm_cond, warm_noise = conditions(256, cfg.max_frames), take_noise([0], 256, 64)
@@ -179,7 +187,7 @@ def main() -> None:
     sample_reference(model, warm_cond, warm_noise, SamplerSettings(steps=1))
 
     if args.compile:
-        compiled_row = Row("+ torch.compile", lambda m: set_state(m, contiguous=True, fused=True),
+        compiled_row = Row("+ torch.compile" if device.type == "cuda" else "  torch.compile (unpacked)", lambda m: set_state(m, contiguous=True, fused=True),
                            lambda: sample(model, cond, noise, settings, plan=auto), [])  # fmt: skip
         unfused_row = Row("  torch.compile, projections unfused", lambda m: set_state(m, contiguous=True, fused=False),
                           lambda: sample(model, cond, noise, settings, plan=auto), [])  # fmt: skip

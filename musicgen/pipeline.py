@@ -215,8 +215,12 @@ class SongPipeline:
             mulan_source = MULAN_REPO
             negative_path = hub.asset_path("negative_style_vocal.npy", download=download)
         negative = load_negative_style(negative_path)
-        dit = load_dit(dit_path, spec.dit, device=dev, dtype=dt, model_name=name)
-        if compile == "on" or (compile == "auto" and dev.type == "cuda"):
+        compiling = compile == "on" or (compile == "auto" and dev.type == "cuda")
+        # oneDNN's packed weights (CPU) and torch.compile are alternatives: compile packs on its own terms
+        dit = load_dit(
+            dit_path, spec.dit, device=dev, dtype=dt, model_name=name, pack=False if compiling else None
+        )
+        if compiling:
             _compile_or_fall_back(dit, dev, required=compile == "on")
         vae = load_vae(vae_path, device=dev)
         style = (

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from musicgen.errors import CheckpointMismatch
-from musicgen.model.dit import DiT, DiTConfig
+from musicgen.model.dit import DiT, DiTConfig, packing_available
 from musicgen.model.vae import SongVAE
 
 PREFIX = "transformer."
@@ -46,11 +46,13 @@ def load_dit(
     dtype: torch.dtype,
     model_name: str = "",
     fuse: bool | None = None,
+    pack: bool | None = None,
 ) -> DiT:
     """`fuse`: run q/k/v and gate/up as one matrix multiply each (`DiT.fuse_projections`); None picks
     by device: on the CPU, not on CUDA, where `benchmarks/sampler.py` measured it slower (0.94x eager,
     0.99x compiled, at DiffRhythm's size in bf16: the split outputs are strided, which takes RoPE and
-    the SwiGLU product off their vectorised kernels)."""
+    the SwiGLU product off their vectorised kernels). `pack`: oneDNN packed weights
+    (`DiT.pack_weights`); None: on the CPU in fp32 where this PyTorch has them."""
     state = read_dit_state_dict(path)
     has_duration = any(k.startswith("duration_time_embed.") for k in state)
     if has_duration != cfg.duration_embed:
@@ -71,6 +73,12 @@ def load_dit(
     model = model.to(device=device, dtype=dtype).eval()
     if fuse if fuse is not None else device.type == "cpu":
         model.fuse_projections()  # the parameters and the state dict are unchanged
+    if (
+        pack
+        if pack is not None
+        else (device.type == "cpu" and dtype == torch.float32 and packing_available())
+    ):
+        model.pack_weights()
     return model
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from musicgen.model.dit import DiT
+from musicgen.model.dit import DiT, packing_available
 from musicgen.model.loading import load_dit, save_dit_checkpoint
 from musicgen.registry import TINY_DIT
 
@@ -43,7 +43,7 @@ def test_loaded_models_run_fused_projections_over_the_official_parameters(tmp_pa
     unfused ones."""
     model = _random_dit()
     path = save_dit_checkpoint(model, tmp_path / "cfm_model.pt")
-    loaded = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32)
+    loaded = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32, pack=False)
     assert loaded.fused and not model.fused
     assert list(loaded.state_dict()) == list(model.state_dict())
     for block in loaded.transformer_blocks:
@@ -120,7 +120,7 @@ def test_the_official_additive_mask_changes_speed_not_numbers():
 def test_fusing_is_chosen_by_device_unless_asked(tmp_path):
     path = save_dit_checkpoint(_random_dit(), tmp_path / "cfm_model.pt")
     assert load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32).fused  # auto: fused on the CPU
-    assert not load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32, fuse=False).fused
+    assert not load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32, fuse=False, pack=False).fused
 
 
 def _failing_backend(gm, example_inputs):
@@ -150,3 +150,44 @@ def test_a_compile_that_fails_runs_eagerly_or_refuses_to_load(monkeypatch, caplo
         assert "C compiler" in err.value.recovery
     finally:
         torch._dynamo.reset()
+
+
+needs_packing = pytest.mark.skipif(not packing_available(), reason="no oneDNN packed linear in this PyTorch")
+
+
+@needs_packing
+def test_packed_weights_compute_the_official_numbers_and_keep_the_official_state_dict(tmp_path):
+    """oneDNN packed weights (the CPU default at load): same numbers to fp32 rounding, dense copies
+    freed, the official state dict given back exactly, a checkpoint written from it loads strictly."""
+    model = _random_dit()
+    reference = _velocity(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = save_dit_checkpoint(model, tmp_path / "cfm_model.pt")
+    loaded = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32)
+    assert loaded.packed and loaded.fused
+    attn = loaded.transformer_blocks[0].self_attn
+    assert attn.q_proj.weight.numel() == 0 and attn.qkv is None  # not held twice
+    assert torch.allclose(_velocity(loaded), reference, atol=1e-5, rtol=0)
+    got = loaded.state_dict()
+    assert list(got) == list(state)
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    again = load_dit(
+        save_dit_checkpoint(loaded, tmp_path / "again.pt"), TINY_DIT, device=CPU, dtype=torch.float32
+    )
+    assert torch.equal(_velocity(again), _velocity(loaded))
+
+
+@needs_packing
+def test_packed_models_load_new_weights_and_unpack_on_conversion():
+    model = _random_dit()
+    model.pack_weights()
+    other = _random_dit(seed=1)
+    model.load_state_dict(other.state_dict())  # unpacked for loading, packed again after
+    assert model.packed
+    assert torch.allclose(_velocity(model), _velocity(other), atol=1e-5, rtol=0)
+    model.double()  # packed weights are fp32 CPU only: a conversion unpacks
+    assert not model.packed and model.transformer_blocks[0].self_attn.qkv.dtype == torch.float64
+    model.float()
+    assert torch.allclose(_velocity(model), _velocity(other), atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="fp32 on the CPU"):
+        model.to(torch.bfloat16).pack_weights()
