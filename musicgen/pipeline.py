@@ -19,7 +19,7 @@ from musicgen import hub
 from musicgen.audio import read_audio, resample
 from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
 from musicgen.model.device import resolve_device, resolve_dtype
-from musicgen.model.dit import DiT
+from musicgen.model.dit import COND_DIM, DiT
 from musicgen.model.loading import load_dit, load_vae
 from musicgen.model.sampler import ExecutionPlan, SamplerSettings, SongConditions, sample_many, take_noise
 from musicgen.model.style import StyleEncoder, load_negative_style
@@ -48,7 +48,7 @@ def _compile_or_fall_back(dit: DiT, device: torch.device, *, required: bool) -> 
             pre = dit.prepare(
                 torch.zeros(1, frames, dit.cfg.mel_dim, device=device),
                 dit.null_text_embedding(frames, device),
-                torch.zeros(1, 512, device=device),
+                torch.zeros(1, COND_DIM, device=device),
                 torch.zeros(1, device=device),
                 torch.ones(1, device=device) if dit.duration_time_embed is not None else None,
             )
@@ -165,11 +165,12 @@ class SongPipeline:
         style_encoder: StyleEncoder | None,
         negative_style: torch.Tensor,
         device: torch.device,
+        plan: ExecutionPlan | None = None,
     ):
         self.spec, self.dit, self.vae, self.style_encoder = spec, dit, vae, style_encoder
         self.negative_style = negative_style
         self.device = device
-        self.plan = ExecutionPlan.resolve("auto", device)
+        self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device)
 
     # -------------------------------------------------------------------------------------------
     # loading
@@ -188,8 +189,8 @@ class SongPipeline:
     ) -> SongPipeline:
         """`plan`: how a sampling step's rows run (see `ExecutionPlan`: auto, batched, sequential,
         graphs). `compile`: `torch.compile` the DiT's blocks: on, off, or auto = on CUDA only, where it
-        is measured faster (the first song compiles for a few seconds, the second length once more with
-        dynamic shapes)."""
+        is measured faster (a probe compiles at load, the first song once more with dynamic shapes;
+        see `_compile_or_fall_back`)."""
         if compile not in ("auto", "on", "off"):
             raise InvalidParameter(f"unknown compile setting {compile!r}", recovery="use auto, on or off")
         spec = get_model_spec(name)
@@ -216,7 +217,7 @@ class SongPipeline:
             negative_path = hub.asset_path("negative_style_vocal.npy", download=download)
         negative = load_negative_style(negative_path)
         compiling = compile == "on" or (compile == "auto" and dev.type == "cuda")
-        # oneDNN's packed weights (CPU) and torch.compile are alternatives: compile packs on its own terms
+        # oneDNN's packed weights (CPU) are not combined with torch.compile: measured one or the other
         dit = load_dit(
             dit_path, spec.dit, device=dev, dtype=dt, model_name=name, pack=False if compiling else None
         )
@@ -228,9 +229,7 @@ class SongPipeline:
             if with_style_encoder
             else None
         )
-        pipe = cls(spec, dit, vae, style, negative, dev)
-        pipe.plan = execution
-        return pipe
+        return cls(spec, dit, vae, style, negative, dev, execution)
 
     # -------------------------------------------------------------------------------------------
     # stages

@@ -518,7 +518,7 @@ class DiT(nn.Module):
             return
         for i, block in enumerate(module.transformer_blocks):
             for name, tensor in module._dense_block_weights(block).items():
-                state[f"{prefix}transformer_blocks.{i}.{name}"] = tensor.clone()
+                state[f"{prefix}transformer_blocks.{i}.{name}"] = tensor
 
     def unpack_weights(self) -> None:
         """Back to dense official parameters (fused again if they were)."""

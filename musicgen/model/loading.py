@@ -71,15 +71,22 @@ def load_dit(
             f"{Path(path).name} does not fit {model_name or 'the model'}: {' '.join(first)}"
         ) from None
     model = model.to(device=device, dtype=dtype).eval()
+    use_fast_paths(model, fuse=fuse, pack=pack)
+    return model
+
+
+def use_fast_paths(model: DiT, *, fuse: bool | None = None, pack: bool | None = None) -> None:
+    """Fused projections and packed weights for the device the model is on (see `load_dit`); the
+    parameters and the state dict are unchanged."""
+    device = model.proj_out.weight.device
     if fuse if fuse is not None else device.type == "cpu":
-        model.fuse_projections()  # the parameters and the state dict are unchanged
+        model.fuse_projections()
     if (
         pack
         if pack is not None
-        else (device.type == "cpu" and dtype == torch.float32 and packing_available())
+        else (device.type == "cpu" and model.dtype == torch.float32 and packing_available())
     ):
         model.pack_weights()
-    return model
 
 
 def save_dit_checkpoint(model: DiT, path: str | Path) -> Path:
