@@ -9,7 +9,7 @@ here; what they adapt is the Ray-free service layer in deployments/service/.
   sends them, and they outlive the replica that queued them). Sized for thousands of open
   connections (`ingress_max_ongoing`): an event stream stays open for the minutes a song takes.
 - `PromptValidator` (CPU): the lyrics front end and request limits.
-- `SongGenerator` (a GPU each when the cluster has GPUs, else the CPU): loads DiffRhythm and the style
+- `SongGenerator` (`generator_gpus` GPUs each; unset: one when the cluster has GPUs at start): loads DiffRhythm and the style
   encoder (MuQ-MuLan, with its prompt cache) once and runs jobs in `@serve.batch` batches; a job is
   claimed atomically in Redis, so a duplicate dispatch is harmless. Takes are encoded and stored on
   CPU threads while the model runs the next batch. Replicas report their status to Redis, which
@@ -230,6 +230,7 @@ class Ingress:
         args: AppArgs,
         redis_url: str,
         redis_server=None,
+        provisioned_keys: list[tuple[str, str, str]] = (),
     ):
         from deployments.service.api import ApiConfig, Services
         from deployments.service.jobs import AsyncJobStore
@@ -257,6 +258,7 @@ class Ingress:
             attempts=args.webhook_attempts, backoff_s=args.webhook_backoff_s,
         )  # fmt: skip
         self._webhook_loop = self._loop.create_task(self.webhooks.run_forever())
+        self._provisioning = self._loop.create_task(self._provision_keys(list(provisioned_keys)))
         # Python's cycle collector stalled this loop: with hundreds of open streams, full collections
         # scanned every long-lived object for 100-190 ms, every few seconds, and found no garbage
         # (measured with gc.callbacks). The objects alive after start-up leave its view, and full
@@ -264,6 +266,23 @@ class Ingress:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*INGRESS_GC_THRESHOLDS)
+
+    async def _provision_keys(self, keys: list[tuple[str, str, str]]) -> None:
+        """Register the keys of MUSICGEN_API_KEYS (name, role, digest) until the store answers."""
+        from deployments.service.keys import AsyncKeyStore
+
+        store = AsyncKeyStore.sharing(self.store)
+        while keys:
+            try:
+                for name, role, key_digest in list(keys):
+                    if await store.provision(name, role, key_digest):
+                        log.info("API key %r (%s) registered from MUSICGEN_API_KEYS", name, role)
+                    keys.remove((name, role, key_digest))
+            except Exception:
+                log.warning(
+                    "could not register MUSICGEN_API_KEYS yet (job store unreachable?)", exc_info=True
+                )
+                await asyncio.sleep(RECONCILE_EVERY_S)
 
     async def _reconcile_forever(self) -> None:
         """Re-queue jobs of lost workers and (re)dispatch queued jobs: after an ingress restart, a
@@ -362,12 +381,26 @@ def app_args(raw_args: dict | None) -> AppArgs:
     return AppArgs(**raw).resolved()
 
 
-def build_app(raw_args: dict) -> serve.Application:
-    """The app builder named in serve_config.yaml. Asks Ray what the cluster has: generators get a GPU
-    each when there are GPUs, the CPU otherwise."""
+def generator_gpus(args: AppArgs) -> float:
+    """GPUs per generator replica: the setting, else what the cluster has now (one machine's case)."""
     import ray
 
+    if args.generator_gpus is not None:
+        return args.generator_gpus
+    found = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    log.info("generator_gpus unset: %s (the cluster has %g GPUs now; a cluster that adds GPU nodes later "
+             "must set generator_gpus)", 1 if found else 0, found)  # fmt: skip
+    return 1.0 if found else 0.0
+
+
+def build_app(raw_args: dict) -> serve.Application:
+    """The app builder named in serve_config.yaml. Generators ask for `generator_gpus` GPUs each (unset:
+    one when the cluster has GPUs at start); keys from MUSICGEN_API_KEYS are checked here, so that a
+    malformed entry stops the app at start, and registered by the ingress (by digest only)."""
+    from deployments.service.keys import keys_from_env
+
     args = app_args(raw_args)
+    provisioned = keys_from_env()
     log.info("API keys %s (auth: %s, HTTP host %s)", "required" if args.auth_required else "off", args.auth,
              args.host)  # fmt: skip
     redis_url, redis_server = args.redis_url, None
@@ -377,9 +410,9 @@ def build_app(raw_args: dict) -> serve.Application:
         port = free_port()
         redis_url = f"redis://127.0.0.1:{port}/0"
         redis_server = RedisServer.bind(str(Path(args.data_dir) / "redis"), port)
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    gpus = generator_gpus(args)
     generator = SongGenerator.options(
-        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+        ray_actor_options={"num_gpus": gpus, "num_cpus": 1} if gpus else {"num_cpus": 1},
         # a full batch running and the next one gathering; the rest wait in the handles' queues
         max_ongoing_requests=2 * args.max_batch_size,
         autoscaling_config={
@@ -408,4 +441,4 @@ def build_app(raw_args: dict) -> serve.Application:
         },
     )
     # binding the Redis deployment to the ingress makes it part of the app (started and stopped with it)
-    return ingress.bind(PromptValidator.bind(args), generator, args, redis_url, redis_server)
+    return ingress.bind(PromptValidator.bind(args), generator, args, redis_url, redis_server, provisioned)

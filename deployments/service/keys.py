@@ -13,6 +13,10 @@ quota checks at admission):
   stays, marked, so that `musicgen keys list` still names it.
 - `mg:apikeys` hash: key id -> digest, to list and revoke keys by id.
 
+Keys can also come from the environment: MUSICGEN_API_KEYS (`name:role:secret` entries, e.g. from a
+Kubernetes Secret, each secret printed by `musicgen keys secret`) are registered by the ingress at
+start, by digest, once; revoking one with `musicgen keys revoke` holds across restarts.
+
 Why no constant-time compare: a request's secret is hashed and its record looked up by the digest;
 no secret is compared byte by byte, and how long a lookup takes says nothing about any other secret
 (SHA-256 cannot be inverted).
@@ -27,6 +31,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
 import sys
@@ -142,7 +147,7 @@ class _KeyProtocol:
         overrides = dict(overrides or {})
         Quotas(**overrides)  # raises pydantic's ValidationError naming the bad quota
         while True:
-            secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+            secret = new_secret()
             key = ApiKey(secrets.token_hex(8), name, role, time.time(), overrides=overrides)
             ok = yield _Script(
                 "create_key", [record_key(digest(secret)), INDEX],
@@ -150,6 +155,23 @@ class _KeyProtocol:
             )  # fmt: skip
             if ok:  # (else an id or a secret collided: astronomically rare; draw again)
                 return secret, key
+
+    @_operation
+    def provision(self, name: str, role: str, key_digest: str) -> Steps:
+        """Register a key made elsewhere (MUSICGEN_API_KEYS, e.g. from a Kubernetes Secret) by its
+        digest, once: True if added now, False if its record exists (a revoked key stays revoked)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        while True:
+            if (yield _Call("exists", (record_key(key_digest),))):
+                return False
+            key = ApiKey(secrets.token_hex(8), name, role, time.time())
+            ok = yield _Script(
+                "create_key", [record_key(key_digest), INDEX],
+                [key.id, name, role, key.created_at, "{}", key_digest],
+            )  # fmt: skip
+            if ok:
+                return True
 
     @_operation
     def list(self) -> Steps:
@@ -226,6 +248,30 @@ _QUOTA_OPTIONS = {  # option -> (Quotas field, type, help)
 }
 
 
+API_KEYS_ENV = "MUSICGEN_API_KEYS"
+
+
+def keys_from_env(value: str | None = None) -> list[tuple[str, str, str]]:
+    """(name, role, SHA-256 digest of the secret) of each key in MUSICGEN_API_KEYS: entries `name:role:secret` separated by
+    commas, spaces or new lines (a Kubernetes Secret's value), each secret from `musicgen keys secret`.
+    A malformed entry raises ValueError naming it (never the secret), so the app stops at start."""
+    raw = os.environ.get(API_KEYS_ENV, "") if value is None else value
+    out = []
+    for n, entry in enumerate(e for e in re.split(r"[\s,]+", raw) if e):
+        parts = entry.split(":")
+        if len(parts) != 3 or not parts[0] or parts[1] not in ROLES or not SECRET.fullmatch(parts[2]):
+            raise ValueError(
+                f"{API_KEYS_ENV} entry {n + 1} is not name:role:secret with a role in {ROLES} and a "
+                "secret printed by `musicgen keys secret`"
+            )
+        out.append((parts[0], parts[1], digest(parts[2])))
+    return out
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -246,6 +292,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print the keys as JSON")
     revoke = sub.add_parser("revoke", help="refuse a key from now on (its jobs are kept)")
     revoke.add_argument("id", help="the key's id, as `list` shows it")
+    sub.add_parser(
+        "secret",
+        help=f"print a new secret without storing it: for {API_KEYS_ENV} (name:role:secret), which the "
+        "service registers at start (e.g. from a Kubernetes Secret)",
+    )
     return parser
 
 
@@ -284,6 +335,9 @@ def main(argv: list[str], prog: str = "musicgen keys") -> int:
     import redis
 
     args = _parser(prog).parse_args(argv)
+    if args.action == "secret":  # needs no store
+        print(new_secret())
+        return 0
     try:
         with _store_url(args.redis_url) as url:
             store = KeyStore.from_url(url)

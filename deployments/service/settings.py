@@ -58,6 +58,8 @@ ENV = {
     "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
     "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
+    "MUSICGEN_GENERATOR_GPUS": "GPUs per generator replica (generator_gpus), e.g. 1 on a cluster that scales GPU nodes from 0",
+    "MUSICGEN_API_KEYS": "keys registered at start: name:role:secret entries (secrets from `musicgen keys secret`)",
     "MUSICGEN_WEBHOOK_ALLOW": "comma-separated CIDRs and host names webhooks may reach although not public",
 }
 
@@ -107,6 +109,10 @@ class AppArgs(BaseModel):
     lease_s: float = Field(LEASE_S, gt=0)
     max_attempts: int = Field(MAX_ATTEMPTS, ge=1)
     device: str = "auto"
+    # GPUs each generator replica asks Ray for (fractions share a GPU). Unset: MUSICGEN_GENERATOR_GPUS,
+    # else 1 when the Ray cluster has a GPU at start and 0 otherwise: right for one machine, wrong for a
+    # cluster whose GPU nodes scale from zero, which must set it (cluster/ does).
+    generator_gpus: float | None = Field(None, ge=0, le=8)
     plan: Literal["auto", "batched", "sequential", "graphs"] = "auto"  # see musicgen ExecutionPlan
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
@@ -158,8 +164,20 @@ class AppArgs(BaseModel):
         if allow is None:
             allow = [e.strip() for e in os.environ.get("MUSICGEN_WEBHOOK_ALLOW", "").split(",") if e.strip()]
             parse_allow(allow)  # model_copy does not validate
+        gpus = self.generator_gpus
+        if gpus is None and os.environ.get("MUSICGEN_GENERATOR_GPUS", "").strip():
+            raw = os.environ["MUSICGEN_GENERATOR_GPUS"].strip()
+            try:
+                gpus = float(raw)
+                if not 0 <= gpus <= 8:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"MUSICGEN_GENERATOR_GPUS={raw!r}: give a number of GPUs from 0 to 8"
+                ) from None
         return self.model_copy(
             update={
+                "generator_gpus": gpus,
                 "model": self.model or os.environ.get("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
                 "redis_url": self.redis_url or os.environ.get("REDIS_URL") or None,
                 "storage_url": self.storage_url or os.environ.get("MUSICGEN_STORAGE_URL") or None,

@@ -15,7 +15,15 @@ from fastapi.testclient import TestClient
 
 from deployments.service.api import ApiConfig, Services, create_api
 from deployments.service.jobs import AsyncJobStore
-from deployments.service.keys import SECRET, KeyStore, RateLimited, Unauthorized, digest
+from deployments.service.keys import (
+    SECRET,
+    KeyStore,
+    RateLimited,
+    Unauthorized,
+    digest,
+    keys_from_env,
+    new_secret,
+)
 from deployments.service.redis_server import EmbeddedRedis
 from deployments.service.settings import Quotas
 from deployments.service.storage import LocalStorage
@@ -156,6 +164,10 @@ def test_the_keys_command_end_to_end(server, tmp_path):
     assert bad.returncode == 2 and "--burst" in bad.stderr and "Traceback" not in bad.stderr
     away = musicgen("keys", "list", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
     assert away.returncode == 1 and "unreachable" in away.stderr and "Traceback" not in away.stderr
+    fresh = [musicgen("keys", "secret", env={"REDIS_URL": "redis://127.0.0.1:1/0"}) for _ in range(2)]
+    made = [f.stdout.strip() for f in fresh]  # needs no store, stores nothing
+    assert all(f.returncode == 0 for f in fresh) and all(SECRET.fullmatch(m) for m in made)
+    assert made[0] != made[1]
 
 
 def test_the_keys_command_finds_the_embedded_redis(tmp_path):
@@ -182,3 +194,31 @@ def test_the_library_cli_imports_no_redis_until_keys_runs():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_keys_from_the_environment_are_registered_once_by_digest(keys, server):
+    ops, bot = new_secret(), new_secret()
+    entries = keys_from_env(f" ops:admin:{ops},\n  bot:user:{bot}\n")
+    assert entries == [("ops", "admin", digest(ops)), ("bot", "user", digest(bot))]
+    assert [keys.provision(*e) for e in entries] == [True, True]
+    assert [keys.provision(*e) for e in entries] == [False, False]  # a restart adds nothing
+    assert keys.authenticate(ops, DEFAULTS).admin and not keys.authenticate(bot, DEFAULTS).admin
+    r = redis.Redis.from_url(server.url)
+    assert not any(
+        ops.encode() in v for k in r.keys("*") if r.type(k) == b"hash" for v in r.hgetall(k).values()
+    )
+    bot_id = next(k.id for k in keys.list() if k.name == "bot")
+    assert keys.revoke(bot_id) and not keys.provision(*entries[1])  # revoked stays revoked
+    with pytest.raises(Unauthorized, match="revoked"):
+        keys.authenticate(bot, DEFAULTS)
+    assert keys_from_env("") == [] and keys_from_env(" , \n") == []
+
+
+@pytest.mark.parametrize(
+    "value", ["ops:admin", "ops:root:{s}", ":user:{s}", "ops:user:mgk_short", "ops:user:{s}:extra", "{s}"]
+)
+def test_a_malformed_environment_key_is_refused_without_echoing_the_secret(value):
+    secret = new_secret()
+    with pytest.raises(ValueError, match="MUSICGEN_API_KEYS entry 1 is not name:role:secret") as refused:
+        keys_from_env(value.format(s=secret))
+    assert secret not in str(refused.value)

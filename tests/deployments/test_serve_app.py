@@ -411,7 +411,7 @@ def test_api_keys_through_ray_serve(service, tmp_path):
     from ray import serve
 
     from deployments.serve.app import app_args, build_app
-    from deployments.service.keys import KeyStore
+    from deployments.service.keys import KeyStore, new_secret
     from deployments.service.redis_server import EmbeddedRedis
 
     assert app_args({}).host == "127.0.0.1" and not app_args({}).auth_required
@@ -419,8 +419,13 @@ def test_api_keys_through_ray_serve(service, tmp_path):
         app_args({"auth": "off", "host": "0.0.0.0"})
     serve.delete("musicgen")
     data = tmp_path / "data"
-    serve.run(build_app({"model": "tiny", "data_dir": str(data), "auth": "on", "lease_s": 5}),
-              name="musicgen", route_prefix="/")  # fmt: skip
+    ops = new_secret()  # a key from the environment (a Kubernetes Secret): registered by the ingress
+    os.environ["MUSICGEN_API_KEYS"] = f"ops:admin:{ops}"
+    try:
+        serve.run(build_app({"model": "tiny", "data_dir": str(data), "auth": "on", "lease_s": 5}),
+                  name="musicgen", route_prefix="/")  # fmt: skip
+    finally:
+        del os.environ["MUSICGEN_API_KEYS"]
     secret, _ = KeyStore.from_url(EmbeddedRedis.running_url(data / "redis")).create("alice")
     _get_retrying(service, "/readyz")  # open
     refused = service.post("/v1/songs", json=SONG)
@@ -433,6 +438,13 @@ def test_api_keys_through_ray_serve(service, tmp_path):
         assert job.status_code == 202, job.text
         assert wait_for(keyed, job.json()["id"], {"succeeded", "failed"})["status"] == "succeeded"
         assert [j["id"] for j in keyed.get("/v1/songs").json()] == [job.json()["id"]]
+    deadline = time.time() + 30  # the ingress registers it right after start
+    while (seen := service.get("/v1/songs", headers={"Authorization": f"Bearer {ops}"})).status_code == 401:
+        assert time.time() < deadline, seen.text
+        time.sleep(0.3)
+    assert seen.status_code == 200 and [j["id"] for j in seen.json()] == [job.json()["id"]]  # admin: all
+    stored = KeyStore.from_url(EmbeddedRedis.running_url(data / "redis")).list()
+    assert [(k.name, k.role) for k in stored] == [("ops", "admin"), ("alice", "user")]
 
 
 def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):

@@ -47,3 +47,23 @@ def test_serve_config_runs_locally_without_keys_and_requires_them_when_public():
         AppArgs(**{**args, "auth": "off"}, host="0.0.0.0")
     with pytest.raises(pydantic.ValidationError):
         AppArgs(quotas={"active_jobs": 0})
+
+
+def test_generator_gpus_come_from_the_setting_then_the_environment(monkeypatch):
+    """A cluster whose GPU nodes scale from zero has no GPU when the app is built: the generator's GPU
+    request is a setting (or MUSICGEN_GENERATOR_GPUS), never read off the cluster when it is set."""
+    from deployments.serve.app import generator_gpus
+
+    monkeypatch.delenv("MUSICGEN_GENERATOR_GPUS", raising=False)
+    assert AppArgs().resolved().generator_gpus is None
+    assert generator_gpus(AppArgs().resolved()) == 0.0  # no Ray here: the CPU
+    assert generator_gpus(AppArgs(generator_gpus=1).resolved()) == 1.0  # though this machine has none
+    monkeypatch.setenv("MUSICGEN_GENERATOR_GPUS", "0.5")
+    assert AppArgs().resolved().generator_gpus == 0.5
+    assert AppArgs(generator_gpus=2).resolved().generator_gpus == 2  # the setting wins
+    for bad in ("one", "-1", "99"):
+        monkeypatch.setenv("MUSICGEN_GENERATOR_GPUS", bad)
+        with pytest.raises(ValueError, match="MUSICGEN_GENERATOR_GPUS"):
+            AppArgs().resolved()
+    with pytest.raises(pydantic.ValidationError):
+        AppArgs(generator_gpus=-1)
