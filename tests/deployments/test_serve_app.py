@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -10,10 +11,14 @@ import httpx
 import pytest
 
 from deployments.service.redis_server import free_port
+from tests.conftest import ROOT
 from tests.deployments.conftest import BAD_SUBMISSIONS
 
 SONG = {"lyrics": "Hello there\ngood night", "style_prompt": "calm piano", "duration_s": 8, "steps": 3,
         "num_takes": 1, "seed": 3, "output_format": "mp3"}  # fmt: skip
+
+
+METRICS_PORT = 0
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,10 @@ def service(tmp_path_factory, tiny_model_paths):
         k: os.environ[k]
         for k in ("HF_HUB_OFFLINE", "MUSICGEN_CACHE_DIR", "MUSICGEN_ASSETS_DIR", "RAY_AUTH_MODE")
     }
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    global METRICS_PORT
+    METRICS_PORT = free_port()  # Ray's metrics agent, as the Docker image and the clusters fix it
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)  # fmt: skip
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
@@ -260,6 +268,30 @@ def test_the_whole_api_through_the_serve_proxy(service, webhook_receiver, tmp_pa
     assert part.status_code == 206 and part.content == whole[100:200]
     assert part.headers["content-range"] == f"bytes 100-199/{len(whole)}"
     assert service.get(url + "?format=flac").content[:4] == b"fLaC"
+
+
+def test_the_grafana_dashboard_queries_metrics_the_app_exports(service):
+    """Every metric a panel of cluster/observability/grafana/dashboards/musicgen.json reads is exported
+    by this running app: the ingress's /metrics or Ray's metrics agent (Ray Serve's metrics and the
+    generators' musicgen_* ones, after the jobs of the tests above)."""
+    import json
+
+    dashboard = json.loads((ROOT / "cluster/observability/grafana/dashboards/musicgen.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    wanted = {m for q in queries for m in re.findall(r"\b(?:ray_)?(?:musicgen|serve)_\w+", q)}
+    assert len(wanted) >= 12 and any(w.startswith("ray_musicgen_") for w in wanted)
+    deadline, exported = time.time() + 90, set()
+    while time.time() < deadline:  # replicas push their metrics to the agent every few seconds
+        text = (
+            service.get("/metrics").text
+            + httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        )
+        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+        if wanted <= exported:
+            break
+        time.sleep(3)
+    assert wanted <= exported, sorted(wanted - exported)
 
 
 def test_compatible_jobs_share_a_batch_and_out_of_memory_is_contained(service):
