@@ -7,6 +7,7 @@ set -eu
 if [ "$#" -gt 0 ]; then exec "$@"; fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"  # Ray's ports are not published outside the container
 export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}" # as scripts/serve.sh
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true  # open event streams need descriptors
 ray start --head --disable-usage-stats --include-dashboard=false \
     --metrics-export-port="${RAY_METRICS_EXPORT_PORT:-8080}" --port="${RAY_GCS_PORT:-6380}"
 python -m deployments.serve.config --host 0.0.0.0 /app/serve_config.yaml -o /tmp/serve_config.yaml
