@@ -246,7 +246,7 @@ class Ingress:
             config=ApiConfig(
                 max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                 auth=args.auth_required, quotas=args.quotas, cors_origins=tuple(args.cors_origins),
-                security_headers=args.security_headers,
+                security_headers=args.security_headers, ui_dir=args.ui_dir,
             ),
         )  # fmt: skip
         self._loop = asyncio.get_event_loop()

@@ -49,6 +49,25 @@ class SongCreate(Strict):
     )  # fmt: skip
 
 
+class LyricsTiming(Strict):
+    lyrics: str = Field(max_length=20_000, description="LRC or plain lines (section tags allowed)")
+    model: str | None = Field(None, description="model name; default: the service's default model")
+    duration_s: float | None = Field(None, description="song length; default: the model's shortest")
+
+
+class TimedLine(Strict):
+    time_s: float
+    text: str
+
+
+class LyricsTimingView(Strict):
+    model: str
+    duration_s: float
+    lrc: str = Field(description="the timed lyrics a song with these lyrics would use")
+    lines: list[TimedLine]
+    warnings: list[str] = []
+
+
 class ErrorBody(Strict):
     code: str
     message: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,6 +51,8 @@ WEBHOOK_POLL_S = 1.0  # how often an idle delivery loop looks for due deliveries
 WEBHOOK_CONCURRENCY = 8  # attempts in flight per delivery loop (each on a thread)
 WEBHOOK_DEAD_MAX = 1000  # dead letters kept (newest first); older ones are dropped
 
+DEFAULT_UI_DIR = Path(__file__).resolve().parents[2] / "ui"  # the checkout's (an editable install)
+
 ENV = {
     "REDIS_URL": "the job store; unset: an embedded Redis with its data under MUSICGEN_DATA_DIR/redis",
     "MUSICGEN_DATA_DIR": "results, uploads and the embedded Redis (default ./data)",
@@ -60,6 +63,7 @@ ENV = {
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
     "MUSICGEN_GENERATOR_GPUS": "GPUs per generator replica (generator_gpus), e.g. 1 on a cluster that scales GPU nodes from 0",
     "MUSICGEN_API_KEYS": "keys registered at start: name:role:secret entries (secrets from `musicgen keys secret`)",
+    "MUSICGEN_UI_DIR": "the web UI's files (default: ui/ of the checkout; the Docker image sets /app/ui)",
     "MUSICGEN_WEBHOOK_ALLOW": "comma-separated CIDRs and host names webhooks may reach although not public",
 }
 
@@ -124,6 +128,7 @@ class AppArgs(BaseModel):
     webhook_secret: str | None = Field(None, repr=False)
     cors_origins: list[str] = []  # browser origins allowed to call the API from other sites ("*" = any)
     security_headers: bool = True  # nosniff, no framing, no referrer, a strict CSP on API answers
+    ui_dir: str | None = None  # the web UI served at / (unset: MUSICGEN_UI_DIR, else ui/ of the checkout)
     # API keys: "auto" = on unless the API listens on loopback only; "on"; "off" (refused on a public
     # address unless allow_insecure_public). `host`: where the API listens; unset, build_app reads it
     # from Ray Serve's http_options (unknown counts as public).
@@ -184,5 +189,6 @@ class AppArgs(BaseModel):
                 "data_dir": os.path.abspath(self.data_dir or os.environ.get("MUSICGEN_DATA_DIR") or "data"),
                 "webhook_secret": self.webhook_secret or os.environ.get("MUSICGEN_WEBHOOK_SECRET", ""),
                 "webhook_allow": allow,
+                "ui_dir": self.ui_dir or os.environ.get("MUSICGEN_UI_DIR") or str(DEFAULT_UI_DIR),
             }
         )

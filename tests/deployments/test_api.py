@@ -28,6 +28,7 @@ from deployments.service.runner import JobRunner
 from deployments.service.storage import LocalStorage, S3Storage
 from deployments.service.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
+from tests.conftest import ROOT
 from tests.deployments.conftest import (
     BAD_SUBMISSIONS,
     PUBLIC_IP,
@@ -411,8 +412,56 @@ def test_openapi_spec_names_every_route(service):
     assert set(spec["paths"]) >= {
         "/v1/songs", "/v1/songs/{job_id}", "/v1/songs/{job_id}/cancel", "/v1/songs/{job_id}/events",
         "/v1/songs/{job_id}/takes/{n}/audio", "/v1/uploads", "/v1/models", "/healthz", "/readyz", "/metrics",
+        "/v1/lyrics/timing",
     }  # fmt: skip
     assert spec["paths"]["/v1/songs"]["post"]["responses"]["429"]
+
+
+def test_lyrics_timing_shows_auto_timing_and_lyrics_errors_on_their_line(service):
+    plain = service.post("/v1/lyrics/timing", json={"lyrics": "[Verse]\nHello world\nGood night moon",
+                                                     "duration_s": 20})  # fmt: skip
+    assert plain.status_code == 200, plain.text
+    body = plain.json()
+    assert body["model"] == "tiny" and body["duration_s"] == 20
+    assert [line["text"] for line in body["lines"]] == ["Hello world", "Good night moon"]
+    times = [line["time_s"] for line in body["lines"]]
+    assert times == sorted(times) and 0 <= times[0] < times[1] < 20
+    assert body["lrc"].splitlines()[0].endswith("]Hello world")
+    kept = service.post("/v1/lyrics/timing", json={"lyrics": "[00:01.50]one\n[00:04.25]two"}).json()
+    assert [(x["time_s"], x["text"]) for x in kept["lines"]] == [(1.5, "one"), (4.25, "two")]
+    bad = service.post("/v1/lyrics/timing", json={"lyrics": "[00:01.00]fine\n[00:75.00]bad"})
+    assert bad.status_code == 422
+    err = bad.json()["error"]
+    assert err["code"] == "INVALID_LYRICS" and err["details"]["line"] == 2 and err["recovery"]
+    too_long = service.post("/v1/lyrics/timing", json={"lyrics": "x", "duration_s": 999})
+    assert too_long.status_code == 422 and too_long.json()["error"]["details"]["parameter"] == "duration_s"
+    extra = service.post("/v1/lyrics/timing", json={"lyrics": "x", "style_prompt": "no such field here"})
+    assert extra.status_code == 422 and extra.json()["error"]["code"] == "INVALID_PARAMETER"
+    assert service.get("/v1/songs").json() == []  # nothing was queued
+
+
+def test_the_web_ui_is_served_with_its_own_content_security_policy(server, pipe, tmp_path):
+    services, _ = make_services(server.url, pipe, LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u"),
+                                ui_dir=str(ROOT / "ui"))  # fmt: skip
+    with TestClient(create_api(services)) as http:
+        page = http.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "unsafe" not in csp
+        assert http.get("/ui/js/app.js").headers["content-type"].startswith("text/javascript")
+        assert http.get("/ui/official/eg_en.lrc").text.startswith("[00:10.00]")
+        assert "default-src 'none'" in http.get("/healthz").headers["content-security-policy"]  # API: none
+        for sneaky in ("/ui/../pyproject.toml", "/ui/%2e%2e/pyproject.toml", "/ui/..%2fpyproject.toml",
+                       "/ui//etc/passwd", "/ui/js/../../serve_config.yaml"):  # fmt: skip
+            r = http.get(sneaky)
+            assert r.status_code == 404 and "applications" not in r.text and "[project]" not in r.text, sneaky
+    services.worker_pool.shutdown(wait=True)
+    missing, _ = make_services(server.url, pipe, LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u"),
+                               ui_dir=str(tmp_path / "nowhere"))  # fmt: skip
+    with TestClient(create_api(missing)) as http:
+        r = http.get("/")
+        assert r.status_code == 404 and "MUSICGEN_UI_DIR" in r.json()["error"]["recovery"]
+    missing.worker_pool.shutdown(wait=True)
 
 
 # -- event streams on a real server -------------------------------------------------------------

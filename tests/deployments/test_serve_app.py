@@ -270,6 +270,15 @@ def test_the_whole_api_through_the_serve_proxy(service, webhook_receiver, tmp_pa
     assert service.get(url + "?format=flac").content[:4] == b"fLaC"
 
 
+def test_the_web_ui_through_the_serve_proxy(service):
+    page = service.get("/")
+    assert page.status_code == 200 and "<title>musicgen" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert service.get("/ui/js/app.js").status_code == 200
+    timing = service.post("/v1/lyrics/timing", json={"lyrics": "Hello\nworld", "duration_s": 10})
+    assert timing.status_code == 200 and len(timing.json()["lines"]) == 2  # through the validator deployment
+
+
 def test_the_grafana_dashboard_queries_metrics_the_app_exports(service):
     """Every metric a panel of cluster/observability/grafana/dashboards/musicgen.json reads is exported
     by this running app: the ingress's /metrics or Ray's metrics agent (Ray Serve's metrics and the

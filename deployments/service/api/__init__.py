@@ -6,7 +6,8 @@ Every route is async and does no blocking work on the event loop: Redis through 
 files and audio on thread pools. Errors leave as one body: {"error": {code, message, recovery, details}}.
 
 With auth on, every /v1 route needs an API key (deps.authenticate); /healthz, /readyz, /metrics,
-/docs and /openapi.json stay open (probes, scrapers and API readers hold no key; they show no job).
+/docs, /openapi.json and the web UI's files (/, /ui/) stay open (probes, scrapers, API readers and
+browsers before the user gives a key; none of them shows a job).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.service.api import health, models, songs, uploads
+from deployments.service.api import health, lyrics, models, songs, uploads
 from deployments.service.api.deps import ApiConfig, Services, authenticate
 from deployments.service.api.edge import EdgeMiddleware
+from deployments.service.api.ui import mount_ui
 from deployments.service.errors import ServiceError
 from deployments.service.schemas import AUTH_ERRORS, COMMON_ERRORS
 
@@ -61,11 +63,12 @@ def create_api(services: Services) -> FastAPI:
     app.add_middleware(
         EdgeMiddleware, max_body_bytes=cfg.max_body_bytes, security_headers=cfg.security_headers
     )
-    for module in (songs, uploads, models):
+    for module in (songs, uploads, models, lyrics):
         app.include_router(
             module.router, dependencies=[Depends(authenticate)], responses={**COMMON_ERRORS, **AUTH_ERRORS}
         )
     app.include_router(health.router, responses=COMMON_ERRORS)  # open
+    mount_ui(app, cfg.ui_dir)  # open: the page holds no data; its API calls carry the user's key
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError):

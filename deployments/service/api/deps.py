@@ -38,6 +38,7 @@ class ApiConfig:
     security_headers: bool = True
     auth: bool = False  # requests need an API key (AppArgs.auth_required)
     quotas: settings.Quotas = field(default_factory=settings.Quotas)  # each key's, unless it has its own
+    ui_dir: str | None = None  # the web UI's files, served at / and /ui/ (None: no UI)
 
 
 async def _always_ready() -> tuple[bool, str]:

@@ -9,7 +9,8 @@ buffer event streams and cost a task per request):
   `max_body_bytes`, from its Content-Length before a byte is read, or while it streams without one; a
   Content-Length that is not a number is 400 BAD_REQUEST;
 - security headers on every answer (unless turned off): no MIME sniffing, no framing, no referrer, and
-  a Content-Security-Policy that lets a JSON or audio answer run nothing (the docs pages get their own).
+  a Content-Security-Policy that lets a JSON or audio answer run nothing (the docs pages get their own;
+  the web UI may run its own scripts and call the API, nothing from elsewhere).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ SECURITY_HEADERS = [
 ]
 API_CSP = b"default-src 'none'; frame-ancestors 'none'"
 DOCS_PATHS = ("/docs", "/redoc")  # Swagger UI loads its script and styles from a CDN
+# the web UI: its own scripts, styles and fonts only; API calls and fetched audio (blob: URLs) from here
+UI_CSP = (b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+          b"media-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+          b"form-action 'none'; object-src 'none'")  # fmt: skip
 
 
 def error_body(err: ServiceError) -> bytes:
@@ -63,7 +68,10 @@ class EdgeMiddleware:
         extra = [(b"x-request-id", request_id.encode())]
         if self.security_headers:
             extra += SECURITY_HEADERS
-            if not scope["path"].startswith(DOCS_PATHS):
+            path = scope["path"]
+            if path == "/" or path.startswith("/ui/"):
+                extra.append((b"content-security-policy", UI_CSP))
+            elif not path.startswith(DOCS_PATHS):
                 extra.append((b"content-security-policy", API_CSP))
         answered = False
 
