@@ -109,3 +109,130 @@ def load_vae(path: str | Path, *, device: torch.device) -> SongVAE:
         if not hasattr(module, method):
             raise CheckpointMismatch(f"{path.name} has no {method}(): not the official DiffRhythm VAE")
     return SongVAE(module.to(device).eval(), device)
+
+
+# -- DiffRhythm 2: model.json + model.safetensors, decoder.json + decoder.bin --------------------------
+
+DR2_FILES = ("model.json", "model.safetensors")
+DECODER_FILES = ("decoder.json", "decoder.bin")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointMismatch(f"{path.name} is not readable JSON: {type(exc).__name__}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointMismatch(f"{path.name} is not a JSON object")
+    return raw
+
+
+def load_dr2(folder: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A DiffRhythm 2 DiT from `model.json` (its configuration, as the official loader reads it) and
+    `model.safetensors` (keys `transformer.*`), loaded strictly."""
+    from safetensors.torch import load_file
+
+    from musicgen.model.dr2_dit import DR2Config, DR2DiT
+
+    folder = Path(folder)
+    try:
+        cfg = DR2Config.from_json(_read_json(folder / DR2_FILES[0]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointMismatch(f"{DR2_FILES[0]}: {exc}") from None
+    try:
+        state = load_file(str(folder / DR2_FILES[1]))
+    except Exception as exc:
+        raise CheckpointMismatch(
+            f"{DR2_FILES[1]} is not a readable safetensors file: {type(exc).__name__}"
+        ) from None
+    stray = [k for k in state if not k.startswith(PREFIX)]
+    if stray:
+        raise CheckpointMismatch(f"{DR2_FILES[1]}: keys outside '{PREFIX}': {stray[:3]}")
+    with torch.device("meta"):
+        model = DR2DiT(cfg)
+    try:
+        model.load_state_dict({k[len(PREFIX) :]: v for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointMismatch(
+            f"{DR2_FILES[1]} does not fit {DR2_FILES[0]}: {' '.join(str(exc).splitlines()[:3])}"
+        ) from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_dr2(model, folder: str | Path) -> Path:
+    """Write a DiffRhythm 2 DiT in the official files (model.json, model.safetensors)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "extra"}
+    cfg["repa_dims"] = list(cfg["repa_dims"])
+    (folder / DR2_FILES[0]).write_text(json.dumps({**cfg, **model.cfg.extra}, indent=2))
+    save_file({PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(folder / DR2_FILES[1]))  # fmt: skip
+    return folder
+
+
+def load_bigvgan(folder: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The DiffRhythm 2 decoder from `decoder.json` and `decoder.bin` (`{"generator": state dict}` with
+    weight-norm pairs, as the official Generator reads it), strictly; the weight norm fused."""
+    from musicgen.model.bigvgan import BigVGAN, DecoderConfig, fuse_weight_norm
+
+    folder = Path(folder)
+    try:
+        cfg = DecoderConfig.from_json(_read_json(folder / DECODER_FILES[0]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointMismatch(f"{DECODER_FILES[0]}: {exc}") from None
+    try:
+        ckpt = torch.load(folder / DECODER_FILES[1], map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointMismatch(
+            f"{DECODER_FILES[1]} is not a readable checkpoint: {type(exc).__name__}"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("generator"), dict):
+        raise CheckpointMismatch(f"{DECODER_FILES[1]} has no 'generator' state dict")
+    try:
+        state = fuse_weight_norm(ckpt["generator"])
+    except KeyError as exc:
+        raise CheckpointMismatch(f"{DECODER_FILES[1]}: {exc}") from None
+    with torch.device("meta"):
+        model = BigVGAN(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointMismatch(
+            f"{DECODER_FILES[1]} does not fit {DECODER_FILES[0]}: {' '.join(str(exc).splitlines()[:3])}"
+        ) from None
+    if cfg.hop != 9600:
+        raise CheckpointMismatch(
+            f"{DECODER_FILES[0]}: upsampling rates multiply to {cfg.hop}, not 9600 samples per frame"
+        )
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_bigvgan(model, folder: str | Path) -> Path:
+    """Write a decoder in the official files: decoder.json and decoder.bin with weight-norm pairs
+    (g = the norm of each fused weight's slice along dim 0, v = the weight), which load to the same
+    fused weights up to rounding."""
+    import dataclasses
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.asdict(model.cfg)
+    (folder / DECODER_FILES[0]).write_text(json.dumps(cfg, indent=2))
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(".weight") and value.ndim == 3:
+            base = key[: -len(".weight")]
+            state[base + ".weight_g"] = torch.norm_except_dim(value, 2, 0).clone()
+            state[base + ".weight_v"] = value.clone()
+        else:
+            state[key] = value.clone()
+    torch.save({"generator": state}, folder / DECODER_FILES[1])
+    return folder

@@ -1,0 +1,142 @@
+"""DiffRhythm 2's block flow matching sampler (the official `CFM.sample_block_cache`), with explicit noise.
+
+A song is generated in blocks of `block_size` latent frames, left to right. The text is encoded once
+into a key/value cache per guidance branch (cond: the lyrics and the style; null: filler tokens and a
+zero style). Each block integrates its own noise from t = 0 to t = 1 with `steps - 1` Euler steps,
+attending to the text and to every clean block before it; the guided velocity is `cond + (cond - null)
+* cfg_strength`. The finished block then goes through the model once more at t = +1 to append its keys
+and values to both caches. Generation stops early when the last frame comes within an MSE of 0.05 of
+all-ones (the end-of-song marker).
+
+Differences from the official code, on purpose:
+- noise comes from a `torch.Generator` per take (`block_noise`), not the global RNG, and the official
+  `seed` argument is honoured; with the same seed the draws are the official ones (CPU generator);
+- several requests with the same text length and block count sample as one batch, each row with its
+  own end of song (rows are independent, so a batch equals its requests run alone);
+- the official +-1 time features of the text and cache passes are fp16 numbers whatever the model's
+  precision (it was trained that way); `round_pass_time=False` keeps them in fp32 instead (measured:
+  1.6e-5 on the latents of the conformance run);
+- the official code runs only in fp16 (its fp32 path crashes); here fp32, bf16 and fp16 all run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from musicgen.model.dr2_dit import BlockCache, DR2DiT, time_features
+
+EOS_MSE = 0.05
+# (block index, step index, t, x (b, bs, c), guided velocity (b, bs, c)) after every Euler step's velocity
+StepCallback = Callable[[int, int, float, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class BlockSamplerSettings:
+    steps: int = 16  # grid points: steps - 1 Euler updates per block (official CLI default)
+    cfg_strength: float = 2.0
+    round_pass_time: bool = True  # the +-1 time features of the text and cache passes in fp16, as trained
+
+    def __post_init__(self):
+        if not 2 <= self.steps <= 1000:
+            raise ValueError(f"steps must be in 2..1000, got {self.steps}")
+        if not 0.0 <= self.cfg_strength <= 50.0:
+            raise ValueError(f"cfg_strength must be in 0..50, got {self.cfg_strength}")
+
+
+def num_blocks(frames: int, block_size: int) -> int:
+    return -(-frames // block_size)
+
+
+def block_noise(seed: int, blocks: int, block_size: int, channels: int = 64) -> torch.Tensor:
+    """(blocks, block_size, channels) fp32 on the CPU: what the official sampler draws after
+    torch.manual_seed(seed), one randn(1, block_size, channels) per block."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(1, block_size, channels, generator=g) for _ in range(blocks)])
+
+
+def _eos_end(stream: torch.Tensor) -> int | None:
+    """Where the official sampler cuts a (n, c) stream whose last frame is the end marker, else None.
+    As the official loop does it: walking back over frames within EOS_MSE of all-ones, it stops one frame
+    early, so the cut also drops the last frame that is not the marker."""
+    ones = torch.ones_like(stream[-1])
+    pos = -1
+    mse = torch.nn.functional.mse_loss(stream[pos], ones)
+    if mse.abs() > EOS_MSE:
+        return None
+    while mse.abs() <= EOS_MSE and abs(pos) < stream.shape[0]:
+        pos -= 1
+        mse = torch.nn.functional.mse_loss(stream[pos], ones)
+    return stream.shape[0] + pos
+
+
+@torch.inference_mode()
+def sample_blocks(
+    model: DR2DiT,
+    text: torch.Tensor,  # (b, T) token ids, the same T for every row
+    style: torch.Tensor,  # (b, 512)
+    noise: torch.Tensor,  # (b, blocks, block_size, c), e.g. block_noise per row
+    settings: BlockSamplerSettings,
+    on_step: StepCallback | None = None,
+    trace: dict | None = None,
+) -> list[torch.Tensor]:
+    """One (frames, c) latent stream per row; frames = blocks * block_size unless the row ended early."""
+    device, dtype = text.device, next(model.parameters()).dtype
+    b, t_len = text.shape
+    blocks, bs = noise.shape[1], noise.shape[2]
+    depth = model.cfg.depth
+    style = style.to(device, dtype)
+    null_style = torch.zeros_like(style)
+    pass_dtype = torch.float16 if settings.round_pass_time else None
+    cond, null = BlockCache(depth), BlockCache(depth)
+    guided = settings.cfg_strength >= 1e-5
+
+    if t_len:
+        positions = torch.arange(t_len, device=device)[None].repeat(b, 1)
+        minus_one = time_features(torch.full((b, t_len), -1.0, device=device), pass_dtype)
+        for cache, tokens, s in ((cond, text, style), (null, torch.zeros_like(text), null_style)):
+            cache.mode = "text"
+            out = model(model.text_embed(tokens), minus_one, positions, s, cache)
+            cache.mode = "step"
+            if trace is not None:
+                trace.setdefault("text_pass", []).append(out)
+
+    grid = torch.linspace(0, 1, settings.steps, device=device, dtype=torch.float32)
+    plus_one = time_features(torch.ones(b, bs, device=device), pass_dtype)
+    stream = torch.zeros(b, 0, noise.shape[-1], device=device, dtype=dtype)
+    ends: list[int | None] = [None] * b
+    for blk in range(blocks):
+        done = stream.shape[1]
+        positions = torch.arange(done, done + bs, device=device)[None].repeat(b, 1)
+        x = noise[:, blk].to(device, dtype)
+        for k in range(settings.steps - 1):
+            t = grid[k]
+            features = time_features(t.expand(b, bs))
+            embedded = model.latent_embed(x)
+            v = model(embedded, features, positions, style, cond)
+            if guided:
+                v_null = model(embedded, features, positions, null_style, null)
+                if trace is not None:
+                    trace.setdefault("pred", []).append((v, v_null))
+                v = v + (v - v_null) * settings.cfg_strength
+            if on_step is not None:
+                on_step(blk, k, float(t), x, v)
+            x = x + (grid[k + 1] - t) * v
+        clean = model.latent_embed(x)
+        for cache, s in ((cond, style), (null, null_style)):
+            cache.mode = "store"
+            out = model(clean, plus_one, positions, s, cache)
+            cache.mode = "step"
+            if trace is not None:
+                trace.setdefault("cache_pass", []).append(out)
+        stream = torch.cat([stream, x], dim=1)
+        for r in range(b):
+            if ends[r] is None:
+                ends[r] = _eos_end(stream[r])
+        if all(e is not None for e in ends):
+            break
+    if trace is not None:
+        trace["cache_bytes"] = cond.nbytes() + null.nbytes()
+    return [stream[r, : ends[r] if ends[r] is not None else stream.shape[1]] for r in range(b)]

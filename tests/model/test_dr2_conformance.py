@@ -1,0 +1,201 @@
+"""DiffRhythm 2 against the official code's reference outputs (../shared/conformance/diffrhythm2/, read by
+path; its README defines every key): one backbone forward, the block sampler's latents and its whole
+per-step trace, the text and cache passes, the decoder's intermediates, its plain and chunked outputs,
+the final stereo array, and the front end's token ids. fp32, one thread: the references were made so,
+and bit-exactness (max |diff| = 0) is reachable and asserted where the README reports it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from musicgen.model.bigvgan import (
+    DecoderConfig,
+    chunk_starts,
+    decode_chunked,
+    fake_stereo,
+    fuse_weight_norm,
+)
+from musicgen.model.dr2_dit import DR2Config, time_features
+from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, sample_blocks
+
+
+@pytest.fixture(scope="module")
+def ref(shared_dir):
+    return shared_dir / "conformance" / "diffrhythm2"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dit(ref):
+    from musicgen.model.loading import load_dr2
+
+    return load_dr2(ref / "ckpt", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def sampler_npz(ref):
+    return dict(np.load(ref / "sampler.npz"))
+
+
+@pytest.fixture(scope="module")
+def decoder(ref):
+    from musicgen.model.loading import load_bigvgan
+
+    return load_bigvgan(ref / "decoder", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def decoder_npz(ref):
+    return dict(np.load(ref / "decoder.npz"))
+
+
+def t(a) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a))
+
+
+def maxdiff(a, b) -> float:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    assert a.shape == b.shape, (a.shape, b.shape)  # no broadcasting between unlike shapes
+    return (a - b).abs().max().item()
+
+
+def test_the_checkpoint_loads_strictly_with_its_config_from_model_json(ref, dit):
+    raw = json.loads((ref / "ckpt" / "model.json").read_text())
+    assert dit.cfg == DR2Config.from_json(raw) and dit.cfg.extra == {"text_dim": 512, "use_flex_attn": False}
+    assert (dit.cfg.dim, dit.cfg.depth, dit.cfg.heads, dit.cfg.block_size) == (64, 2, 4, 10)
+    assert sum(p.numel() for p in dit.parameters()) == 1_756_280
+
+
+def test_one_backbone_forward_is_bit_exact(dit, sampler_npz):
+    z = sampler_npz
+    with torch.inference_mode():
+        embedded = dit.latent_embed(t(z["fwd_x_latent"]))
+        out = dit(embedded, time_features(t(z["fwd_time"])), t(z["fwd_position_ids"]), t(z["fwd_style"]))
+    assert maxdiff(embedded, z["fwd_x_embed"]) == 0
+    assert maxdiff(out, z["fwd_out"]) == 0
+
+
+def test_the_block_sampler_and_its_trace_are_bit_exact(dit, sampler_npz):
+    z = sampler_npz
+    settings = BlockSamplerSettings(steps=int(z["steps"]), cfg_strength=float(z["cfg_strength"]))
+    blocks = len(z["noise"])
+    assert blocks == -(-int(z["duration_frames"]) // int(z["block_size"]))
+    noise = block_noise(int(z["noise_seed"]), blocks, int(z["block_size"]))
+    assert maxdiff(noise, z["noise"][:, 0]) == 0  # a seeded generator draws the official noise
+    steps: list[tuple] = []
+    trace: dict = {}
+    (latents,) = sample_blocks(
+        dit, t(z["text_ids"]), t(z["style"]), noise[None], settings,
+        on_step=lambda b, k, tt, x, v: steps.append((b, k, tt, x.clone(), v.clone())), trace=trace,
+    )  # fmt: skip
+    assert latents.shape == (int(z["end_pos"]), 64)
+    assert maxdiff(latents, z["latents"][0]) == 0
+    s = settings.steps - 1
+    assert [tt for _, _, tt, _, _ in steps] == [float(v) for v in z["step_t"].reshape(-1)]
+    assert maxdiff(torch.cat([x for *_, x, _ in steps]), z["step_x"].reshape(blocks * s, 10, 64)) == 0
+    assert maxdiff(torch.cat([v for *_, v in steps]), z["step_v"].reshape(blocks * s, 10, 64)) == 0
+    preds = trace["pred"]
+    assert maxdiff(torch.cat([c for c, _ in preds]), z["step_pred_cond"].reshape(blocks * s, 10, 64)) == 0
+    assert maxdiff(torch.cat([n for _, n in preds]), z["step_pred_null"].reshape(blocks * s, 10, 64)) == 0
+    assert maxdiff(trace["text_pass"][0], z["text_pass_out_cond"]) == 0
+    assert maxdiff(trace["text_pass"][1], z["text_pass_out_null"]) == 0
+    cache = trace["cache_pass"]
+    assert maxdiff(torch.cat(cache[0::2]), z["cache_pass_out_cond"][:, 0]) == 0
+    assert maxdiff(torch.cat(cache[1::2]), z["cache_pass_out_null"][:, 0]) == 0
+    assert maxdiff(latents.view(blocks, 10, 64), z["block_sampled"][:, 0]) == 0
+
+
+def test_pass_times_without_fp16_rounding_match_the_variant_and_differ_from_the_official(dit, sampler_npz):
+    z = sampler_npz
+    noise = t(z["noise"])[:, 0][None]
+    settings = BlockSamplerSettings(
+        steps=int(z["steps"]), cfg_strength=float(z["cfg_strength"]), round_pass_time=False
+    )
+    (latents,) = sample_blocks(dit, t(z["text_ids"]), t(z["style"]), noise, settings)
+    assert maxdiff(latents, z["info_latents_fp32_time_no_fp16_rounding"][0]) == 0
+    assert 5e-6 < maxdiff(latents, z["latents"][0]) < 1e-4  # README: 1.59e-5
+
+
+def test_the_front_end_gives_the_official_token_ids(sampler_npz):
+    from musicgen.lyrics.dr2 import encode_dr2
+    from musicgen.lyrics.frontend import LyricsFrontEnd
+
+    lyrics = ("[start]\n[intro]\n[verse]\nHello darkness, my old friend\nI've come to talk with you again\n"
+              "[chorus]\nLa la la\n[end]")  # fmt: skip
+    assert encode_dr2(LyricsFrontEnd.from_assets(), lyrics).tokens == sampler_npz["text_ids"][0].tolist()
+
+
+def test_the_decoder_checkpoint_loads_strictly_from_the_weight_norm_format(ref, decoder):
+    raw = torch.load(ref / "decoder" / "decoder.bin", map_location="cpu", weights_only=True)["generator"]
+    assert len(raw) == 783 and any(k.endswith(".weight_g") for k in raw)
+    assert decoder.cfg == DecoderConfig.from_json(json.loads((ref / "decoder" / "decoder.json").read_text()))
+    assert decoder.cfg.hop == 9600 and decoder.cfg.sampling_rate == 48000
+    fused = fuse_weight_norm(raw)
+    for key, value in decoder.state_dict().items():
+        assert torch.equal(value, fused[key]), key
+
+
+def test_the_decoders_intermediates_and_outputs_are_bit_exact(decoder, decoder_npz):
+    z = decoder_npz
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda _m, _i, out: seen.__setitem__(name, out.detach().clone())
+
+    hooks = [decoder.conv_pre.register_forward_hook(keep("fwd_conv_pre_out")),
+             decoder.resblocks[0].activations[0].register_forward_hook(keep("fwd_act0_out")),
+             decoder.resblocks[0].register_forward_hook(keep("fwd_amp0_out")),
+             decoder.activation_post.register_forward_hook(keep("fwd_act_post_out")),
+             decoder.conv_post.register_forward_hook(keep("fwd_pre_final"))]  # fmt: skip
+    for i, up in enumerate(decoder.ups):
+        hooks.append(up[0].register_forward_hook(keep(f"fwd_up_out_{i}")))
+    # a stage's output (the mean of its AMP blocks) is the input of the next upsampling or of the last activation
+    takers = [up[0] for up in decoder.ups[1:]] + [decoder.activation_post]
+    for i, taker in enumerate(takers):
+        hooks.append(taker.register_forward_pre_hook(
+            lambda _m, args, name=f"fwd_stage_out_{i}": seen.__setitem__(name, args[0].detach().clone())
+        ))  # fmt: skip
+    with torch.inference_mode():
+        out = decoder(t(z["fwd_x"]))
+    for h in hooks:
+        h.remove()
+    assert maxdiff(out, z["fwd_out"]) == 0
+    assert len(seen) == 5 + 6 + 6
+    for name, value in seen.items():
+        assert maxdiff(value, z[name]) == 0, name
+    with torch.inference_mode():
+        plain = decoder(t(z["a_latents"]).transpose(1, 2))
+    assert maxdiff(plain, z["plain_out"]) == 0
+
+
+@pytest.mark.parametrize("run", ["a", "b"])
+def test_the_chunked_decode_and_the_stereo_array_are_bit_exact(decoder, decoder_npz, run):
+    z = decoder_npz
+    latents = t(z[f"{run}_latents"])
+    assert chunk_starts(latents.shape[1]) == z[f"{run}_chunk_start"].tolist()
+    mono = decode_chunked(decoder, latents, max_batch=1)
+    assert maxdiff(mono, z[f"{run}_decoded"][:, 0]) == 0
+    stereo = fake_stereo(mono, 48000)
+    assert stereo.shape == (1, 2, latents.shape[1] * 9600)
+    assert maxdiff(stereo[0], z[f"{run}_final"]) == 0
+    batched = decode_chunked(decoder, latents, max_batch=4)  # all windows of a song in one call
+    assert maxdiff(batched, z[f"{run}_decoded"][:, 0]) < 1e-5
+
+
+def test_songs_shorter_than_a_chunk_decode_in_one_call(decoder, decoder_npz):
+    """The official decode_audio fails below 20 frames (4 s); here they are one plain call."""
+    short = t(decoder_npz["a_latents"])[:, :12]
+    assert chunk_starts(12) == []
+    with torch.inference_mode():
+        assert maxdiff(decode_chunked(decoder, short), decoder(short.transpose(1, 2))[:, 0]) == 0
