@@ -66,9 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--takes", type=int, default=1, help="number of takes, 1 to 4 (one batch)")
     gen.add_argument(
-        "--steps", type=int, default=31, help="Euler steps (the official default of 32 grid points = 31)"
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: the model's official one: 31 Euler steps for DiffRhythm 1, 16 for 2)",
     )
-    gen.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance strength")
+    gen.add_argument("--cfg", type=float, default=None,
+                     help="classifier-free guidance strength (default: 4 for DiffRhythm 1, 2 for 2)")  # fmt: skip
     gen.add_argument("--format", default="wav", choices=sorted(OUTPUT_FORMATS))
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     gen.add_argument("--name", help="file name stem (default: song-<time>)")
@@ -122,6 +126,8 @@ def cmd_generate(args) -> int:
                 f"cannot read lyrics file {args.lyrics}: {exc}", recovery="give a UTF-8 LRC file"
             ) from None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    steps = args.steps if args.steps is not None else spec.default_steps
+    cfg = args.cfg if args.cfg is not None else spec.default_cfg
     edit = EditSpec(args.edit_audio, _parse_segments(args.edit_segments)) if args.edit_audio else None
     if args.ref_audio is not None:  # check the clip before loading any weights
         from musicgen.model.style import check_reference_audio
@@ -154,9 +160,10 @@ def cmd_generate(args) -> int:
         reference_audio=args.ref_audio,
         seed=seed,
         num_takes=args.takes,
-        steps=args.steps,
-        cfg_strength=args.cfg,
+        steps=steps,
+        cfg_strength=cfg,
         edit=edit,
+        duration_s=seconds,
     )
     bars: dict[str, tqdm] = {}
 
@@ -202,8 +209,8 @@ def cmd_generate(args) -> int:
             "song_duration": frames.song_duration,
             "seed": seed,
             "takes": args.takes,
-            "steps": args.steps,
-            "cfg_strength": args.cfg,
+            "steps": steps,
+            "cfg_strength": cfg,
             "style_prompt": args.style,
             "reference_audio": str(args.ref_audio) if args.ref_audio else None,
             "edit_audio": str(args.edit_audio) if args.edit_audio else None,
@@ -229,7 +236,7 @@ def cmd_generate(args) -> int:
 
 def cmd_models(args) -> int:
     from musicgen import hub
-    from musicgen.registry import MODELS, MULAN_REPO, VAE_FILE, VAE_REPO, get_model_spec
+    from musicgen.registry import DR2_FILES, MODELS, MULAN_REPO, VAE_FILE, VAE_REPO, get_model_spec
 
     if args.models_command == "list":
         print(f"cache: {hub.cache_dir()}")
@@ -258,11 +265,18 @@ def cmd_models(args) -> int:
         else:
             spec = get_model_spec(name)
             if spec.untrained:
-                from musicgen.tiny import ensure_tiny_model
+                from musicgen.tiny import ensure_tiny_dr2, ensure_tiny_model
 
-                ensure_tiny_model(hub.cache_dir() / "tiny")  # built locally, with all it needs
+                build = ensure_tiny_dr2 if spec.family == "dr2" else ensure_tiny_model
+                build(hub.cache_dir() / spec.name)  # built locally, with all it needs
                 continue
             print(f"pulling {name} ({spec.repo_id}) into {hub.cache_dir()}")
+            if spec.family == "dr2":
+                for file in DR2_FILES:
+                    hub.hub_file(spec.repo_id, file, pull_target=name)
+                hub.pull_mulan(MULAN_REPO)
+                hub.pull_assets()
+                continue
             hub.hub_file(spec.repo_id, spec.checkpoint_file, pull_target=name)
             hub.hub_file(VAE_REPO, VAE_FILE, pull_target=name)
             hub.pull_mulan(MULAN_REPO)

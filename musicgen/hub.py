@@ -299,7 +299,13 @@ def _requirements(spec) -> list[tuple[str, str, bool]]:
 
     negative = ("assets", "assets/negative_style_vocal.npy", _asset_at_hand("negative_style_vocal.npy"))
     if spec.untrained:  # it brings its own negative style embedding
-        return [("built locally", "tiny model", (cache_dir() / "tiny" / "tiny.json").is_file())]
+        return [("built locally", "tiny model", (cache_dir() / spec.name / "tiny.json").is_file())]
+    if spec.family == "dr2":  # its files, one repository; no VAE, no negative style
+        from musicgen.registry import DR2_FILES
+
+        files = [("checkpoint", f"{spec.repo_id}/{f}", hub_file_cached(spec.repo_id, f) is not None)
+                 for f in DR2_FILES]  # fmt: skip
+        return [*files, ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None)]
     return [
         negative,
         (
@@ -320,7 +326,10 @@ def model_status(spec) -> dict[str, bool]:
 
 
 def check_cached(spec) -> None:
-    """Raise one error naming every missing file of `spec` (assets with a local source count as present)."""
+    """Raise one error naming every missing file of `spec` (assets with a local source count as present).
+    An untrained tiny model needs nothing: it is built locally when it is loaded."""
+    if spec.untrained:
+        return
     missing = [what for _, what, cached in _requirements(spec) if not cached]
     if missing:
         raise _missing(missing, spec.name, offline=hub_offline())

@@ -102,6 +102,16 @@ class SongRequest:
     steps: int = 31
     cfg_strength: float = 4.0
     edit: EditSpec | None = None
+    duration_s: float | None = None  # DiffRhythm 2 (its tokens are not frame-aligned): the song's length
+
+
+def encode_style(encoder: StyleEncoder | None, req: SongRequest) -> torch.Tensor:
+    """(1, 512): the request's own embedding, else its reference clip's or its text prompt's."""
+    if req.style_embedding is not None:
+        return req.style_embedding.float().reshape(1, -1)
+    if req.reference_audio is not None:
+        return encoder.embed_audio_file(req.reference_audio)
+    return encoder.embed_text(req.style_prompt)
 
 
 @dataclass
@@ -194,6 +204,12 @@ class SongPipeline:
         if compile not in ("auto", "on", "off"):
             raise InvalidParameter(f"unknown compile setting {compile!r}", recovery="use auto, on or off")
         spec = get_model_spec(name)
+        if spec.family == "dr2":  # the same interface; eager (plan and compile are DiffRhythm 1's)
+            from musicgen.dr2_pipeline import DR2Pipeline
+
+            return DR2Pipeline.from_pretrained(
+                name, device=device, dtype=dtype, download=download, with_style_encoder=with_style_encoder
+            )
         dev = resolve_device(device)
         dt = resolve_dtype(dev, dtype)
         try:
@@ -268,11 +284,7 @@ class SongPipeline:
             raise ModelNotAvailable("this pipeline was loaded without its style encoder")
 
     def encode_style(self, req: SongRequest) -> torch.Tensor:
-        if req.style_embedding is not None:
-            return req.style_embedding.float().reshape(1, -1)
-        if req.reference_audio is not None:
-            return self.style_encoder.embed_audio_file(req.reference_audio)
-        return self.style_encoder.embed_text(req.style_prompt)
+        return encode_style(self.style_encoder, req)
 
     def latent_prompt(self, edit: EditSpec, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, frames, 64) latents of the song to edit and the (frames,) mask of frames to regenerate."""

@@ -16,6 +16,12 @@ LATENT_HOP = 2048  # audio samples per latent frame
 LATENT_CHANNELS = 64
 FRAMES_PER_SECOND = SAMPLE_RATE / LATENT_HOP  # ~21.53
 
+# DiffRhythm 2: 5 latent frames a second, decoded by BigVGAN to 48 kHz (9600 samples a frame)
+DR2_FRAMES_PER_SECOND = 5
+DR2_SAMPLE_RATE = 48_000
+DR2_REPO = "ASLP-lab/DiffRhythm2"
+DR2_FILES = ("model.json", "model.safetensors", "decoder.json", "decoder.bin")
+
 VAE_REPO = "ASLP-lab/DiffRhythm-vae"
 VAE_FILE = "vae_model.pt"
 MULAN_REPO = "OpenMuQ/MuQ-MuLan-large"
@@ -30,12 +36,14 @@ DIFFRHYTHM_1B = dict(
 class ModelSpec:
     name: str
     repo_id: str
-    dit: DiTConfig
+    dit: DiTConfig | None  # DiffRhythm 1's built-in configuration; DiffRhythm 2 reads model.json
     min_seconds: int
     max_seconds: int
     description: str
     checkpoint_file: str = "cfm_model.pt"
     licence: str = "Apache-2.0"
+    # "dr1": timed lyrics, 44.1 kHz VAE; "dr2": section tags, block sampler, 48 kHz BigVGAN (DR2_* below)
+    family: str = "dr1"
     # seeded random weights built locally (musicgen.tiny) instead of downloaded: not a music model
     untrained: bool = False
     # lyric placement rules of the official get_lrc_token: the base (2048-frame) models ignore the
@@ -45,7 +53,23 @@ class ModelSpec:
 
     @property
     def max_frames(self) -> int:
+        if self.family == "dr2":
+            return int(self.max_seconds * DR2_FRAMES_PER_SECOND)
         return self.dit.max_frames
+
+    @property
+    def default_steps(self) -> int:
+        """Sampling steps when none are given: the official inference defaults (DiffRhythm 1: 32 grid
+        points = 31 Euler steps; DiffRhythm 2: --steps 16, grid points, so 15 per block)."""
+        return 16 if self.family == "dr2" else 31
+
+    @property
+    def default_cfg(self) -> float:
+        return 2.0 if self.family == "dr2" else 4.0
+
+    @property
+    def sample_rate(self) -> int:
+        return DR2_SAMPLE_RATE if self.family == "dr2" else SAMPLE_RATE
 
     def check_duration(self, seconds: float) -> None:
         if not self.min_seconds <= seconds <= self.max_seconds:
@@ -77,6 +101,8 @@ class ModelSpec:
     def frames_for(self, seconds: float) -> int:
         """Latent frames generated for a song of `seconds`, as the official inference does it."""
         self.check_duration(seconds)
+        if self.family == "dr2":  # int(max_secs * 5); the sampler rounds up to whole blocks
+            return int(seconds * DR2_FRAMES_PER_SECOND)
         if self.min_seconds == self.max_seconds:  # fixed-length models always fill their window
             return self.max_frames
         return min(int(seconds * FRAMES_PER_SECOND), self.max_frames)
@@ -148,6 +174,26 @@ MODELS["tiny"] = ModelSpec(
     95,
     "UNTRAINED tiny model with seeded random weights, for offline demos and tests",
     untrained=True,
+)
+MODELS["diffrhythm-2"] = ModelSpec(
+    "diffrhythm-2",
+    DR2_REPO,
+    None,
+    10,
+    210,
+    "DiffRhythm 2, 10 to 210 s songs from lyrics with section tags (no timestamps), 48 kHz",
+    checkpoint_file="model.safetensors",
+    family="dr2",
+)
+MODELS["tiny-2"] = ModelSpec(
+    "tiny-2",
+    "",
+    None,
+    4,
+    60,
+    "UNTRAINED tiny DiffRhythm 2 with seeded random weights, for offline demos and tests",
+    untrained=True,
+    family="dr2",
 )
 DEFAULT_MODEL = "diffrhythm-1.2-base"
 

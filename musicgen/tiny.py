@@ -211,3 +211,51 @@ def ensure_tiny_model(root: Path) -> dict[str, Path]:
     save_tiny_negative_style(paths["negative"])
     marker.write_text(json.dumps({"format": FORMAT_VERSION, "untrained": True}))
     return paths
+
+
+# -- DiffRhythm 2 ------------------------------------------------------------------------------------
+
+DR2_FORMAT_VERSION = 1
+
+
+def save_tiny_dr2(folder: Path, seed: int = 0) -> Path:
+    """A tiny DiffRhythm 2 DiT and BigVGAN decoder in the official files (model.json, model.safetensors,
+    decoder.json, decoder.bin with weight-norm pairs), seeded random weights."""
+    from musicgen.model.bigvgan import BigVGAN, DecoderConfig, kaiser_sinc_filter
+    from musicgen.model.dr2_dit import DR2Config, DR2DiT
+    from musicgen.model.loading import save_bigvgan, save_dr2
+
+    torch.manual_seed(seed)
+    dit = DR2DiT(DR2Config(dim=64, depth=2, heads=4, text_num_embeds=1000, block_size=10,
+                           extra={"text_dim": 512, "use_flex_attn": False}))  # fmt: skip
+    save_dr2(dit, folder)
+    decoder = BigVGAN(
+        # one residual kernel per stage (the release has three): a quarter of the decoding time on a CPU
+        DecoderConfig(
+            upsample_initial_channel=64,
+            resblock_kernel_sizes=(3,),
+            resblock_dilation_sizes=((1, 3),),
+            use_tanh_at_final=False,
+            use_bias_at_final=False,
+        )  # fmt: skip
+    )
+    with torch.no_grad():
+        for name, buffer in decoder.named_buffers():
+            if name.endswith("filter"):
+                buffer.copy_(kaiser_sinc_filter())
+    save_bigvgan(decoder, folder)
+    return folder
+
+
+def ensure_tiny_dr2(root: Path) -> dict[str, Path]:
+    """Build the tiny DiffRhythm 2 under `root` once (the marker is written last: a half-made build is redone)."""
+    paths = {"folder": root / "model", "mulan": root / "mulan" / "mulan"}
+    marker = root / "tiny.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("format") == DR2_FORMAT_VERSION:
+        return paths
+    if root.exists():
+        shutil.rmtree(root)
+    save_tiny_dr2(paths["folder"])
+    save_tiny_mulan(root / "mulan")
+    marker.write_text(json.dumps({"format": DR2_FORMAT_VERSION, "untrained": True}))
+    return paths

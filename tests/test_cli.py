@@ -111,3 +111,29 @@ def test_models_list(tiny_model_paths, capsys):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "diffrhythm-1.2-base" in out and "tiny" in out and "ready" in out
+
+
+def test_generate_with_the_tiny_diffrhythm_2(offline_hub, tmp_path, capsys):
+    lyrics = tmp_path / "song.txt"
+    lyrics.write_text("[verse]\n[00:01.00]Hello world\n[chorus]\nSing it loud\n")
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", "tiny-2", "--lyrics", str(lyrics), "--style", "happy pop", "--duration", "4",
+               "--steps", "3", "--seed", "5", "--format", "wav", "--out", str(out), "--name", "t", "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "timestamps were removed" in captured.err  # LRC timestamps are dropped, with a warning
+    meta = json.loads((out / "t.json").read_text())
+    assert meta["model"] == "tiny-2" and meta["sample_rate"] == 48000 and meta["parameters"]["steps"] == 3
+    assert meta["lrc"].splitlines() == ["[verse]", "Hello world", "[chorus]", "Sing it loud"]
+    info = sf.info(str(out / "t-take1.wav"))
+    assert info.samplerate == 48000 and info.channels == 2 and info.frames == 4 * 48000
+
+
+def test_diffrhythm_2_missing_files_are_named_with_the_pull_command(offline_hub, capsys):
+    assert main(["generate", "--model", "diffrhythm-2", "--duration", "30", "--style", "pop"]) != 0
+    err = capsys.readouterr().err
+    for name in ("ASLP-lab/DiffRhythm2/model.json", "ASLP-lab/DiffRhythm2/model.safetensors",
+                 "ASLP-lab/DiffRhythm2/decoder.json", "ASLP-lab/DiffRhythm2/decoder.bin",
+                 "OpenMuQ/MuQ-MuLan-large", "musicgen models pull diffrhythm-2"):  # fmt: skip
+        assert name in err
+    assert "vae_model.pt" not in err

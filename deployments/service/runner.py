@@ -125,7 +125,7 @@ class JobRunner:
         return SongRequest(
             tokens=torch.tensor(p.tokens, dtype=torch.long), song_duration=p.song_duration,
             style_prompt=p.style_prompt, reference_audio=ref, seed=p.seed, num_takes=p.num_takes,
-            steps=p.steps, cfg_strength=p.cfg_strength, edit=edit,
+            steps=p.steps, cfg_strength=p.cfg_strength, edit=edit, duration_s=p.duration_s,
         )  # fmt: skip
 
     def run(self, job_id: str) -> JobState | None:

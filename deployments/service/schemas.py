@@ -39,8 +39,18 @@ class SongCreate(Strict):
     model: str | None = Field(None, description="model name; default: the service's default model")
     seed: int | None = Field(None, ge=0, le=2**62, description="take i uses seed + i; default: random")
     num_takes: int = Field(1, ge=1, le=MAX_TAKES)
-    steps: int = Field(31, ge=1, le=MAX_STEPS)
-    cfg_strength: float = Field(4.0, ge=0.0, le=20.0)
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="sampling steps; default: the model's (31 for DiffRhythm 1, 16 for 2)",
+    )
+    cfg_strength: float | None = Field(
+        None,
+        ge=0.0,
+        le=20.0,
+        description="guidance strength; default: the model's (4 for DiffRhythm 1, 2 for 2)",
+    )
     output_format: Literal["wav", "flac", "mp3"] = "mp3"
     edit: EditRequest | None = None
     webhook_url: str | None = Field(

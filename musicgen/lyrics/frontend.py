@@ -120,7 +120,16 @@ class LyricsFrontEnd:
         return timed
 
     def encode(self, lyrics: str, spec: ModelSpec, seconds: float) -> LyricsFrames:
+        """The model's lyrics input: DiffRhythm 1's frame-aligned tokens (timed lines), or DiffRhythm 2's
+        token sequence (section tags, no timing; `lrc` is then the lines as read)."""
         end_frame = spec.frames_for(seconds)
+        if spec.family == "dr2":
+            from musicgen.lyrics.dr2 import encode_dr2
+
+            out = encode_dr2(self, lyrics or "")
+            return LyricsFrames(tokens=torch.tensor(out.tokens, dtype=torch.long), end_frame=end_frame,
+                                song_duration=end_frame / spec.max_frames, lrc="\n".join(out.lines),
+                                warnings=out.warnings)  # fmt: skip
         parsed = parse_lrc(lyrics or "")
         warnings = list(parsed.warnings)
         lines = parsed.lines

@@ -153,16 +153,25 @@ class BlockCache:
     pass, and the clean blocks', appended by each block's cache pass. Keys are stored after q/k norm and
     RoPE. `mode`: "text" (store the call's as the text part; attend to the text only), "store" (append
     the call's to the history, attend to text + history) or "step" (attend to text + history + the
-    call's, store nothing: the noisy ODE steps)."""
+    call's, store nothing: the noisy ODE steps).
 
-    def __init__(self, depth: int):
+    With `capacity` (tokens: text + every block), each layer's keys and values live in one buffer
+    allocated at the first call: a call writes its own at the end of what is kept and attends to a view
+    of the prefix, where the official cache concatenates text, history and the call's anew at every
+    step (a copy of the whole history per layer per step). Without it, it works as the official one."""
+
+    def __init__(self, depth: int, capacity: int | None = None):
         self.text_k: list[torch.Tensor | None] = [None] * depth
         self.text_v: list[torch.Tensor | None] = [None] * depth
         self.k: list[torch.Tensor | None] = [None] * depth
         self.v: list[torch.Tensor | None] = [None] * depth
+        self.capacity = capacity
+        self.kept = [0] * depth  # buffered mode: tokens kept (text + history) per layer
         self.mode = "step"
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.capacity is not None:
+            return self._update_buffered(layer, k, v)
         if self.mode == "text":
             self.text_k[layer], self.text_v[layer] = k, v
             return k, v
@@ -176,10 +185,34 @@ class BlockCache:
             v = torch.cat([self.text_v[layer], v], dim=-2)
         return k.contiguous(), v.contiguous()
 
+    def _update_buffered(self, layer, k, v):
+        if self.k[layer] is None:
+            b, h, _, e = k.shape
+            self.k[layer] = k.new_empty(b, h, self.capacity, e)
+            self.v[layer] = v.new_empty(b, h, self.capacity, e)
+        start, n = self.kept[layer], k.shape[-2]
+        if start + n > self.capacity:
+            raise ValueError(f"the key/value cache holds {self.capacity} tokens; {start + n} were asked for")
+        self.k[layer][:, :, start : start + n] = k
+        self.v[layer][:, :, start : start + n] = v
+        if self.mode in ("text", "store"):
+            self.kept[layer] = start + n
+        return self.k[layer][:, :, : start + n], self.v[layer][:, :, : start + n]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (requests that left the batch are dropped from it)."""
+        for group in (self.text_k, self.text_v, self.k, self.v):
+            for i, t in enumerate(group):
+                if t is not None:
+                    group[i] = t.index_select(0, rows)
+
     def history_frames(self) -> int:
+        if self.capacity is not None:
+            return self.kept[0]
         return 0 if self.k[0] is None else self.k[0].shape[-2]
 
     def nbytes(self) -> int:
+        """Bytes held: what the cache keeps (in buffered mode, its buffers' whole capacity)."""
         tensors = [t for group in (self.text_k, self.text_v, self.k, self.v) for t in group if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -194,6 +227,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
+        self.official_mask = True
 
     def forward(self, x, cos, sin, cache: BlockCache | None, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
@@ -205,8 +239,13 @@ class Attention(nn.Module):
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # the official call passes an all-True boolean mask: full attention (kept: it picks the same kernel)
-        mask = torch.ones(b, 1, n, k.shape[-2], dtype=torch.bool, device=x.device)
+        # the official call passes an all-True boolean mask: full attention either way; without it SDPA
+        # may take its fastest kernel (`official_mask = False`)
+        mask = (
+            torch.ones(b, 1, n, k.shape[-2], dtype=torch.bool, device=x.device)
+            if self.official_mask
+            else None
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).contiguous().reshape(b, n, -1))
 
@@ -268,6 +307,10 @@ class DR2DiT(nn.Module):
             if cfg.repa_depth > 0
             else None
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
 
     def forward(
         self,

@@ -31,6 +31,8 @@ from musicgen.model.dr2_dit import BlockCache, DR2DiT, time_features
 EOS_MSE = 0.05
 # (block index, step index, t, x (b, bs, c), guided velocity (b, bs, c)) after every Euler step's velocity
 StepCallback = Callable[[int, int, float, torch.Tensor, torch.Tensor], None]
+# (block index, step index, original indices of the rows still sampled) -> the rows to keep, or None
+PruneCallback = Callable[[int, int, list[int]], list[int] | None]
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,12 @@ def sample_blocks(
     settings: BlockSamplerSettings,
     on_step: StepCallback | None = None,
     trace: dict | None = None,
-) -> list[torch.Tensor]:
-    """One (frames, c) latent stream per row; frames = blocks * block_size unless the row ended early."""
+    prune: PruneCallback | None = None,
+    buffered_cache: bool = True,
+) -> list[torch.Tensor | None]:
+    """One (frames, c) latent stream per row; frames = blocks * block_size unless the row ended early.
+    `prune`, called before every step, may drop rows (a canceled request): theirs are None.
+    `buffered_cache`: keys and values in preallocated buffers (False: the official concatenation)."""
     device, dtype = text.device, next(model.parameters()).dtype
     b, t_len = text.shape
     blocks, bs = noise.shape[1], noise.shape[2]
@@ -90,7 +96,8 @@ def sample_blocks(
     style = style.to(device, dtype)
     null_style = torch.zeros_like(style)
     pass_dtype = torch.float16 if settings.round_pass_time else None
-    cond, null = BlockCache(depth), BlockCache(depth)
+    capacity = t_len + blocks * bs if buffered_cache else None  # see BlockCache
+    cond, null = BlockCache(depth, capacity), BlockCache(depth, capacity)
     guided = settings.cfg_strength >= 1e-5
 
     if t_len:
@@ -107,11 +114,28 @@ def sample_blocks(
     plus_one = time_features(torch.ones(b, bs, device=device), pass_dtype)
     stream = torch.zeros(b, 0, noise.shape[-1], device=device, dtype=dtype)
     ends: list[int | None] = [None] * b
+    alive = list(range(b))  # original row of each row still sampled
+    results: list[torch.Tensor | None] = [None] * b
     for blk in range(blocks):
         done = stream.shape[1]
-        positions = torch.arange(done, done + bs, device=device)[None].repeat(b, 1)
-        x = noise[:, blk].to(device, dtype)
+        x = noise[alive, blk].to(device, dtype)
         for k in range(settings.steps - 1):
+            keep = prune(blk, k, list(alive)) if prune is not None else None
+            if keep is not None and keep != alive:
+                rows = torch.tensor([alive.index(r) for r in keep], device=device, dtype=torch.long)
+                alive, x, stream = list(keep), x.index_select(0, rows), stream.index_select(0, rows)
+                style, null_style, text = (
+                    style.index_select(0, rows),
+                    null_style.index_select(0, rows),
+                    text[rows],
+                )
+                plus_one = plus_one.index_select(0, rows)
+                cond.select(rows)
+                null.select(rows)
+                if not alive:
+                    return results
+            b = len(alive)
+            positions = torch.arange(done, done + bs, device=device)[None].repeat(b, 1)
             t = grid[k]
             features = time_features(t.expand(b, bs))
             embedded = model.latent_embed(x)
@@ -124,6 +148,7 @@ def sample_blocks(
             if on_step is not None:
                 on_step(blk, k, float(t), x, v)
             x = x + (grid[k + 1] - t) * v
+        positions = torch.arange(done, done + bs, device=device)[None].repeat(len(alive), 1)
         clean = model.latent_embed(x)
         for cache, s in ((cond, style), (null, null_style)):
             cache.mode = "store"
@@ -132,11 +157,13 @@ def sample_blocks(
             if trace is not None:
                 trace.setdefault("cache_pass", []).append(out)
         stream = torch.cat([stream, x], dim=1)
-        for r in range(b):
+        for pos, r in enumerate(alive):
             if ends[r] is None:
-                ends[r] = _eos_end(stream[r])
-        if all(e is not None for e in ends):
+                ends[r] = _eos_end(stream[pos])
+        if all(ends[r] is not None for r in alive):
             break
     if trace is not None:
         trace["cache_bytes"] = cond.nbytes() + null.nbytes()
-    return [stream[r, : ends[r] if ends[r] is not None else stream.shape[1]] for r in range(b)]
+    for pos, r in enumerate(alive):
+        results[r] = stream[pos, : ends[r] if ends[r] is not None else stream.shape[1]]
+    return results

@@ -43,14 +43,22 @@ SONG = {"lyrics": "[00:01.00]Hello there\n[00:03.00]good night", "style_prompt":
 
 
 def make_services(
-    url: str, pipe, results, uploads, *, lease_s: float = 5, webhook_policy=None, **config
+    url: str,
+    pipe,
+    results,
+    uploads,
+    *,
+    lease_s: float = 5,
+    webhook_policy=None,
+    model: str = "tiny",
+    **config,
 ) -> tuple[Services, JobStore]:
     """The API's collaborators as the ingress has them, with a runner on one worker thread as the
     generator. Returns (services, the worker's sync store)."""
     store = JobStore.from_url(url, lease_s=lease_s)
     runner = JobRunner(store, pipe, results, uploads, "w1")
     pool = ThreadPoolExecutor(1)
-    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, "tiny", {"tiny"}, webhook_policy)
+    validator = SongValidator(LyricsFrontEnd.from_assets(), uploads, model, {model}, webhook_policy)
 
     async def validate(body):
         return await asyncio.to_thread(validator.validate, body)
@@ -593,3 +601,46 @@ def test_queued_listeners_see_their_position_move_and_keepalives(live):
     assert positions[0] == 1 and 0 in positions, positions
     assert any(e.get("comment") == "keep-alive" for e in events)
     assert [e for e in events if "data" in e][-1]["data"]["status"] == "succeeded"
+
+
+def test_diffrhythm_2_through_the_api(server, tmp_path, offline_hub):
+    """The same API for the second generation: section-tag lyrics, events, audio of the requested length
+    at 48 kHz in two channels; edits refused; LRC timestamps dropped with a warning."""
+    import io
+
+    import soundfile as sf
+
+    from musicgen.pipeline import SongPipeline
+
+    redis.Redis.from_url(server.url).flushdb()
+    pipe2 = SongPipeline.from_pretrained("tiny-2", device="cpu")
+    services, _ = make_services(server.url, pipe2, LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u"),
+                                model="tiny-2")  # fmt: skip
+    with TestClient(create_api(services)) as http:
+        song = {"model": "tiny-2", "lyrics": "[verse]\n[00:01.00]Hello world\n[chorus]\nGood night",
+                "style_prompt": "folk", "duration_s": 4, "steps": 3, "num_takes": 2, "output_format": "wav"}  # fmt: skip
+        job = http.post("/v1/songs", json=song)
+        assert job.status_code == 202, job.text
+        body = wait_done(http, job.json()["id"])
+        assert body["status"] == "succeeded", body
+        assert body["parameters"]["lrc"].splitlines() == ["[verse]", "Hello world", "[chorus]", "Good night"]
+        assert any("timestamps were removed" in w for w in body["warnings"])
+        assert [t["duration_s"] for t in body["takes"]] == [4.0, 4.0]
+        for take in body["takes"]:
+            audio, rate = sf.read(io.BytesIO(http.get(take["audio_url"]).content))
+            assert rate == 48000 and audio.shape == (4 * 48000, 2)
+        events = sse_events(http.get(f"/v1/songs/{body['id']}/events").text.splitlines())
+        assert events[-1]["event"] == "succeeded"
+        defaults = http.post("/v1/songs", json={k: v for k, v in song.items() if k not in ("steps",)})
+        assert wait_done(http, defaults.json()["id"])["parameters"]["steps"] == 16  # the model's own default
+        wav = io.BytesIO()
+        sf.write(wav, np.zeros((48000, 2), dtype=np.float32), 48000, format="WAV")
+        source = http.post("/v1/uploads", content=wav.getvalue()).json()["id"]
+        edit = http.post("/v1/songs", json={**song, "edit": {"source_id": source, "segments": [[0, 1]]}})
+        assert edit.status_code == 422 and edit.json()["error"]["details"]["parameter"] == "edit"
+        assert "cannot edit" in edit.json()["error"]["message"]
+        timing = http.post(
+            "/v1/lyrics/timing", json={"model": "tiny-2", "lyrics": "[verse]\nHello", "duration_s": 4}
+        )
+        assert timing.status_code == 200 and timing.json()["lrc"] == "[verse]\nHello"
+    services.worker_pool.shutdown(wait=True)

@@ -488,6 +488,42 @@ def test_api_keys_through_ray_serve(service, tmp_path):
     assert [(k.name, k.role) for k in stored] == [("ops", "admin"), ("alice", "user")]
 
 
+def test_diffrhythm_2_through_ray_serve(service, tmp_path):
+    """The app serving the tiny DiffRhythm 2: the same API, events, audio of the requested length at 48 kHz
+    in two channels."""
+    import io
+
+    import soundfile as sf
+    from ray import serve
+
+    from deployments.serve.app import build_app
+
+    serve.delete("musicgen")
+    serve.run(build_app({"model": "tiny-2", "data_dir": str(tmp_path / "data"), "lease_s": 5}),
+              name="musicgen", route_prefix="/")  # fmt: skip
+    deadline = time.time() + 120
+    while (ready := service.get("/readyz")).status_code != 200 or "tiny-2" not in ready.text:
+        assert time.time() < deadline, ready.text
+        time.sleep(0.5)
+    (model,) = service.get("/v1/models").json()
+    assert (model["name"], model["min_seconds"], model["max_seconds"]) == ("tiny-2", 4, 60)
+    song = {"model": "tiny-2", "lyrics": "[verse]\nHello world\n[chorus]\nGood night", "style_prompt": "folk",
+            "duration_s": 5, "steps": 3, "output_format": "wav"}  # fmt: skip
+    job = service.post("/v1/songs", json=song)
+    assert job.status_code == 202, job.text
+    statuses = []
+    with service.stream("GET", f"/v1/songs/{job.json()['id']}/events", timeout=120) as events:
+        for line in events.iter_lines():
+            if line.startswith("event: "):
+                statuses.append(line[7:])
+                if statuses[-1] in ("succeeded", "failed", "canceled"):
+                    break
+    assert statuses[-1] == "succeeded" and "progress" in statuses, statuses
+    done = service.get(f"/v1/songs/{job.json()['id']}").json()
+    audio, rate = sf.read(io.BytesIO(service.get(done["takes"][0]["audio_url"]).content))
+    assert rate == 48000 and audio.shape == (5 * 48000, 2)
+
+
 def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
     """Last in this module: replaces the app with one scaled to zero whose model is not downloaded
     (offline, empty cache). Ready while scaled to zero; the first song starts a generator, which

@@ -1,0 +1,266 @@
+"""The DiffRhythm 2 song pipeline: check inputs -> encode style -> block sampler -> chunked BigVGAN decode ->
+stereo. Same interface as `SongPipeline` (generate, generate_many, progress, cancellation, out-of-memory
+handling), so the CLI and the service run either generation; `SongPipeline.from_pretrained` returns
+this one for a DiffRhythm 2 model.
+
+Choices (the official script's behaviour where it is not a bug, see musicgen/model/dr2_sampler.py):
+- the duration is int(seconds * 5) frames, sampled in whole 10-frame blocks as the official code does,
+  decoded whole (the official chunk layout) and then cut to the requested length (the official script
+  returns the whole last block: a 95 s request gave 96 s);
+- stereo is the official fake stereo (right = 0.8 x left, 10 ms later) of the decoder's mono; there is
+  no normalisation (the decoder clamps to [-1, 1]), as in the official script;
+- takes of one request and requests with the same text length, block count, steps and guidance are
+  sampled as one batch; a canceled request leaves its batch at the next step;
+- the CFG null branch uses a zero style, as the official code does (DiffRhythm 2 has no negative style).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from musicgen import hub
+from musicgen.errors import InvalidParameter, OutOfMemory
+from musicgen.model.bigvgan import BigVGAN, decode_chunked, fake_stereo
+from musicgen.model.device import resolve_device, resolve_dtype
+from musicgen.model.dr2_dit import DR2DiT
+from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks
+from musicgen.model.loading import load_bigvgan, load_dr2
+from musicgen.model.style import StyleEncoder
+from musicgen.registry import DR2_FILES, MULAN_REPO, ModelSpec, get_model_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    index: int
+    req: object  # SongRequest
+    report: object  # ProgressCallback
+    style: torch.Tensor  # (1, 512)
+    frames: int  # requested length in latent frames
+    blocks: int
+    noise: torch.Tensor  # (takes, blocks, block_size, 64)
+    seeds: list[int]
+    style_s: float
+    t0: float
+    error: BaseException | None = None
+
+
+class DR2Pipeline:
+    def __init__(self, spec: ModelSpec, dit: DR2DiT, decoder: BigVGAN, style_encoder: StyleEncoder | None,
+                 device: torch.device):  # fmt: skip
+        self.spec, self.dit, self.decoder, self.style_encoder = spec, dit, decoder, style_encoder
+        self.device = device
+        self.max_batch_takes = 8  # takes sampled together at most (GPU memory)
+        self.fault_oom_takes: int | None = None  # testing aid: batches of more takes fail as a full GPU would
+        self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str, *, device: str = "auto", dtype: str = "auto", download: bool = True,
+        with_style_encoder: bool = True,
+    ) -> DR2Pipeline:  # fmt: skip
+        spec = get_model_spec(name)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dev, dtype)
+        if spec.untrained:
+            from musicgen.tiny import ensure_tiny_dr2
+
+            paths = ensure_tiny_dr2(hub.cache_dir() / "tiny-2")
+            folder, mulan_source = paths["folder"], str(paths["mulan"])
+        else:
+            if not download or hub.hub_offline():
+                hub.check_cached(spec)
+            files = [hub.hub_file(spec.repo_id, f, download=download, pull_target=name) for f in DR2_FILES]
+            folder, mulan_source = Path(files[0]).parent, MULAN_REPO
+        dit = load_dr2(folder, device=dev, dtype=dt)
+        decoder = load_bigvgan(folder, device=dev, dtype=dt)
+        style = (
+            StyleEncoder.from_pretrained(mulan_source, dev, cache_dir=hub.cache_dir(), download=download)
+            if with_style_encoder
+            else None
+        )
+        return cls(spec, dit, decoder, style, dev)
+
+    # -- stages ------------------------------------------------------------------------------------
+
+    def check_inputs(self, req) -> None:
+        from musicgen.model.style import check_prompt
+        from musicgen.pipeline import MAX_TAKES
+
+        if req.tokens.ndim != 1:
+            raise InvalidParameter(f"tokens must be a 1-d sequence, got shape {tuple(req.tokens.shape)}")
+        vocab = self.dit.cfg.text_num_embeds
+        if req.tokens.numel() and not 0 <= int(req.tokens.min()) <= int(req.tokens.max()) <= vocab:
+            raise InvalidParameter(f"token ids must be in 0..{vocab}")
+        if req.duration_s is None:
+            raise InvalidParameter("a DiffRhythm 2 song needs its duration", recovery="pass duration_s")
+        self.spec.check_duration(req.duration_s)
+        if req.edit is not None:
+            raise InvalidParameter(
+                f"{self.spec.name} cannot edit songs (its official code has no edit mode)",
+                recovery="edit with a DiffRhythm 1.2 model, or generate the whole song again",
+                details={"parameter": "edit"},
+            )
+        if not 1 <= req.num_takes <= MAX_TAKES:
+            raise InvalidParameter(f"num_takes must be 1..{MAX_TAKES}")
+        if req.steps < 2:
+            raise InvalidParameter(
+                "DiffRhythm 2 needs at least 2 steps (grid points)", details={"parameter": "steps"}
+            )
+        if req.style_embedding is None and req.reference_audio is None:
+            check_prompt(req.style_prompt)
+        if self.style_encoder is None and req.style_embedding is None:
+            from musicgen.errors import ModelNotAvailable
+
+            raise ModelNotAvailable("this pipeline was loaded without its style encoder")
+
+    def encode_style(self, req) -> torch.Tensor:
+        from musicgen.pipeline import encode_style
+
+        return encode_style(self.style_encoder, req)
+
+    def generate(self, req, progress=None):
+        (out,) = self.generate_many([req], [progress])
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def generate_many(self, reqs: list, progress: list | None = None) -> list:
+        """Per request its SongResult or the exception that ended it (see SongPipeline.generate_many)."""
+        from musicgen.pipeline import Progress, _no_report
+
+        reports = list(progress) if progress is not None else [None] * len(reqs)
+        results: list = [None] * len(reqs)
+        ready: list[_Item] = []
+        bs = self.dit.cfg.block_size
+        for i, req in enumerate(reqs):
+            report = reports[i] or _no_report
+            try:
+                self.check_inputs(req)
+                t0 = time.perf_counter()
+                report(Progress("encoding_style", 0.0))
+                style = self.encode_style(req)
+                frames = self.spec.frames_for(req.duration_s)
+                blocks = num_blocks(frames, bs)
+                seeds = [req.seed + k for k in range(req.num_takes)]
+                noise = torch.stack([block_noise(s, blocks, bs, self.dit.cfg.mel_dim) for s in seeds])
+                ready.append(
+                    _Item(i, req, report, style, frames, blocks, noise, seeds, time.perf_counter() - t0, t0)
+                )
+            except Exception as exc:
+                results[i] = self._as_error(exc, req)
+        for batch in self._batches(ready):
+            self._run_batch(batch, results)
+        return results
+
+    def _batches(self, ready: list[_Item]) -> list[list[_Item]]:
+        groups: dict[tuple, list[list[_Item]]] = {}
+        for item in ready:
+            r = item.req
+            key = (r.tokens.shape[0], item.blocks, r.steps, float(r.cfg_strength))
+            batches = groups.setdefault(key, [[]])
+            if batches[-1] and sum(i.req.num_takes for i in batches[-1]) + r.num_takes > self.max_batch_takes:
+                batches.append([])
+            batches[-1].append(item)
+        return [b for bs_ in groups.values() for b in bs_ if b]
+
+    def _as_error(self, exc: Exception, req) -> Exception:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return OutOfMemory(f"out of memory generating {req.num_takes} take(s) of {req.duration_s:g} s")
+        return exc
+
+    def _run_batch(self, batch: list[_Item], results: list) -> None:
+        try:
+            for item, out in zip(batch, self._sample_and_decode(batch), strict=True):
+                results[item.index] = out
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                results[batch[0].index] = self._as_error(exc, batch[0].req)
+                return
+            log.warning("out of memory on a batch of %d requests: running them one at a time", len(batch))
+            for item in batch:
+                self._run_batch([item], results)
+
+    def _sample_and_decode(self, batch: list[_Item]) -> list:
+        from musicgen.pipeline import Progress, SongResult
+
+        takes = sum(i.req.num_takes for i in batch)
+        if self.fault_oom_takes is not None and takes > self.fault_oom_takes:
+            raise torch.OutOfMemoryError(f"simulated: {takes} takes > fault_oom_takes={self.fault_oom_takes}")
+        rows_of: list[list[int]] = []
+        for item in batch:
+            start = sum(len(r) for r in rows_of)
+            rows_of.append(list(range(start, start + item.req.num_takes)))
+        owner = {row: j for j, rows in enumerate(rows_of) for row in rows}
+        text = torch.cat([item.req.tokens[None].long().repeat(item.req.num_takes, 1) for item in batch]).to(
+            self.device
+        )
+        style = torch.cat([item.style.reshape(1, -1).repeat(item.req.num_takes, 1) for item in batch])
+        noise = torch.cat([item.noise for item in batch])
+        first = batch[0].req
+        settings = BlockSamplerSettings(first.steps, first.cfg_strength, self.round_pass_time)
+        total = batch[0].blocks * (settings.steps - 1)
+
+        def prune(blk: int, k: int, alive: list[int]) -> list[int] | None:
+            done = blk * (settings.steps - 1) + k
+            for j, item in enumerate(batch):
+                if item.error is None and any(owner[r] == j for r in alive):
+                    try:
+                        item.report(Progress("sampling", done / total, done, total))
+                    except Exception as exc:  # canceled or timed out: this request leaves the batch
+                        item.error = exc
+            keep = [r for r in alive if batch[owner[r]].error is None]
+            return keep if keep != alive else None
+
+        t1 = time.perf_counter()
+        streams = sample_blocks(self.dit, text, style, noise, settings, prune=prune)
+        self._sync()
+        sampling_s = time.perf_counter() - t1
+        outs: list = []
+        hop = self.decoder.cfg.hop
+        for j, item in enumerate(batch):
+            if item.error is not None:
+                outs.append(item.error)
+                continue
+            try:
+                item.report(Progress("decoding", 0.0))
+            except Exception as exc:
+                outs.append(exc)
+                continue
+            t2 = time.perf_counter()
+            rows = [streams[r] for r in rows_of[j]]
+            lengths = {r.shape[0] for r in rows}
+            if len(lengths) == 1:
+                mono = decode_chunked(self.decoder, torch.stack(rows))
+            else:  # an end of song came at different frames in different takes
+                mono = torch.nn.utils.rnn.pad_sequence(
+                    [decode_chunked(self.decoder, r[None])[0] for r in rows], batch_first=True
+                )
+            mono = mono[:, : item.frames * hop]  # the requested length (the sampler fills whole blocks)
+            audio = fake_stereo(mono, self.spec.sample_rate).cpu()
+            self._sync()
+            latents = torch.nn.utils.rnn.pad_sequence([r.float().cpu() for r in rows], batch_first=True)
+            timings = {
+                "style_s": item.style_s, "sampling_s": sampling_s, "decoding_s": time.perf_counter() - t2,
+                "total_s": time.perf_counter() - item.t0, "batch_requests": len(batch), "batch_takes": takes,
+            }  # fmt: skip
+            result = SongResult(audio=audio, latents=latents, seeds=item.seeds, sample_rate=self.spec.sample_rate,
+                                timings=timings)  # fmt: skip
+            try:
+                item.report(Progress("decoding", 1.0))
+                outs.append(result)
+            except Exception as exc:
+                outs.append(exc)
+        return outs
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

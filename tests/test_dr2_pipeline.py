@@ -1,0 +1,133 @@
+"""The DiffRhythm 2 pipeline on the tiny DiffRhythm 2 (built locally in the official files, loaded with the
+hub offline): songs of the requested length at 48 kHz in the official fake stereo, seeds per take,
+batched requests equal to requests run alone, cancel mid-song, the lyrics rules, strict loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from musicgen.errors import CheckpointMismatch, GenerationCanceled, InvalidLyrics, InvalidParameter
+from musicgen.lyrics.frontend import LyricsFrontEnd
+from musicgen.pipeline import EditSpec, SongPipeline, SongRequest
+from musicgen.registry import get_model_spec
+
+LYRICS = "[verse]\nHello world\n[chorus]\nGood night moon"
+
+
+@pytest.fixture(scope="module")
+def pipe(offline_hub):
+    return SongPipeline.from_pretrained("tiny-2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def front():
+    return LyricsFrontEnd.from_assets()
+
+
+def request(front, seconds=4.0, lyrics=LYRICS, **kw) -> SongRequest:
+    frames = front.encode(lyrics, get_model_spec("tiny-2"), seconds)
+    return SongRequest(tokens=frames.tokens, song_duration=frames.song_duration, style_prompt="happy pop",
+                       duration_s=seconds, steps=kw.pop("steps", 4), **kw)  # fmt: skip
+
+
+def test_a_song_has_the_requested_length_at_48_khz_in_the_official_stereo(pipe, front):
+    from musicgen.dr2_pipeline import DR2Pipeline
+
+    assert isinstance(pipe, DR2Pipeline)
+    result = pipe.generate(request(front, seconds=5.3, seed=7, num_takes=2))
+    assert result.sample_rate == 48_000 and result.audio.shape == (2, 2, 26 * 9600)  # int(5.3 * 5) frames
+    assert result.seeds == [7, 8] and not torch.equal(result.audio[0], result.audio[1])
+    left, right = result.audio[0]
+    assert torch.equal(right[:480], torch.zeros(480))
+    assert torch.equal(right[480:], torch.tensor(0.8) * left[:-480])
+    assert result.audio.abs().max() <= 1.0 and result.audio.abs().max() > 0
+    assert result.latents.shape == (2, 30, 64)  # three whole blocks were sampled
+
+
+def test_seeds_are_reproducible_and_batched_requests_equal_requests_alone(pipe, front):
+    a = request(front, seed=1, num_takes=2)
+    b = request(front, lyrics="[verse]\nHello world\n[chorus]\nGood night sun", seed=5)
+    alone = [pipe.generate(a), pipe.generate(b)]
+    batched = pipe.generate_many([a, b])
+    assert [r.timings["batch_requests"] for r in batched] == [2, 2]
+    for x, y in zip(alone, batched, strict=True):
+        assert torch.allclose(x.latents, y.latents, atol=1e-5) and torch.allclose(x.audio, y.audio, atol=1e-4)
+    assert torch.equal(pipe.generate(a).latents, alone[0].latents)  # the same seed, the same song
+
+
+def test_cancel_mid_song_leaves_the_batch_to_the_others(pipe, front):
+    seen = []
+
+    def cancel_at_step_3(progress):
+        seen.append(progress)
+        if progress.stage == "sampling" and progress.step >= 3:
+            raise GenerationCanceled("canceled by the test")
+
+    keep, drop = request(front, seed=2), request(front, seed=3, steps=6)
+    out = pipe.generate_many([keep, request(front, seed=3), drop], [None, cancel_at_step_3, None])
+    assert isinstance(out[1], GenerationCanceled)
+    assert max(p.step for p in seen if p.stage == "sampling") == 3  # stopped there, not at the end
+    assert torch.allclose(out[0].latents, pipe.generate(keep).latents, atol=1e-5)
+    assert out[2].audio.shape[-1] == 4 * 5 * 9600
+
+
+def test_progress_counts_blocks_and_steps(pipe, front):
+    events = []
+    pipe.generate(request(front, seconds=4, steps=5), events.append)
+    sampling = [p for p in events if p.stage == "sampling"]
+    assert sampling[-1].total == 2 * 4 and [p.step for p in sampling] == list(range(8))
+    assert [p.stage for p in events][0] == "encoding_style" and events[-1].stage == "decoding"
+
+
+def test_lyrics_rules_tags_timestamps_and_errors(front):
+    spec = get_model_spec("tiny-2")
+    out = front.encode("[Verse 1]\n[00:10.00]Hello world\n\n[Pre-Chorus]\nLa la", spec, 10)
+    assert out.tokens[:2].tolist() == [503, 511] and out.tokens[-1] == 511
+    assert out.lrc.splitlines() == ["[verse]", "Hello world", "La la"]
+    assert any("timestamps were removed" in w for w in out.warnings)
+    assert any("[Pre-Chorus] is not a DiffRhythm 2 section tag" in w for w in out.warnings)
+    with pytest.raises(InvalidLyrics, match="line 2") as err:
+        front.encode("[verse]\n!!!\nfine", spec, 10)
+    assert err.value.details["line"] == 2
+    assert front.encode("", spec, 10).tokens.numel() == 0  # instrumental
+
+
+def test_inputs_are_checked_before_any_work(pipe, front, tmp_path):
+    with pytest.raises(InvalidParameter, match="cannot edit"):
+        pipe.generate(request(front, edit=EditSpec(tmp_path / "x.wav", ((1.0, 2.0),))))
+    with pytest.raises(InvalidParameter, match="out of range"):
+        pipe.generate(request(front, seconds=4).__class__(**{**request(front).__dict__, "duration_s": 600}))
+    with pytest.raises(InvalidParameter, match="at least 2 steps"):
+        pipe.generate(request(front, steps=1))
+    with pytest.raises(InvalidParameter, match="token ids"):
+        pipe.generate(
+            SongRequest(tokens=torch.tensor([5000]), song_duration=0, style_prompt="x", duration_s=4)
+        )
+
+
+def test_an_instrumental_song_without_lyrics(pipe, front):
+    result = pipe.generate(request(front, lyrics="", seed=4))
+    assert result.audio.shape == (1, 2, 4 * 5 * 9600)
+
+
+def test_strict_loading_refuses_a_checkpoint_that_does_not_fit(tmp_path, offline_hub):
+    import json
+    import shutil
+
+    from musicgen import hub
+    from musicgen.model.loading import load_bigvgan, load_dr2
+
+    folder = hub.cache_dir() / "tiny-2" / "model"
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    cfg = json.loads((bad / "model.json").read_text())
+    (bad / "model.json").write_text(json.dumps({**cfg, "depth": cfg["depth"] + 1}))
+    with pytest.raises(CheckpointMismatch, match="does not fit"):
+        load_dr2(bad, device=torch.device("cpu"))
+    (bad / "decoder.json").write_text(json.dumps({"upsample_rates": [2]}))
+    with pytest.raises(CheckpointMismatch, match="snake_logscale"):
+        load_bigvgan(bad, device=torch.device("cpu"))
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointMismatch, match="not a readable safetensors"):
+        load_dr2(bad, device=torch.device("cpu"))
