@@ -9,7 +9,9 @@ here; what they adapt is the Ray-free service layer in deployments/service/.
   sends them, and they outlive the replica that queued them). Sized for thousands of open
   connections (`ingress_max_ongoing`): an event stream stays open for the minutes a song takes.
 - `PromptValidator` (CPU): the lyrics front end and request limits.
-- `SongGenerator` (`generator_gpus` GPUs each; unset: one when the cluster has GPUs at start): loads DiffRhythm and the style
+- `SongGenerator`, one deployment per served model (`model` and `models`: DiffRhythm 1.2 and 2 beside
+  each other; the ingress sends each job to its model's), `generator_gpus` GPUs each (unset: one when
+  the cluster has GPUs at start): loads its model and the style
   encoder (MuQ-MuLan, with its prompt cache) once and runs jobs in `@serve.batch` batches; a job is
   claimed atomically in Redis, so a duplicate dispatch is harmless. Takes are encoded and stored on
   CPU threads while the model runs the next batch. Replicas report their status to Redis, which
@@ -92,7 +94,7 @@ class PromptValidator:
         from musicgen.lyrics.frontend import LyricsFrontEnd
 
         self.validator = SongValidator(
-            LyricsFrontEnd.from_assets(), _storage(args, "uploads"), args.model, {args.model},
+            LyricsFrontEnd.from_assets(), _storage(args, "uploads"), args.model, set(args.served_models),
             webhook_policy=AddressPolicy(args.webhook_allow or ()),
         )  # fmt: skip
 
@@ -117,7 +119,7 @@ class SongGenerator:
     `batch_wait_s` (up to `max_batch_size`), and the pipeline samples those of the same frame and step
     count as one batch. Reports its own status to the job store every few seconds."""
 
-    def __init__(self, args: AppArgs, redis_url: str):
+    def __init__(self, args: AppArgs, redis_url: str, model: str | None = None):
         import socket
 
         from deployments.serve.metrics import GeneratorMetrics
@@ -128,6 +130,7 @@ class SongGenerator:
         from musicgen.pipeline import SongPipeline
 
         self.args = args
+        self.model = model or args.model  # the model this deployment's replicas load (one of served_models)
         self.load_error: dict | None = None
         self.load_failed_at = 0.0  # time.monotonic() when the model failed to load
         self.runner = None
@@ -138,19 +141,19 @@ class SongGenerator:
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
         try:
             pipeline = SongPipeline.from_pretrained(
-                args.model, device=args.device, plan=args.plan, compile=args.compile
+                self.model, device=args.device, plan=args.plan, compile=args.compile
             )
         except MusicgenError as exc:
             self.load_error = ServiceError.from_library(exc).to_dict()  # MODEL_NOT_LOADED
             self.load_failed_at = time.monotonic()
-            log.error("model %s not loaded: %s", args.model, exc)
+            log.error("model %s not loaded: %s", self.model, exc)
             self._report_now()  # before any job is refused: /readyz then tells why
             return
         pipeline.max_batch_takes = args.max_batch_takes
         pipeline.fault_oom_takes = args.fault_oom_takes
         self.runner = JobRunner(
             self.store, pipeline, _storage(args, "results"), _storage(args, "uploads"), self.worker,
-            on_finish=GeneratorMetrics(args.model).record, timeout_s=args.generation_timeout_s,
+            on_finish=GeneratorMetrics(self.model).record, timeout_s=args.generation_timeout_s,
             encode_in_background=True,
         )  # fmt: skip
         self.device = pipeline.device
@@ -199,7 +202,7 @@ class SongGenerator:
             self.runner.drain(timeout=GENERATION_GRACE_S / 2)
 
     def status(self) -> dict:
-        return {"loaded": self.runner is not None, "model": self.args.model, "error": self.load_error,
+        return {"loaded": self.runner is not None, "model": self.model, "error": self.load_error,
                 "worker": self.worker}  # fmt: skip
 
     def check_health(self) -> None:
@@ -212,7 +215,7 @@ class SongGenerator:
             # instead of failing with MODEL_NOT_LOADED); and a restart loop would take the node's CPU.
             if time.monotonic() - self.load_failed_at >= self.args.model_retry_s:
                 self._report_now()  # /readyz keeps telling why while Serve replaces this replica
-                raise RuntimeError(f"model {self.args.model} not loaded: {self.load_error['message']}")
+                raise RuntimeError(f"model {self.model} not loaded: {self.load_error['message']}")
             return
         if self.device.type == "cuda":
             import torch
@@ -226,7 +229,7 @@ class Ingress:
     def __init__(
         self,
         validator: DeploymentHandle,
-        generator: DeploymentHandle,
+        generators: dict[str, DeploymentHandle],  # one deployment per served model
         args: AppArgs,
         redis_url: str,
         redis_server=None,
@@ -237,7 +240,7 @@ class Ingress:
         from deployments.service.netguard import AddressPolicy
         from deployments.service.webhooks import WebhookDeliverer
 
-        self.args, self.validator, self.generator = args, validator, generator
+        self.args, self.validator, self.generators = args, validator, generators
         self.store = AsyncJobStore.from_url(redis_url, **_store_options(args))
         self.services = Services(
             store=self.store, validate=self._validate, dispatch=self._start,
@@ -309,7 +312,13 @@ class Ingress:
 
     async def _send(self, job_id: str) -> None:
         try:
-            await self.generator.run.remote(job_id)
+            params = await self.store.params(job_id)  # the job's model picks its generator deployment
+            model = (params or {}).get("model", self.args.model)
+            generator = self.generators.get(model)
+            if generator is None:  # a job of a model no longer served (the config changed)
+                log.warning("job %s is for model %s, which this app no longer serves", job_id, model)
+                return
+            await generator.run.remote(job_id)
         except Exception:  # the replica died: the lease expires and the reconciler sends it again
             log.warning("generator call for %s failed", job_id, exc_info=True)
         finally:
@@ -326,32 +335,45 @@ class Ingress:
 
     async def _ready(self) -> tuple[bool, str]:
         """From the generators' own reports in the job store (asking a replica would wait behind the
-        songs it is generating), cached for a second."""
+        songs it is generating), cached for a second. Ready when every served model has a generator
+        with its model loaded (or may start one: scaled to zero)."""
         now = time.monotonic()
         if self._ready_cache is not None and now - self._ready_cache[0] < READY_CACHE_S:
             return self._ready_cache[1]
-        reports = [r for r in await self.store.generator_statuses() if r.get("model") == self.args.model]
-        loaded = [r for r in reports if r.get("loaded")]
-        failed = [r["error"] for r in reports if r.get("error")]
-        if loaded:
-            answer = True, f"serving {self.args.model} on {len(loaded)} generator(s)"
-        elif failed:
-            answer = False, f"{failed[0]['message']}; {failed[0]['recovery']}"
-        elif self.args.min_generators == 0:
-            answer = True, "scaled to zero: the first song starts a generator, which loads the model first"
-        else:
-            answer = False, "no generator has reported yet: the model is loading"
+        reports = await self.store.generator_statuses()
+        states = [
+            self._model_state(m, [r for r in reports if r.get("model") == m]) for m in self.args.served_models
+        ]
+        answer = all(ok for ok, _ in states), "; ".join(why for _, why in states)
         self._ready_cache = now, answer
         return answer
 
+    def _model_state(self, model: str, reports: list[dict]) -> tuple[bool, str]:
+        loaded = [r for r in reports if r.get("loaded")]
+        failed = [r["error"] for r in reports if r.get("error")]
+        if loaded:
+            return True, f"serving {model} on {len(loaded)} generator(s)"
+        if failed:
+            return False, f"{model}: {failed[0]['message']}; {failed[0]['recovery']}"
+        if self.args.min_generators == 0:
+            return (
+                True,
+                f"{model} scaled to zero: the first song starts a generator, which loads the model first",
+            )
+        return False, f"{model}: no generator has reported yet: the model is loading"
+
     async def _models(self) -> list[dict]:
+        from deployments.service.schemas import model_view
         from deployments.service.settings import MAX_TAKES
         from musicgen.registry import MODELS
 
-        ok, why = await self._ready()
-        spec = MODELS[self.args.model]
-        return [{"name": spec.name, "loaded": ok, "status": why, "min_seconds": spec.min_seconds,
-                 "max_seconds": spec.max_seconds, "max_takes": MAX_TAKES, "untrained": spec.untrained}]  # fmt: skip
+        reports = await self.store.generator_statuses()
+        out = []
+        for name in self.args.served_models:
+            ok, why = self._model_state(name, [r for r in reports if r.get("model") == name])
+            spec = MODELS[name]
+            out.append(model_view(spec, ok, why, MAX_TAKES))
+        return out
 
     def __serve_build_asgi_app__(self):
         from deployments.service.api import create_api
@@ -411,18 +433,24 @@ def build_app(raw_args: dict) -> serve.Application:
         redis_url = f"redis://127.0.0.1:{port}/0"
         redis_server = RedisServer.bind(str(Path(args.data_dir) / "redis"), port)
     gpus = generator_gpus(args)
-    generator = SongGenerator.options(
-        ray_actor_options={"num_gpus": gpus, "num_cpus": 1} if gpus else {"num_cpus": 1},
-        # a full batch running and the next one gathering; the rest wait in the handles' queues
-        max_ongoing_requests=2 * args.max_batch_size,
-        autoscaling_config={
-            "min_replicas": args.min_generators,
-            "max_replicas": max(args.max_generators, args.min_generators, 1),
-            "target_ongoing_requests": args.max_batch_size,  # scale on queued work: more than a batch each
-            "upscale_delay_s": 5,
-            "downscale_delay_s": 300,
-        },
-    ).bind(args, redis_url)
+    generators = {}
+    for i, model in enumerate(args.served_models):
+        generators[model] = SongGenerator.options(
+            # the default model's deployment keeps the plain name; each other model gets its own
+            name="SongGenerator" if i == 0 else f"SongGenerator-{model}",
+            ray_actor_options={"num_gpus": gpus, "num_cpus": args.generator_cpus}
+            if gpus
+            else {"num_cpus": args.generator_cpus},
+            # a full batch running and the next one gathering; the rest wait in the handles' queues
+            max_ongoing_requests=2 * args.max_batch_size,
+            autoscaling_config={
+                "min_replicas": args.min_generators,
+                "max_replicas": max(args.max_generators, args.min_generators, 1),
+                "target_ongoing_requests": args.max_batch_size,  # scale on queued work: more than a batch each
+                "upscale_delay_s": 5,
+                "downscale_delay_s": 300,
+            },
+        ).bind(args, redis_url, model)
     ingress = Ingress.options(
         # its code is all async and never blocks: run it on the replica's own event loop, without the
         # thread hop per request that Serve adds to protect loops from blocking user code
@@ -441,4 +469,4 @@ def build_app(raw_args: dict) -> serve.Application:
         },
     )
     # binding the Redis deployment to the ingress makes it part of the app (started and stopped with it)
-    return ingress.bind(PromptValidator.bind(args), generator, args, redis_url, redis_server, provisioned)
+    return ingress.bind(PromptValidator.bind(args), generators, args, redis_url, redis_server, provisioned)

@@ -143,6 +143,17 @@ class ModelView(Strict):
     max_seconds: float
     max_takes: int
     untrained: bool
+    timed_lyrics: bool = True  # DiffRhythm 1: LRC timestamps place the lines; DiffRhythm 2: section tags only
+    edits: bool = True  # regenerating a section of a song (DiffRhythm 1 only)
+    sample_rate: int = 44_100
+
+
+def model_view(spec, loaded: bool, status: str, max_takes: int) -> dict:
+    """GET /v1/models's entry for a registry ModelSpec."""
+    dr2 = spec.family == "dr2"
+    return {"name": spec.name, "loaded": loaded, "status": status, "min_seconds": spec.min_seconds,
+            "max_seconds": spec.max_seconds, "max_takes": max_takes, "untrained": spec.untrained,
+            "timed_lyrics": not dr2, "edits": not dr2, "sample_rate": spec.sample_rate}  # fmt: skip
 
 
 class UploadView(Strict):

@@ -59,6 +59,7 @@ ENV = {
     "MUSICGEN_STORAGE_URL": "results and uploads elsewhere: s3://bucket/prefix (several nodes need this)",
     "MUSICGEN_S3_ENDPOINT_URL": "the S3 endpoint of a non-AWS service (MinIO, R2, ...); AWS_* credentials",
     "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
+    "MUSICGEN_MODELS": "more models served beside it, comma-separated (e.g. diffrhythm-2): a generator each",
     "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
     "MUSICGEN_GENERATOR_GPUS": "GPUs per generator replica (generator_gpus), e.g. 1 on a cluster that scales GPU nodes from 0",
@@ -98,7 +99,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: str | None = None  # the default model (requests that name none)
+    models: list[str] | None = None  # more models served beside it (unset: MUSICGEN_MODELS, comma-separated)
     redis_url: str | None = None
     data_dir: str | None = None
     storage_url: str | None = None  # s3://bucket/prefix; unset: results and uploads under data_dir
@@ -117,6 +119,7 @@ class AppArgs(BaseModel):
     # else 1 when the Ray cluster has a GPU at start and 0 otherwise: right for one machine, wrong for a
     # cluster whose GPU nodes scale from zero, which must set it (cluster/ does).
     generator_gpus: float | None = Field(None, ge=0, le=8)
+    generator_cpus: float = Field(1.0, gt=0, le=64)  # CPUs each generator replica asks Ray for
     plan: Literal["auto", "batched", "sequential", "graphs"] = "auto"  # see musicgen ExecutionPlan
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
@@ -147,6 +150,11 @@ class AppArgs(BaseModel):
                 "127.0.0.1 only (http_options.host), or accept an open API with allow_insecure_public: true"
             )
         return self
+
+    @property
+    def served_models(self) -> list[str]:
+        """The default model first, then the others, each once (a generator deployment each)."""
+        return list(dict.fromkeys([self.model, *(self.models or [])]))
 
     @property
     def auth_required(self) -> bool:
@@ -184,6 +192,9 @@ class AppArgs(BaseModel):
             update={
                 "generator_gpus": gpus,
                 "model": self.model or os.environ.get("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
+                "models": self.models
+                if self.models is not None
+                else [m.strip() for m in os.environ.get("MUSICGEN_MODELS", "").split(",") if m.strip()],
                 "redis_url": self.redis_url or os.environ.get("REDIS_URL") or None,
                 "storage_url": self.storage_url or os.environ.get("MUSICGEN_STORAGE_URL") or None,
                 "data_dir": os.path.abspath(self.data_dir or os.environ.get("MUSICGEN_DATA_DIR") or "data"),

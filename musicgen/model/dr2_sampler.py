@@ -84,86 +84,113 @@ def sample_blocks(
     on_step: StepCallback | None = None,
     trace: dict | None = None,
     prune: PruneCallback | None = None,
-    buffered_cache: bool = True,
+    buffered_cache: bool = False,
+    batch_branches: bool = True,
 ) -> list[torch.Tensor | None]:
     """One (frames, c) latent stream per row; frames = blocks * block_size unless the row ended early.
     `prune`, called before every step, may drop rows (a canceled request): theirs are None.
-    `buffered_cache`: keys and values in preallocated buffers (False: the official concatenation)."""
+    `batch_branches`: the cond and null branches of every call as one batch (rows [cond | null], one
+    cache), where the official code makes two calls; the same arithmetic per row.
+    `buffered_cache`: keys and values in preallocated buffers (default: the official concatenation)."""
     device, dtype = text.device, next(model.parameters()).dtype
     b, t_len = text.shape
     blocks, bs = noise.shape[1], noise.shape[2]
     depth = model.cfg.depth
     style = style.to(device, dtype)
-    null_style = torch.zeros_like(style)
     pass_dtype = torch.float16 if settings.round_pass_time else None
     capacity = t_len + blocks * bs if buffered_cache else None  # see BlockCache
-    cond, null = BlockCache(depth, capacity), BlockCache(depth, capacity)
     guided = settings.cfg_strength >= 1e-5
+    joint = batch_branches and guided
+    # streams: (cache, style, tokens) per branch; joint: one cache whose rows are [cond | null]
+    zero = torch.zeros_like(style)
+    if joint:
+        streams = [
+            [BlockCache(depth, capacity), torch.cat([style, zero]), torch.cat([text, torch.zeros_like(text)])]
+        ]
+    else:
+        streams = [
+            [BlockCache(depth, capacity), style, text],
+            [BlockCache(depth, capacity), zero, torch.zeros_like(text)],
+        ]
+
+    def call(x512, features, positions, stream):
+        cache, s, _ = stream
+        reps = s.shape[0] // x512.shape[0]
+        if reps > 1:
+            x512, features, positions = (
+                t.repeat(reps, *[1] * (t.ndim - 1)) for t in (x512, features, positions)
+            )
+        return model(x512, features, positions, s, cache)
 
     if t_len:
-        positions = torch.arange(t_len, device=device)[None].repeat(b, 1)
-        minus_one = time_features(torch.full((b, t_len), -1.0, device=device), pass_dtype)
-        for cache, tokens, s in ((cond, text, style), (null, torch.zeros_like(text), null_style)):
+        for stream in streams:
+            cache, s, tokens = stream
+            rows = s.shape[0]
             cache.mode = "text"
-            out = model(model.text_embed(tokens), minus_one, positions, s, cache)
+            out = model(model.text_embed(tokens), time_features(torch.full((rows, t_len), -1.0, device=device), pass_dtype),
+                        torch.arange(t_len, device=device)[None].repeat(rows, 1), s, cache)  # fmt: skip
             cache.mode = "step"
             if trace is not None:
-                trace.setdefault("text_pass", []).append(out)
+                trace.setdefault("text_pass", []).extend(out.chunk(2) if joint else [out])
 
     grid = torch.linspace(0, 1, settings.steps, device=device, dtype=torch.float32)
-    plus_one = time_features(torch.ones(b, bs, device=device), pass_dtype)
-    stream = torch.zeros(b, 0, noise.shape[-1], device=device, dtype=dtype)
+    stream_out = torch.zeros(b, 0, noise.shape[-1], device=device, dtype=dtype)
     ends: list[int | None] = [None] * b
     alive = list(range(b))  # original row of each row still sampled
     results: list[torch.Tensor | None] = [None] * b
     for blk in range(blocks):
-        done = stream.shape[1]
+        done = stream_out.shape[1]
         x = noise[alive, blk].to(device, dtype)
         for k in range(settings.steps - 1):
             keep = prune(blk, k, list(alive)) if prune is not None else None
             if keep is not None and keep != alive:
                 rows = torch.tensor([alive.index(r) for r in keep], device=device, dtype=torch.long)
-                alive, x, stream = list(keep), x.index_select(0, rows), stream.index_select(0, rows)
-                style, null_style, text = (
-                    style.index_select(0, rows),
-                    null_style.index_select(0, rows),
-                    text[rows],
-                )
-                plus_one = plus_one.index_select(0, rows)
-                cond.select(rows)
-                null.select(rows)
+                width = len(alive)
+                alive, x, stream_out = list(keep), x.index_select(0, rows), stream_out.index_select(0, rows)
                 if not alive:
                     return results
-            b = len(alive)
-            positions = torch.arange(done, done + bs, device=device)[None].repeat(b, 1)
+                for stream in streams:
+                    picked = torch.cat([rows, rows + width]) if joint else rows
+                    stream[0].select(picked)
+                    stream[1], stream[2] = (
+                        stream[1].index_select(0, picked),
+                        stream[2].index_select(0, picked),
+                    )
+            n = len(alive)
+            positions = torch.arange(done, done + bs, device=device)[None].repeat(n, 1)
             t = grid[k]
-            features = time_features(t.expand(b, bs))
+            features = time_features(t.expand(n, bs))
             embedded = model.latent_embed(x)
-            v = model(embedded, features, positions, style, cond)
-            if guided:
-                v_null = model(embedded, features, positions, null_style, null)
+            if joint:
+                v, v_null = call(embedded, features, positions, streams[0]).chunk(2)
+            else:
+                v = call(embedded, features, positions, streams[0])
+                v_null = call(embedded, features, positions, streams[1]) if guided else None
+            if v_null is not None:
                 if trace is not None:
                     trace.setdefault("pred", []).append((v, v_null))
                 v = v + (v - v_null) * settings.cfg_strength
             if on_step is not None:
                 on_step(blk, k, float(t), x, v)
             x = x + (grid[k + 1] - t) * v
-        positions = torch.arange(done, done + bs, device=device)[None].repeat(len(alive), 1)
+        n = len(alive)
+        positions = torch.arange(done, done + bs, device=device)[None].repeat(n, 1)
+        plus_one = time_features(torch.ones(n, bs, device=device), pass_dtype)
         clean = model.latent_embed(x)
-        for cache, s in ((cond, style), (null, null_style)):
-            cache.mode = "store"
-            out = model(clean, plus_one, positions, s, cache)
-            cache.mode = "step"
+        for stream in streams:  # both branches' caches, guided or not, as the official code does
+            stream[0].mode = "store"
+            out = call(clean, plus_one, positions, stream)
+            stream[0].mode = "step"
             if trace is not None:
-                trace.setdefault("cache_pass", []).append(out)
-        stream = torch.cat([stream, x], dim=1)
+                trace.setdefault("cache_pass", []).extend(out.chunk(2) if joint else [out])
+        stream_out = torch.cat([stream_out, x], dim=1)
         for pos, r in enumerate(alive):
             if ends[r] is None:
-                ends[r] = _eos_end(stream[pos])
+                ends[r] = _eos_end(stream_out[pos])
         if all(ends[r] is not None for r in alive):
             break
     if trace is not None:
-        trace["cache_bytes"] = cond.nbytes() + null.nbytes()
+        trace["cache_bytes"] = sum(stream[0].nbytes() for stream in streams)
     for pos, r in enumerate(alive):
-        results[r] = stream[pos, : ends[r] if ends[r] is not None else stream.shape[1]]
+        results[r] = stream_out[pos, : ends[r] if ends[r] is not None else stream_out.shape[1]]
     return results

@@ -488,9 +488,10 @@ def test_api_keys_through_ray_serve(service, tmp_path):
     assert [(k.name, k.role) for k in stored] == [("ops", "admin"), ("alice", "user")]
 
 
-def test_diffrhythm_2_through_ray_serve(service, tmp_path):
-    """The app serving the tiny DiffRhythm 2: the same API, events, audio of the requested length at 48 kHz
-    in two channels."""
+def test_both_generations_beside_each_other_through_ray_serve(service, tmp_path):
+    """One app serving the tiny DiffRhythm 1 (the default model) and the tiny DiffRhythm 2 beside it, a
+    generator deployment each: jobs go to their model's generator; a DiffRhythm 2 song comes with events
+    and audio of the requested length at 48 kHz in two channels, a DiffRhythm 1 song at 44.1 kHz."""
     import io
 
     import soundfile as sf
@@ -499,14 +500,22 @@ def test_diffrhythm_2_through_ray_serve(service, tmp_path):
     from deployments.serve.app import build_app
 
     serve.delete("musicgen")
-    serve.run(build_app({"model": "tiny-2", "data_dir": str(tmp_path / "data"), "lease_s": 5}),
-              name="musicgen", route_prefix="/")  # fmt: skip
-    deadline = time.time() + 120
-    while (ready := service.get("/readyz")).status_code != 200 or "tiny-2" not in ready.text:
+    # two generators on this 2-CPU Ray: half a CPU each
+    app = {"model": "tiny", "models": ["tiny-2"], "data_dir": str(tmp_path / "data"), "lease_s": 5,
+           "generator_cpus": 0.5}  # fmt: skip
+    serve.run(build_app(app), name="musicgen", route_prefix="/")
+    deadline = time.time() + 180
+    while (ready := service.get("/readyz")).status_code != 200:
         assert time.time() < deadline, ready.text
         time.sleep(0.5)
-    (model,) = service.get("/v1/models").json()
-    assert (model["name"], model["min_seconds"], model["max_seconds"]) == ("tiny-2", 4, 60)
+    assert "serving tiny on" in ready.text and "serving tiny-2 on" in ready.text
+    models = {m["name"]: m for m in service.get("/v1/models").json()}
+    assert set(models) == {"tiny", "tiny-2"} and (
+        models["tiny-2"]["min_seconds"],
+        models["tiny-2"]["max_seconds"],
+    ) == (4, 60)
+    first = service.post("/v1/songs", json={**SONG, "output_format": "wav"})  # no model: the default one
+    assert first.status_code == 202, first.text
     song = {"model": "tiny-2", "lyrics": "[verse]\nHello world\n[chorus]\nGood night", "style_prompt": "folk",
             "duration_s": 5, "steps": 3, "output_format": "wav"}  # fmt: skip
     job = service.post("/v1/songs", json=song)
@@ -522,6 +531,14 @@ def test_diffrhythm_2_through_ray_serve(service, tmp_path):
     done = service.get(f"/v1/songs/{job.json()['id']}").json()
     audio, rate = sf.read(io.BytesIO(service.get(done["takes"][0]["audio_url"]).content))
     assert rate == 48000 and audio.shape == (5 * 48000, 2)
+    one = wait_for(service, first.json()["id"], {"succeeded", "failed"})
+    assert one["status"] == "succeeded" and one["parameters"]["model"] == "tiny", one
+    audio, rate = sf.read(io.BytesIO(service.get(one["takes"][0]["audio_url"]).content))
+    assert rate == 44100 and audio.shape[1] == 2
+    generators = {
+        d for d in serve.status().applications["musicgen"].deployments if d.startswith("SongGenerator")
+    }
+    assert generators == {"SongGenerator", "SongGenerator-tiny-2"}
 
 
 def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):

@@ -67,3 +67,13 @@ def test_generator_gpus_come_from_the_setting_then_the_environment(monkeypatch):
             AppArgs().resolved()
     with pytest.raises(pydantic.ValidationError):
         AppArgs(generator_gpus=-1)
+
+
+def test_models_served_beside_the_default_come_from_the_setting_or_the_environment(monkeypatch):
+    monkeypatch.delenv("MUSICGEN_MODELS", raising=False)
+    monkeypatch.delenv("MUSICGEN_MODEL", raising=False)
+    assert AppArgs().resolved().served_models == ["diffrhythm-1.2-base"]
+    assert AppArgs(model="tiny", models=["tiny-2", "tiny"]).resolved().served_models == ["tiny", "tiny-2"]
+    monkeypatch.setenv("MUSICGEN_MODELS", " diffrhythm-2 , ")
+    assert AppArgs().resolved().served_models == ["diffrhythm-1.2-base", "diffrhythm-2"]
+    assert AppArgs(models=[]).resolved().served_models == ["diffrhythm-1.2-base"]  # the setting wins

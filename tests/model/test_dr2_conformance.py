@@ -86,7 +86,11 @@ def test_one_backbone_forward_is_bit_exact(dit, sampler_npz):
     assert maxdiff(out, z["fwd_out"]) == 0
 
 
-def test_the_block_sampler_and_its_trace_are_bit_exact(dit, sampler_npz):
+@pytest.mark.parametrize(
+    "batch_branches, buffered_cache", [(True, False), (False, False), (True, True)],
+    ids=["branches-batched", "official-calls", "buffered-cache"],
+)  # fmt: skip
+def test_the_block_sampler_and_its_trace_are_bit_exact(dit, sampler_npz, batch_branches, buffered_cache):
     z = sampler_npz
     settings = BlockSamplerSettings(steps=int(z["steps"]), cfg_strength=float(z["cfg_strength"]))
     blocks = len(z["noise"])
@@ -98,6 +102,7 @@ def test_the_block_sampler_and_its_trace_are_bit_exact(dit, sampler_npz):
     (latents,) = sample_blocks(
         dit, t(z["text_ids"]), t(z["style"]), noise[None], settings,
         on_step=lambda b, k, tt, x, v: steps.append((b, k, tt, x.clone(), v.clone())), trace=trace,
+        batch_branches=batch_branches, buffered_cache=buffered_cache,
     )  # fmt: skip
     assert latents.shape == (int(z["end_pos"]), 64)
     assert maxdiff(latents, z["latents"][0]) == 0

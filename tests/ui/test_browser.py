@@ -79,11 +79,10 @@ def app(server, tiny_model_paths, pace, tmp_path_factory):
 
 async def models() -> list[dict]:
     """What the ingress answers for the tiny model (deployments/serve/app.py)."""
+    from deployments.service.schemas import model_view
     from musicgen.registry import MODELS
 
-    spec = MODELS["tiny"]
-    return [{"name": spec.name, "loaded": True, "status": "serving tiny", "min_seconds": spec.min_seconds,
-             "max_seconds": spec.max_seconds, "max_takes": 4, "untrained": True}]  # fmt: skip
+    return [model_view(MODELS["tiny"], True, "serving tiny", 4)]
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,10 @@ async function loadModels() {
   applyModelLimits();
 }
 
+function currentModel() {
+  return state.models.find((x) => x.name === $("model").value) || { timed_lyrics: true, edits: true };
+}
+
 function applyModelLimits() {
   const m = state.models.find((x) => x.name === $("model").value);
   if (!m) return;
@@ -108,6 +112,10 @@ function applyModelLimits() {
   d.max = m.max_seconds;
   if (!d.value || Number(d.value) < m.min_seconds || Number(d.value) > m.max_seconds) d.value = m.min_seconds;
   $("takes").max = m.max_takes;
+  $("time-lyrics").textContent = m.timed_lyrics ? "Show timing" : "Check lyrics";
+  $("lyrics-help").textContent = m.timed_lyrics
+    ? "Plain lines (timed for you) or LRC [mm:ss.xx] lines. Section tags such as [Verse] and [Chorus] go on their own line."
+    : "Plain lines with section tags ([verse], [chorus], [bridge], ...) on their own lines; this model places the lyrics itself.";
 }
 $("model").addEventListener("change", applyModelLimits);
 
@@ -208,6 +216,12 @@ $("time-lyrics").addEventListener("click", async () => {
     return;
   }
   lyricsError(null);
+  if (!currentModel().timed_lyrics) {
+    // DiffRhythm 2 places the lines itself: show them as it reads them (tags normalised)
+    $("timing").hidden = true;
+    notice(`${answer.model} places the lyrics itself (section tags guide it): ${answer.lrc.split("\n").length} lines. ${answer.warnings.join(" ")}`);
+    return;
+  }
   const rows = answer.lines.map((l) => ({ time: l.time_s, text: l.text }));
   timingEditor($("timeline"), $("timing-rows"), rows, answer.duration_s, (changed) => {
     lyrics.value = writeLrc(changed, items);
@@ -301,6 +315,7 @@ form.addEventListener("submit", async (e) => {
 const jobs = new JobList($("job-list"), $("no-songs"), {
   announce,
   notice,
+  canEdit: (model) => (state.models.find((m) => m.name === model) || { edits: true }).edits,
   retry: async (entry) => {
     const body = entry.request || requestFromParameters(entry.view.parameters);
     try {

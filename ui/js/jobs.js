@@ -251,6 +251,7 @@ export class JobList {
     start.value = "0";
     end.value = String(Math.min(10, Math.floor(take.duration_s)));
     start.max = end.max = String(take.duration_s);
+    root.querySelector(".section-edit").hidden = !this.hooks.canEdit(p.model);
     root.querySelector(".regenerate").addEventListener("click", () =>
       this.hooks.regenerate(entry, take, Number(start.value), Number(end.value)),
     );
