@@ -116,6 +116,7 @@ class Watch:
     def __init__(self, page):
         self.problems: list[str] = []
         self.expected: set[int] = set()
+        self.allowed: list[str] = []  # console errors a test provokes on purpose
         self.navigating = False
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
@@ -129,13 +130,13 @@ class Watch:
         if msg.type != "error":
             return
         text = msg.text
-        if any(f"status of {s} " in text for s in self.expected):
+        if any(f"status of {s} " in text for s in self.expected) or any(a in text for a in self.allowed):
             return
         self.problems.append(f"console: {text}")
 
     def _failed(self, request) -> None:
         # an event stream cut by a reload or a closed page is the test's doing, not a failure
-        if self.navigating and "/events" in request.url and "ERR_ABORTED" in (request.failure or ""):
+        if self.navigating and "/events" in request.url and "ERR_" in (request.failure or ""):
             return
         # a media element reading its own blob: URL cancels reads when it seeks or pauses (no network)
         if request.url.startswith("blob:") and "ERR_ABORTED" in (request.failure or ""):
@@ -448,3 +449,23 @@ def test_jobs_made_elsewhere_appear_once_the_api_key_is_given(browser, keyed_app
     assert page.locator("#model option").count() == 1 and page.locator("#notice").is_hidden()
     context.close()
     watch.check()
+
+
+def test_a_failing_event_stream_falls_back_to_polling(page, pace):
+    """With every event stream refused (a proxy that drops them, say), the job is followed by polling
+    GET /v1/songs/{id} with back-off until it finishes."""
+    pace.seconds = 0.05
+    page.watch.navigating = (
+        True  # the refused streams (and the console's line for each) are this test's doing
+    )
+    page.watch.allowed.append("net::ERR_FAILED")
+    polls = []
+    page.route("**/v1/songs/*/events", lambda route: route.abort())
+    page.on("request", lambda r: r.url.rstrip("/").split("/")[-2:-1] == ["songs"] and polls.append(r.url))
+    try:
+        job = submit(page, {**SONG, "steps": "20"})
+        job.locator("xpath=self::*[@data-status='succeeded']").wait_for(timeout=60_000)
+        assert job.locator(".take").count() == 1
+        assert polls, "the job was not polled"
+    finally:
+        pace.seconds = 0.0
