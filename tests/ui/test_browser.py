@@ -469,3 +469,54 @@ def test_a_failing_event_stream_falls_back_to_polling(page, pace):
         assert polls, "the job was not polled"
     finally:
         pace.seconds = 0.0
+
+
+@pytest.fixture(scope="module")
+def dr2_app(server, tmp_path_factory):
+    """The API serving the tiny DiffRhythm 2 (its own generator thread), the same UI."""
+    from deployments.service.schemas import model_view
+    from musicgen.pipeline import SongPipeline
+    from musicgen.registry import MODELS
+
+    pipe = SongPipeline.from_pretrained("tiny-2", device="cpu")
+    root = tmp_path_factory.mktemp("ui-dr2")
+    services, _ = make_services(server.url, pipe, LocalStorage(root / "results"), LocalStorage(root / "uploads"),
+                                model="tiny-2", ui_dir=str(ROOT / "ui"))  # fmt: skip
+
+    async def served() -> list[dict]:
+        return [model_view(MODELS["tiny-2"], True, "serving tiny-2", 4)]
+
+    services.models = served
+    with LiveApi(services, slow_s=1.0) as api:
+        yield api
+    services.worker_pool.shutdown(wait=True)
+
+
+def test_a_diffrhythm_2_song_from_section_tagged_lyrics(browser, dr2_app):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    watch = Watch(page)
+    page.goto(dr2_app.base + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#model option").all_inner_texts() == ["tiny-2 (untrained demo)"]
+    assert "section tags" in page.locator("#lyrics-help").inner_text()
+    page.fill("#lyrics", "[Verse]\nHello world\n[chorus]\nGood night moon")
+    page.fill("#style", "folk")
+    page.fill("#duration", "4")
+    page.fill("#steps", "3")
+    page.click("#time-lyrics")  # "Check lyrics": no timing editor for a model that places lines itself
+    page.wait_for_function(
+        "() => document.getElementById('notice').textContent.includes('places the lyrics itself')"
+    )
+    assert page.locator("#timing").is_hidden()
+    page.click("#generate")
+    job = page.locator("li.job").first
+    job.locator("xpath=self::*[@data-status='succeeded']").wait_for(timeout=60_000)
+    take = job.locator(".take").first
+    audio = take.locator("audio")
+    page.wait_for_function("a => a.src.startsWith('blob:') && a.readyState >= 1", arg=audio.element_handle())
+    assert abs(audio.evaluate("a => a.duration") - 4.0) < 0.1
+    assert take.locator(".section-edit").is_hidden()  # DiffRhythm 2 has no edit mode
+    shot(page, "desktop-dr2")
+    context.close()
+    watch.check()
