@@ -16,7 +16,6 @@ Choices (the official script's behaviour where it is not a bug, see musicgen/mod
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +23,15 @@ from pathlib import Path
 import torch
 
 from musicgen import hub
-from musicgen.errors import InvalidParameter, OutOfMemory
+from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
 from musicgen.model.bigvgan import BigVGAN, decode_chunked, fake_stereo
 from musicgen.model.device import resolve_device, resolve_dtype
 from musicgen.model.dr2_dit import DR2DiT
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks
 from musicgen.model.loading import load_bigvgan, load_dr2
-from musicgen.model.style import StyleEncoder
+from musicgen.model.style import StyleEncoder, check_prompt
+from musicgen.pipeline import MAX_TAKES, BatchedGeneration, Progress, SongResult, encode_style
 from musicgen.registry import DR2_FILES, MULAN_REPO, ModelSpec, get_model_spec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,13 +49,11 @@ class _Item:
     error: BaseException | None = None
 
 
-class DR2Pipeline:
+class DR2Pipeline(BatchedGeneration):
     def __init__(self, spec: ModelSpec, dit: DR2DiT, decoder: BigVGAN, style_encoder: StyleEncoder | None,
                  device: torch.device):  # fmt: skip
         self.spec, self.dit, self.decoder, self.style_encoder = spec, dit, decoder, style_encoder
         self.device = device
-        self.max_batch_takes = 8  # takes sampled together at most (GPU memory)
-        self.fault_oom_takes: int | None = None  # testing aid: batches of more takes fail as a full GPU would
         self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
 
     @classmethod
@@ -90,8 +86,6 @@ class DR2Pipeline:
     # -- stages ------------------------------------------------------------------------------------
 
     def check_inputs(self, req) -> None:
-        from musicgen.model.style import check_prompt
-        from musicgen.pipeline import MAX_TAKES
 
         if req.tokens.ndim != 1:
             raise InvalidParameter(f"tokens must be a 1-d sequence, got shape {tuple(req.tokens.shape)}")
@@ -116,85 +110,35 @@ class DR2Pipeline:
         if req.style_embedding is None and req.reference_audio is None:
             check_prompt(req.style_prompt)
         if self.style_encoder is None and req.style_embedding is None:
-            from musicgen.errors import ModelNotAvailable
-
             raise ModelNotAvailable("this pipeline was loaded without its style encoder")
 
     def encode_style(self, req) -> torch.Tensor:
-        from musicgen.pipeline import encode_style
-
         return encode_style(self.style_encoder, req)
 
-    def generate(self, req, progress=None):
-        (out,) = self.generate_many([req], [progress])
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-    def generate_many(self, reqs: list, progress: list | None = None) -> list:
-        """Per request its SongResult or the exception that ended it (see SongPipeline.generate_many)."""
-        from musicgen.pipeline import Progress, _no_report
-
-        reports = list(progress) if progress is not None else [None] * len(reqs)
-        results: list = [None] * len(reqs)
-        ready: list[_Item] = []
+    def _prepare(self, index: int, req, report) -> _Item:
+        self.check_inputs(req)
+        t0 = time.perf_counter()
+        report(Progress("encoding_style", 0.0))
+        style = self.encode_style(req)
+        frames = self.spec.frames_for(req.duration_s)
         bs = self.dit.cfg.block_size
-        for i, req in enumerate(reqs):
-            report = reports[i] or _no_report
-            try:
-                self.check_inputs(req)
-                t0 = time.perf_counter()
-                report(Progress("encoding_style", 0.0))
-                style = self.encode_style(req)
-                frames = self.spec.frames_for(req.duration_s)
-                blocks = num_blocks(frames, bs)
-                seeds = [req.seed + k for k in range(req.num_takes)]
-                noise = torch.stack([block_noise(s, blocks, bs, self.dit.cfg.mel_dim) for s in seeds])
-                ready.append(
-                    _Item(i, req, report, style, frames, blocks, noise, seeds, time.perf_counter() - t0, t0)
-                )
-            except Exception as exc:
-                results[i] = self._as_error(exc, req)
-        for batch in self._batches(ready):
-            self._run_batch(batch, results)
-        return results
+        blocks = num_blocks(frames, bs)
+        seeds = [req.seed + k for k in range(req.num_takes)]
+        noise = torch.stack([block_noise(s, blocks, bs, self.dit.cfg.mel_dim) for s in seeds])
+        return _Item(index, req, report, style, frames, blocks, noise, seeds, time.perf_counter() - t0, t0)
 
-    def _batches(self, ready: list[_Item]) -> list[list[_Item]]:
-        groups: dict[tuple, list[list[_Item]]] = {}
-        for item in ready:
-            r = item.req
-            key = (r.tokens.shape[0], item.blocks, r.steps, float(r.cfg_strength))
-            batches = groups.setdefault(key, [[]])
-            if batches[-1] and sum(i.req.num_takes for i in batches[-1]) + r.num_takes > self.max_batch_takes:
-                batches.append([])
-            batches[-1].append(item)
-        return [b for bs_ in groups.values() for b in bs_ if b]
+    def _batch_key(self, item: _Item) -> tuple:
+        r = item.req
+        return r.tokens.shape[0], item.blocks, r.steps, float(r.cfg_strength)
 
     def _as_error(self, exc: Exception, req) -> Exception:
         if isinstance(exc, torch.OutOfMemoryError):
             return OutOfMemory(f"out of memory generating {req.num_takes} take(s) of {req.duration_s:g} s")
         return exc
 
-    def _run_batch(self, batch: list[_Item], results: list) -> None:
-        try:
-            for item, out in zip(batch, self._sample_and_decode(batch), strict=True):
-                results[item.index] = out
-        except torch.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                results[batch[0].index] = self._as_error(exc, batch[0].req)
-                return
-            log.warning("out of memory on a batch of %d requests: running them one at a time", len(batch))
-            for item in batch:
-                self._run_batch([item], results)
-
     def _sample_and_decode(self, batch: list[_Item]) -> list:
-        from musicgen.pipeline import Progress, SongResult
-
         takes = sum(i.req.num_takes for i in batch)
-        if self.fault_oom_takes is not None and takes > self.fault_oom_takes:
-            raise torch.OutOfMemoryError(f"simulated: {takes} takes > fault_oom_takes={self.fault_oom_takes}")
+        self._check_fault_oom(takes)
         rows_of: list[list[int]] = []
         for item in batch:
             start = sum(len(r) for r in rows_of)
@@ -260,7 +204,3 @@ class DR2Pipeline:
             except Exception as exc:
                 outs.append(exc)
         return outs
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

@@ -161,12 +161,82 @@ class _Prepared:
     t0: float
 
 
-class SongPipeline:
+class BatchedGeneration:
+    """What both generations' pipelines share: `generate` / `generate_many` prepare each request (a
+    bad one fails alone), group the compatible ones (equal `_batch_key`) into batches of at most
+    `max_batch_takes` takes, and run each batch; a batch that runs out of memory is retried one request
+    at a time, and a single request that does gets `OutOfMemory`. Subclasses give `_prepare`,
+    `_batch_key`, `_sample_and_decode` and `_as_error`; prepared items carry `index`, `req`."""
+
     max_batch_takes = 8  # takes sampled together at most (memory grows with takes x frames)
     # Testing aid for the out-of-memory paths without filling a device: a batch of more takes than
-    # this raises torch.OutOfMemoryError as an exhausted GPU would. None (the default) disables it.
+    # this fails as a full device would
     fault_oom_takes: int | None = None
+    device: torch.device
 
+    def generate(self, req: SongRequest, progress: ProgressCallback | None = None) -> SongResult:
+        (out,) = self.generate_many([req], [progress])
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def generate_many(
+        self, reqs: list[SongRequest], progress: list[ProgressCallback | None] | None = None
+    ) -> list[SongResult | Exception]:
+        """Generate several songs; compatible requests run as one sampler batch (and one decoder batch).
+        Returns per request its result or the exception that ended it, so that one bad, canceled or
+        timed-out request never costs the others theirs."""
+        reports = list(progress) if progress is not None else [None] * len(reqs)
+        results: list[SongResult | Exception | None] = [None] * len(reqs)
+        ready = []
+        for i, req in enumerate(reqs):
+            try:
+                ready.append(self._prepare(i, req, reports[i] or _no_report))
+            except Exception as exc:
+                results[i] = self._as_error(exc, req)
+        for batch in self._batches(ready):
+            self._run_batch(batch, results)
+        return results
+
+    def _batches(self, ready: list) -> list[list]:
+        groups: dict[tuple, list[list]] = {}
+        for item in ready:
+            chunks = groups.setdefault(self._batch_key(item), [[]])
+            if (
+                chunks[-1]
+                and sum(x.req.num_takes for x in chunks[-1]) + item.req.num_takes > self.max_batch_takes
+            ):
+                chunks.append([])
+            chunks[-1].append(item)
+        return [chunk for chunks in groups.values() for chunk in chunks if chunk]
+
+    def _run_batch(self, batch: list, results: list) -> None:
+        try:
+            for item, out in zip(batch, self._sample_and_decode(batch), strict=True):
+                results[item.index] = out
+        except torch.OutOfMemoryError as exc:
+            self._free()
+            if len(batch) == 1:
+                results[batch[0].index] = self._as_error(exc, batch[0].req)
+                return
+            log.warning("out of memory on a batch of %d requests: running them one at a time", len(batch))
+            for item in batch:
+                self._run_batch([item], results)
+
+    def _check_fault_oom(self, takes: int) -> None:
+        if self.fault_oom_takes is not None and takes > self.fault_oom_takes:
+            raise torch.OutOfMemoryError(f"simulated: {takes} takes > fault_oom_takes={self.fault_oom_takes}")
+
+    def _free(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class SongPipeline(BatchedGeneration):
     def __init__(
         self,
         spec: ModelSpec,
@@ -305,46 +375,6 @@ class SongPipeline:
         mask[src_frames:] = True  # past the end of the source there is nothing to keep
         return prompt, mask
 
-    def generate(self, req: SongRequest, progress: ProgressCallback | None = None) -> SongResult:
-        (out,) = self.generate_many([req], [progress])
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-    def generate_many(
-        self, reqs: list[SongRequest], progress: list[ProgressCallback | None] | None = None
-    ) -> list[SongResult | Exception]:
-        """Generate several songs; requests of the same frame and step count run as one sampler
-        batch (and one decoder batch), at most `max_batch_takes` takes at a time.
-
-        Returns per request its result or the exception that ended it, so that one bad, canceled or
-        timed-out request never costs the others theirs. A batch that runs out of memory is retried
-        one request at a time; a single request that runs out of memory gets `OutOfMemory`.
-        """
-        reports = list(progress) if progress is not None else [None] * len(reqs)
-        results: list[SongResult | Exception | None] = [None] * len(reqs)
-        ready: list[_Prepared] = []
-        for i, req in enumerate(reqs):
-            try:
-                ready.append(self._prepare(i, req, reports[i] or _no_report))
-            except Exception as exc:
-                results[i] = self._as_error(exc, req)
-        for batch in self._batches(ready):
-            self._run_batch(batch, results)
-        return results
-
-    def _batches(self, ready: list[_Prepared]) -> list[list[_Prepared]]:
-        by_shape: dict[tuple[int, int], list[list[_Prepared]]] = {}
-        for item in ready:
-            chunks = by_shape.setdefault((item.cond.frames, item.settings.steps), [[]])
-            if (
-                chunks[-1]
-                and sum(x.req.num_takes for x in chunks[-1]) + item.req.num_takes > self.max_batch_takes
-            ):
-                chunks.append([])
-            chunks[-1].append(item)
-        return [chunk for chunks in by_shape.values() for chunk in chunks]
-
     def _prepare(self, index: int, req: SongRequest, report: ProgressCallback) -> _Prepared:
         self.check_inputs(req)
         t0 = time.perf_counter()
@@ -379,23 +409,12 @@ class SongPipeline:
             )
         return exc
 
-    def _run_batch(self, batch: list[_Prepared], results: list) -> None:
-        try:
-            for item, out in zip(batch, self._sample_and_decode(batch), strict=True):
-                results[item.index] = out
-        except torch.OutOfMemoryError as exc:
-            self._free()
-            if len(batch) == 1:
-                results[batch[0].index] = self._as_error(exc, batch[0].req)
-                return
-            log.warning("out of memory on a batch of %d requests: running them one at a time", len(batch))
-            for item in batch:
-                self._run_batch([item], results)
+    def _batch_key(self, item: _Prepared) -> tuple:
+        return item.cond.frames, item.settings.steps
 
     def _sample_and_decode(self, batch: list[_Prepared]) -> list[SongResult | Exception]:
         takes = sum(item.req.num_takes for item in batch)
-        if self.fault_oom_takes is not None and takes > self.fault_oom_takes:
-            raise torch.OutOfMemoryError(f"simulated: {takes} takes > fault_oom_takes={self.fault_oom_takes}")
+        self._check_fault_oom(takes)
 
         def on_step(item: _Prepared):
             return lambda k, n: item.report(Progress("sampling", k / n, k, n))
@@ -439,11 +458,3 @@ class SongPipeline:
             except Exception as exc:
                 outs[j] = exc
         return outs
-
-    def _free(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
