@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--decoder-channels", type=int, default=1536)
+    ap.add_argument(
+        "--graphs", action="store_true", help="also sample with a CUDA graph per block (and compare)"
+    )
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -62,8 +65,8 @@ def main() -> None:
     print(f"{name}, {str(dtype)[6:]}: DiT {params[0]:.0f} M parameters, decoder {params[1]:.0f} M; "
           f"{args.steps} steps, CFG 2, {args.text_tokens} lyrics tokens", flush=True)  # fmt: skip
     g = torch.Generator().manual_seed(1)
-    header = (f"{'song s':>6} | {'takes':>5} | {'win/call':>8} | {'sample s/song':>13} | {'decode s/song':>13} | "
-              f"{'songs/hour':>10} | {'peak GiB':>8}")  # fmt: skip
+    header = (f"{'song s':>6} | {'takes':>5} | {'sampler':>7} | {'win/call':>8} | {'sample s/song':>13} | "
+              f"{'decode s/song':>13} | {'songs/hour':>10} | {'peak GiB':>8} | {'vs eager':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
     settings = BlockSamplerSettings(steps=args.steps, cfg_strength=2.0)
@@ -74,27 +77,35 @@ def main() -> None:
             text = torch.randint(1, 364, (takes, args.text_tokens), generator=g).to(device)
             style = torch.nn.functional.normalize(torch.randn(takes, 512, generator=g), dim=-1).to(device)
             noise = torch.stack([block_noise(s, blocks, 10) for s in range(takes)])
-            for windows in args.decoder_batch:
-                for _round in range(2):  # the first round warms the kernels up
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    sync(device)
-                    t0 = time.perf_counter()
-                    latents = sample_blocks(dit, text, style, noise, settings)
-                    sync(device)
-                    t1 = time.perf_counter()
-                    audio = decode_chunked(decoder, torch.stack(latents), max_batch=windows)[
-                        :, : frames * 9600
-                    ]
-                    sync(device)
-                    t2 = time.perf_counter()
-                assert audio.shape == (takes, frames * 9600)
-                peak = (
-                    torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-                )
-                per_song = (t2 - t0) / takes
-                print(f"{seconds:>6.0f} | {takes:>5} | {windows:>8} | {(t1 - t0) / takes:>13.2f} | "
-                      f"{(t2 - t1) / takes:>13.2f} | {3600 / per_song:>10.0f} | {peak:>8.2f}", flush=True)  # fmt: skip
+            eager = None
+            for mode in ["eager", "graphs"] if args.graphs else ["eager"]:
+                for windows in args.decoder_batch:
+                    for _round in range(2):  # the first round warms the kernels up
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        sync(device)
+                        t0 = time.perf_counter()
+                        latents = sample_blocks(
+                            dit, text, style, noise, settings, cuda_graph=mode == "graphs"
+                        )
+                        sync(device)
+                        t1 = time.perf_counter()
+                        mono = decode_chunked(decoder, torch.stack(latents), max_batch=windows)
+                        sync(device)
+                        t2 = time.perf_counter()
+                    assert mono[:, : frames * 9600].shape == (takes, frames * 9600)
+                    stacked = torch.stack(latents).float()
+                    eager = stacked if eager is None else eager
+                    diff = (stacked - eager).abs().max().item()
+                    peak = (
+                        torch.cuda.max_memory_allocated(device) / 2**30
+                        if device.type == "cuda"
+                        else float("nan")
+                    )
+                    per_song = (t2 - t0) / takes
+                    print(f"{seconds:>6.0f} | {takes:>5} | {mode:>7} | {windows:>8} | {(t1 - t0) / takes:>13.2f} | "
+                          f"{(t2 - t1) / takes:>13.2f} | {3600 / per_song:>10.0f} | {peak:>8.2f} | {diff:>8.1e}",
+                          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -130,8 +130,8 @@ def rope_tables(
     positions: torch.Tensor, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, n) positions -> cos, sin (b, n, e) of Llama's non-interleaved RoPE, computed in fp32."""
-    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float().to(positions.device)
-                                     / head_dim))  # fmt: skip
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (ROPE_THETA**exponents)
     freqs = (
         inv_freq[None, :, None].expand(positions.shape[0], -1, 1) @ positions[:, None, :].float()
     ).transpose(1, 2)
