@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from musicgen.model.bigvgan import BigVGAN, DecoderConfig, decode_chunked, kaiser_sinc_filter  # noqa: E402
+from musicgen.model.bigvgan import BigVGAN, DecoderConfig, decode_chunked  # noqa: E402
 from musicgen.model.device import resolve_device, resolve_dtype  # noqa: E402
 from musicgen.model.dr2_dit import DR2Config, DR2DiT  # noqa: E402
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks  # noqa: E402
@@ -52,10 +52,6 @@ def main() -> None:
         dit = DR2DiT(DR2Config(dim=args.dim, depth=args.depth, heads=args.heads, text_num_embeds=1000))
         decoder = BigVGAN(DecoderConfig(upsample_initial_channel=args.decoder_channels, use_tanh_at_final=False,
                                         use_bias_at_final=False))  # fmt: skip
-    with torch.no_grad():
-        for name, buffer in decoder.named_buffers():
-            if name.endswith("filter"):
-                buffer.copy_(kaiser_sinc_filter())
     dit, decoder = dit.to(dtype).eval(), decoder.to(dtype).eval()
     params = (
         sum(p.numel() for p in dit.parameters()) / 1e6,

@@ -67,7 +67,7 @@ class DR2Pipeline(BatchedGeneration):
         if spec.untrained:
             from musicgen.tiny import ensure_tiny_dr2
 
-            paths = ensure_tiny_dr2(hub.cache_dir() / "tiny-2")
+            paths = ensure_tiny_dr2(hub.cache_dir() / spec.name)
             folder, mulan_source = paths["folder"], str(paths["mulan"])
         else:
             if not download or hub.hub_offline():
@@ -95,18 +95,9 @@ class DR2Pipeline(BatchedGeneration):
         if req.duration_s is None:
             raise InvalidParameter("a DiffRhythm 2 song needs its duration", recovery="pass duration_s")
         self.spec.check_duration(req.duration_s)
-        if req.edit is not None:
-            raise InvalidParameter(
-                f"{self.spec.name} cannot edit songs (its official code has no edit mode)",
-                recovery="edit with a DiffRhythm 1.2 model, or generate the whole song again",
-                details={"parameter": "edit"},
-            )
+        self.spec.check_generation(steps=req.steps, edit=req.edit is not None)
         if not 1 <= req.num_takes <= MAX_TAKES:
             raise InvalidParameter(f"num_takes must be 1..{MAX_TAKES}")
-        if req.steps < 2:
-            raise InvalidParameter(
-                "DiffRhythm 2 needs at least 2 steps (grid points)", details={"parameter": "steps"}
-            )
         if req.style_embedding is None and req.reference_audio is None:
             check_prompt(req.style_prompt)
         if self.style_encoder is None and req.style_embedding is None:

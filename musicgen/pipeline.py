@@ -266,8 +266,9 @@ class SongPipeline(BatchedGeneration):
         with_style_encoder: bool = True,
         plan: str = "auto",
         compile: str = "auto",
-    ) -> SongPipeline:
-        """`plan`: how a sampling step's rows run (see `ExecutionPlan`: auto, batched, sequential,
+    ) -> BatchedGeneration:
+        """The pipeline of model `name`: this class for DiffRhythm 1, `DR2Pipeline` for DiffRhythm 2 (the
+        same interface). `plan`: how a sampling step's rows run (see `ExecutionPlan`: auto, batched, sequential,
         graphs). `compile`: `torch.compile` the DiT's blocks: on, off, or auto = on CUDA only, where it
         is measured faster (a probe compiles at load, the first song once more with dynamic shapes;
         see `_compile_or_fall_back`)."""
@@ -291,7 +292,7 @@ class SongPipeline(BatchedGeneration):
         if spec.untrained:
             from musicgen.tiny import ensure_tiny_model
 
-            paths = ensure_tiny_model(hub.cache_dir() / "tiny")
+            paths = ensure_tiny_model(hub.cache_dir() / spec.name)
             dit_path, vae_path, mulan_source = paths["dit"], paths["vae"], str(paths["mulan"])
             negative_path = paths["negative"]
         else:

@@ -20,7 +20,9 @@ FRAMES_PER_SECOND = SAMPLE_RATE / LATENT_HOP  # ~21.53
 DR2_FRAMES_PER_SECOND = 5
 DR2_SAMPLE_RATE = 48_000
 DR2_REPO = "ASLP-lab/DiffRhythm2"
-DR2_FILES = ("model.json", "model.safetensors", "decoder.json", "decoder.bin")
+DR2_DIT_FILES = ("model.json", "model.safetensors")  # the DiT: its configuration and weights
+DR2_DECODER_FILES = ("decoder.json", "decoder.bin")  # the BigVGAN decoder: its configuration and weights
+DR2_FILES = DR2_DIT_FILES + DR2_DECODER_FILES  # what `musicgen models pull diffrhythm-2` downloads
 
 VAE_REPO = "ASLP-lab/DiffRhythm-vae"
 VAE_FILE = "vae_model.pt"
@@ -66,6 +68,35 @@ class ModelSpec:
     @property
     def default_cfg(self) -> float:
         return 2.0 if self.family == "dr2" else 4.0
+
+    @property
+    def timed_lyrics(self) -> bool:
+        """LRC timestamps place the lines (DiffRhythm 1); DiffRhythm 2 reads section tags only."""
+        return self.family == "dr1"
+
+    @property
+    def edits(self) -> bool:
+        """Regenerating segments of a song: DiffRhythm 1 only (DiffRhythm 2's code has no edit mode)."""
+        return self.family == "dr1"
+
+    @property
+    def min_steps(self) -> int:
+        """DiffRhythm 2's steps are grid points of each block's integration: two at least."""
+        return 2 if self.family == "dr2" else 1
+
+    def check_generation(self, *, steps: int, edit: bool) -> None:
+        if edit and not self.edits:
+            raise InvalidParameter(
+                f"{self.name} cannot edit songs (its official code has no edit mode)",
+                recovery="edit with a DiffRhythm 1.2 model, or generate the whole song again",
+                details={"parameter": "edit"},
+            )
+        if steps < self.min_steps:
+            raise InvalidParameter(
+                f"{self.name} needs at least {self.min_steps} steps (grid points of each block's integration)",
+                recovery=f"use steps >= {self.min_steps} (its default is {self.default_steps})",
+                details={"parameter": "steps"},
+            )
 
     @property
     def sample_rate(self) -> int:

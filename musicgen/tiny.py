@@ -196,20 +196,30 @@ def save_tiny_negative_style(path: Path) -> Path:
     return path
 
 
-def ensure_tiny_model(root: Path) -> dict[str, Path]:
-    """Build the tiny model under `root` once. The marker file is written last, so a build that was
-    interrupted is redone from scratch on the next call rather than used half-made."""
-    paths = tiny_paths(root)
+def _build_once(root: Path, version: int, build) -> None:
+    """Run `build()` into an empty `root` unless a finished build of this format is there. The marker
+    file is written last, so a build that was interrupted is redone from scratch on the next call
+    rather than used half-made."""
     marker = root / "tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("format") == FORMAT_VERSION:
-        return paths
+    if marker.is_file() and json.loads(marker.read_text()).get("format") == version:
+        return
     if root.exists():
         shutil.rmtree(root)
-    save_tiny_dit(paths["dit"])
-    save_tiny_vae(paths["vae"])
-    save_tiny_mulan(root / "mulan")  # MuQ-MuLan records its towers' absolute paths: build in place
-    save_tiny_negative_style(paths["negative"])
-    marker.write_text(json.dumps({"format": FORMAT_VERSION, "untrained": True}))
+    build()
+    marker.write_text(json.dumps({"format": version, "untrained": True}))
+
+
+def ensure_tiny_model(root: Path) -> dict[str, Path]:
+    """Build the tiny model under `root` once."""
+    paths = tiny_paths(root)
+
+    def build():
+        save_tiny_dit(paths["dit"])
+        save_tiny_vae(paths["vae"])
+        save_tiny_mulan(root / "mulan")  # MuQ-MuLan records its towers' absolute paths: build in place
+        save_tiny_negative_style(paths["negative"])
+
+    _build_once(root, FORMAT_VERSION, build)
     return paths
 
 
@@ -221,7 +231,7 @@ DR2_FORMAT_VERSION = 1
 def save_tiny_dr2(folder: Path, seed: int = 0) -> Path:
     """A tiny DiffRhythm 2 DiT and BigVGAN decoder in the official files (model.json, model.safetensors,
     decoder.json, decoder.bin with weight-norm pairs), seeded random weights."""
-    from musicgen.model.bigvgan import BigVGAN, DecoderConfig, kaiser_sinc_filter
+    from musicgen.model.bigvgan import BigVGAN, DecoderConfig
     from musicgen.model.dr2_dit import DR2Config, DR2DiT
     from musicgen.model.loading import save_bigvgan, save_dr2
 
@@ -239,23 +249,17 @@ def save_tiny_dr2(folder: Path, seed: int = 0) -> Path:
             use_bias_at_final=False,
         )  # fmt: skip
     )
-    with torch.no_grad():
-        for name, buffer in decoder.named_buffers():
-            if name.endswith("filter"):
-                buffer.copy_(kaiser_sinc_filter())
-    save_bigvgan(decoder, folder)
+    save_bigvgan(decoder, folder)  # its anti-alias filters are the official ones (BigVGAN starts with them)
     return folder
 
 
 def ensure_tiny_dr2(root: Path) -> dict[str, Path]:
-    """Build the tiny DiffRhythm 2 under `root` once (the marker is written last: a half-made build is redone)."""
+    """Build the tiny DiffRhythm 2 under `root` once."""
     paths = {"folder": root / "model", "mulan": root / "mulan" / "mulan"}
-    marker = root / "tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("format") == DR2_FORMAT_VERSION:
-        return paths
-    if root.exists():
-        shutil.rmtree(root)
-    save_tiny_dr2(paths["folder"])
-    save_tiny_mulan(root / "mulan")
-    marker.write_text(json.dumps({"format": DR2_FORMAT_VERSION, "untrained": True}))
+
+    def build():
+        save_tiny_dr2(paths["folder"])
+        save_tiny_mulan(root / "mulan")
+
+    _build_once(root, DR2_FORMAT_VERSION, build)
     return paths

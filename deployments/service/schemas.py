@@ -150,10 +150,9 @@ class ModelView(Strict):
 
 def model_view(spec, loaded: bool, status: str, max_takes: int) -> dict:
     """GET /v1/models's entry for a registry ModelSpec."""
-    dr2 = spec.family == "dr2"
     return {"name": spec.name, "loaded": loaded, "status": status, "min_seconds": spec.min_seconds,
             "max_seconds": spec.max_seconds, "max_takes": max_takes, "untrained": spec.untrained,
-            "timed_lyrics": not dr2, "edits": not dr2, "sample_rate": spec.sample_rate}  # fmt: skip
+            "timed_lyrics": spec.timed_lyrics, "edits": spec.edits, "sample_rate": spec.sample_rate}  # fmt: skip
 
 
 class UploadView(Strict):

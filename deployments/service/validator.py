@@ -73,23 +73,14 @@ class SongValidator:
                 raise ServiceError(
                     "NOT_FOUND", f"{what} {upload_id!r} is not an upload", details={"parameter": what}
                 )
-        if req.edit is not None and spec.family == "dr2":
-            raise ServiceError(
-                "INVALID_PARAMETER", f"{name} cannot edit songs (DiffRhythm 2 has no edit mode)",
-                recovery="edit with a DiffRhythm 1.2 model, or generate the whole song again",
-                details={"parameter": "edit"},
-            )  # fmt: skip
-        if spec.family == "dr2" and req.steps is not None and req.steps < 2:
-            raise ServiceError(
-                "INVALID_PARAMETER", f"{name} needs at least 2 steps (grid points of each block's integration)",
-                recovery="use steps >= 2 (its default is 16)", details={"parameter": "steps"},
-            )  # fmt: skip
+        steps = req.steps if req.steps is not None else spec.default_steps
+        spec.check_generation(steps=steps, edit=req.edit is not None)
         seconds = req.duration_s if req.duration_s is not None else spec.min_seconds
         frames = self.frontend.encode(req.lyrics, spec, seconds)
         return SongParams(
             model=name, duration_s=seconds, lrc=frames.lrc, tokens=frames.tokens.tolist(),
             song_duration=frames.song_duration, seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
-            num_takes=req.num_takes, steps=req.steps if req.steps is not None else spec.default_steps,
+            num_takes=req.num_takes, steps=steps,
             cfg_strength=req.cfg_strength if req.cfg_strength is not None else spec.default_cfg,
             output_format=req.output_format, style_prompt=style, reference_audio_id=req.reference_audio_id,
             edit_source_id=req.edit.source_id if req.edit else None,

@@ -65,6 +65,23 @@ class DecoderConfig:
         return out
 
 
+def kaiser_sinc_filter(
+    taps: int = FILTER_TAPS, cutoff: float = 0.25, half_width: float = 0.3
+) -> torch.Tensor:
+    """(1, 1, taps): the anti-alias filter of the official code (a Kaiser-windowed sinc, sum 1): what a
+    decoder starts with; a checkpoint's own buffers are what loading uses."""
+    attenuation = 2.285 * (taps // 2 - 1) * math.pi * 4 * half_width + 7.95
+    beta = (
+        0.1102 * (attenuation - 8.7)
+        if attenuation > 50
+        else 0.5842 * (attenuation - 21) ** 0.4 + 0.07886 * (attenuation - 21)
+    )
+    window = torch.kaiser_window(taps, beta=beta, periodic=False)
+    time = torch.arange(-taps // 2, taps // 2) + 0.5 if taps % 2 == 0 else torch.arange(taps) - taps // 2
+    f = 2 * cutoff * window * torch.sinc(2 * cutoff * time)
+    return (f / f.sum()).view(1, 1, taps)
+
+
 class Snake(nn.Module):
     """SnakeBeta (or Snake: beta = alpha) per channel, alpha and beta stored as logarithms."""
 
@@ -87,7 +104,7 @@ class UpSample(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("filter", torch.zeros(1, 1, FILTER_TAPS))
+        self.register_buffer("filter", kaiser_sinc_filter())  # a checkpoint brings its own copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -99,7 +116,7 @@ class UpSample(nn.Module):
 class LowPass(nn.Module):
     def __init__(self):
         super().__init__()
-        self.register_buffer("filter", torch.zeros(1, 1, FILTER_TAPS))
+        self.register_buffer("filter", kaiser_sinc_filter())
 
 
 class DownSample(nn.Module):
@@ -183,23 +200,6 @@ class BigVGAN(nn.Module):
             x = mixed / nk
         x = self.conv_post(self.activation_post(x))
         return torch.tanh(x) if self.cfg.use_tanh_at_final else torch.clamp(x, -1.0, 1.0)
-
-
-def kaiser_sinc_filter(
-    taps: int = FILTER_TAPS, cutoff: float = 0.25, half_width: float = 0.3
-) -> torch.Tensor:
-    """(1, 1, taps): the anti-alias filter of the official code (a Kaiser-windowed sinc, sum 1), for
-    decoders built here; a checkpoint's own buffers are what loading uses."""
-    attenuation = 2.285 * (taps // 2 - 1) * math.pi * 4 * half_width + 7.95
-    beta = (
-        0.1102 * (attenuation - 8.7)
-        if attenuation > 50
-        else 0.5842 * (attenuation - 21) ** 0.4 + 0.07886 * (attenuation - 21)
-    )
-    window = torch.kaiser_window(taps, beta=beta, periodic=False)
-    time = torch.arange(-taps // 2, taps // 2) + 0.5 if taps % 2 == 0 else torch.arange(taps) - taps // 2
-    f = 2 * cutoff * window * torch.sinc(2 * cutoff * time)
-    return (f / f.sum()).view(1, 1, taps)
 
 
 def fuse_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

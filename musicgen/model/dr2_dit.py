@@ -206,11 +206,6 @@ class BlockCache:
                 if t is not None:
                     group[i] = t.index_select(0, rows)
 
-    def history_frames(self) -> int:
-        if self.capacity is not None:
-            return self.kept[0]
-        return 0 if self.k[0] is None else self.k[0].shape[-2]
-
     def nbytes(self) -> int:
         """Bytes held: what the cache keeps (in buffered mode, its buffers' whole capacity)."""
         tensors = [t for group in (self.text_k, self.text_v, self.k, self.v) for t in group if t is not None]

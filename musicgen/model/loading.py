@@ -14,6 +14,7 @@ import torch
 from musicgen.errors import CheckpointMismatch
 from musicgen.model.dit import DiT, DiTConfig, packing_available
 from musicgen.model.vae import SongVAE
+from musicgen.registry import DR2_DECODER_FILES, DR2_DIT_FILES
 
 PREFIX = "transformer."
 
@@ -113,11 +114,9 @@ def load_vae(path: str | Path, *, device: torch.device) -> SongVAE:
 
 # -- DiffRhythm 2: model.json + model.safetensors, decoder.json + decoder.bin --------------------------
 
-DR2_FILES = ("model.json", "model.safetensors")
-DECODER_FILES = ("decoder.json", "decoder.bin")
 
-
-def _read_json(path: Path) -> dict:
+def _read_config(cls, path: Path):
+    """`cls.from_json` of a JSON file, its problems as CheckpointMismatch naming the file."""
     import json
 
     try:
@@ -126,7 +125,23 @@ def _read_json(path: Path) -> dict:
         raise CheckpointMismatch(f"{path.name} is not readable JSON: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise CheckpointMismatch(f"{path.name} is not a JSON object")
-    return raw
+    try:
+        return cls.from_json(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointMismatch(f"{path.name}: {exc}") from None
+
+
+def _assign_strictly(build, state: dict[str, torch.Tensor], weights: str, config: str):
+    """The module `build()` makes (on the meta device), with exactly these tensors as its parameters."""
+    with torch.device("meta"):
+        model = build()
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointMismatch(
+            f"{weights} does not fit {config}: {' '.join(str(exc).splitlines()[:3])}"
+        ) from None
+    return model
 
 
 def load_dr2(folder: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -137,28 +152,19 @@ def load_dr2(folder: str | Path, *, device: torch.device, dtype: torch.dtype = t
     from musicgen.model.dr2_dit import DR2Config, DR2DiT
 
     folder = Path(folder)
+    config, weights = DR2_DIT_FILES
+    cfg = _read_config(DR2Config, folder / config)
     try:
-        cfg = DR2Config.from_json(_read_json(folder / DR2_FILES[0]))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointMismatch(f"{DR2_FILES[0]}: {exc}") from None
-    try:
-        state = load_file(str(folder / DR2_FILES[1]))
+        state = load_file(str(folder / weights))
     except Exception as exc:
         raise CheckpointMismatch(
-            f"{DR2_FILES[1]} is not a readable safetensors file: {type(exc).__name__}"
+            f"{weights} is not a readable safetensors file: {type(exc).__name__}"
         ) from None
     stray = [k for k in state if not k.startswith(PREFIX)]
     if stray:
-        raise CheckpointMismatch(f"{DR2_FILES[1]}: keys outside '{PREFIX}': {stray[:3]}")
-    with torch.device("meta"):
-        model = DR2DiT(cfg)
-    try:
-        model.load_state_dict({k[len(PREFIX) :]: v for k, v in state.items()}, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointMismatch(
-            f"{DR2_FILES[1]} does not fit {DR2_FILES[0]}: {' '.join(str(exc).splitlines()[:3])}"
-        ) from None
-    return model.to(device=device, dtype=dtype).eval()
+        raise CheckpointMismatch(f"{weights}: keys outside '{PREFIX}': {stray[:3]}")
+    state = {k[len(PREFIX) :]: v for k, v in state.items()}
+    return _assign_strictly(lambda: DR2DiT(cfg), state, weights, config).to(device=device, dtype=dtype).eval()
 
 
 def save_dr2(model, folder: str | Path) -> Path:
@@ -172,9 +178,9 @@ def save_dr2(model, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "extra"}
     cfg["repa_dims"] = list(cfg["repa_dims"])
-    (folder / DR2_FILES[0]).write_text(json.dumps({**cfg, **model.cfg.extra}, indent=2))
+    (folder / DR2_DIT_FILES[0]).write_text(json.dumps({**cfg, **model.cfg.extra}, indent=2))
     save_file({PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(folder / DR2_FILES[1]))  # fmt: skip
+              str(folder / DR2_DIT_FILES[1]))  # fmt: skip
     return folder
 
 
@@ -184,35 +190,25 @@ def load_bigvgan(folder: str | Path, *, device: torch.device, dtype: torch.dtype
     from musicgen.model.bigvgan import BigVGAN, DecoderConfig, fuse_weight_norm
 
     folder = Path(folder)
-    try:
-        cfg = DecoderConfig.from_json(_read_json(folder / DECODER_FILES[0]))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointMismatch(f"{DECODER_FILES[0]}: {exc}") from None
-    try:
-        ckpt = torch.load(folder / DECODER_FILES[1], map_location="cpu", weights_only=True)
-    except Exception as exc:
+    config, weights = DR2_DECODER_FILES
+    cfg = _read_config(DecoderConfig, folder / config)
+    if cfg.hop != 9600:
         raise CheckpointMismatch(
-            f"{DECODER_FILES[1]} is not a readable checkpoint: {type(exc).__name__}"
-        ) from None
+            f"{config}: upsampling rates multiply to {cfg.hop}, not 9600 samples per frame"
+        )
+    try:
+        ckpt = torch.load(folder / weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointMismatch(f"{weights} is not a readable checkpoint: {type(exc).__name__}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("generator"), dict):
-        raise CheckpointMismatch(f"{DECODER_FILES[1]} has no 'generator' state dict")
+        raise CheckpointMismatch(f"{weights} has no 'generator' state dict")
     try:
         state = fuse_weight_norm(ckpt["generator"])
     except KeyError as exc:
-        raise CheckpointMismatch(f"{DECODER_FILES[1]}: {exc}") from None
-    with torch.device("meta"):
-        model = BigVGAN(cfg)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointMismatch(
-            f"{DECODER_FILES[1]} does not fit {DECODER_FILES[0]}: {' '.join(str(exc).splitlines()[:3])}"
-        ) from None
-    if cfg.hop != 9600:
-        raise CheckpointMismatch(
-            f"{DECODER_FILES[0]}: upsampling rates multiply to {cfg.hop}, not 9600 samples per frame"
-        )
-    return model.to(device=device, dtype=dtype).eval()
+        raise CheckpointMismatch(f"{weights}: {exc}") from None
+    return (
+        _assign_strictly(lambda: BigVGAN(cfg), state, weights, config).to(device=device, dtype=dtype).eval()
+    )
 
 
 def save_bigvgan(model, folder: str | Path) -> Path:
@@ -225,7 +221,7 @@ def save_bigvgan(model, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(model.cfg)
-    (folder / DECODER_FILES[0]).write_text(json.dumps(cfg, indent=2))
+    (folder / DR2_DECODER_FILES[0]).write_text(json.dumps(cfg, indent=2))
     state = {}
     for key, value in model.state_dict().items():
         if key.endswith(".weight") and value.ndim == 3:
@@ -234,5 +230,5 @@ def save_bigvgan(model, folder: str | Path) -> Path:
             state[base + ".weight_v"] = value.clone()
         else:
             state[key] = value.clone()
-    torch.save({"generator": state}, folder / DECODER_FILES[1])
+    torch.save({"generator": state}, folder / DR2_DECODER_FILES[1])
     return folder
