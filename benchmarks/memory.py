@@ -2,11 +2,14 @@
 
     python benchmarks/memory.py                       # DiffRhythm 1.2 (dim 2048, depth 16), 2048 and 6144 frames
     python benchmarks/memory.py --frames 2048 --rows 1 2
+    python benchmarks/memory.py --rows 2 --cpu-default   # as the CPU runs a song: packed, rows in parallel
 
 Each measurement runs in a fresh process (peak RSS only grows): it builds the DiT with random fp32
 weights, records the resident set after building, runs one `velocity` over `rows` rows (2 rows are a
 request's conditional and null branch), and reports the peak resident set (`ru_maxrss`) and the
-forward's wall time. The last column scales the activation part to a bf16 GPU run (weights at 2 bytes,
+forward's wall time. With --cpu-default the model is in its CPU state at load (fused, oneDNN-packed
+weights) and the rows run as the CPU's `auto` plan runs them (each its own forward, at the same time
+on worker threads), so two rows hold two forwards' activations at once. The last column scales the activation part to a bf16 GPU run (weights at 2 bytes,
 activations at half the fp32 bytes): an estimate, until measured on a GPU.
 """
 
@@ -31,10 +34,12 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def measure(frames: int, rows: int, model: str) -> dict:
+def measure(frames: int, rows: int, model: str, cpu_default: bool) -> dict:
     import torch
 
     from musicgen.model.dit import DiT
+    from musicgen.model.loading import use_fast_paths
+    from musicgen.model.sampler import _velocity_by_row
     from musicgen.registry import MODELS
 
     torch.set_grad_enabled(False)
@@ -42,13 +47,19 @@ def measure(frames: int, rows: int, model: str) -> dict:
     torch.manual_seed(0)
     dit = DiT(cfg).eval()
     params = sum(p.numel() for p in dit.parameters())
+    if cpu_default:
+        use_fast_paths(dit)
     after_build = rss_mib()
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, cfg.text_num_embeds, (rows, frames), generator=g)
     pre = dit.prepare(torch.zeros(rows, frames, cfg.mel_dim), dit.embed_text(text), torch.randn(rows, 512),
                       torch.zeros(rows), torch.full((rows,), frames / cfg.max_frames))  # fmt: skip
     t0 = time.perf_counter()
-    dit.velocity(torch.randn(rows, frames, cfg.mel_dim, generator=g), torch.tensor(0.5), pre)
+    x = torch.randn(rows, frames, cfg.mel_dim, generator=g)
+    if cpu_default:
+        _velocity_by_row(dit, x, torch.tensor(0.5), pre, parallel=True)
+    else:
+        dit.velocity(x, torch.tensor(0.5), pre)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"frames": frames, "rows": rows, "params": params, "weights_mib": params * 4 / 2**20,
@@ -60,11 +71,12 @@ def main() -> None:
     ap.add_argument("--frames", type=int, nargs="*", default=[2048, 6144])
     ap.add_argument("--rows", type=int, nargs="*", default=[1])
     ap.add_argument("--model", default="diffrhythm-1.2-base")
+    ap.add_argument("--cpu-default", action="store_true", help="packed weights, rows in parallel (see above)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # "frames,rows": run one measurement, print JSON
     args = ap.parse_args()
     if args.one:
         frames, rows = map(int, args.one.split(","))
-        print(json.dumps(measure(frames, rows, args.model)))
+        print(json.dumps(measure(frames, rows, args.model, args.cpu_default)))
         return
     print(f"{'frames':>6} | {'rows':>4} | {'weights MiB':>11} | {'RSS built MiB':>13} | {'peak RSS MiB':>12} "
           f"| {'forward MiB':>11} | {'forward s':>9} | {'bf16 GPU est. MiB':>17}")  # fmt: skip
@@ -72,6 +84,7 @@ def main() -> None:
     for frames in args.frames:
         for rows in args.rows:
             cmd = [sys.executable, __file__, "--model", args.model, "--one", f"{frames},{rows}"]
+            cmd += ["--cpu-default"] if args.cpu_default else []
             out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
             forward = out["peak_mib"] - out["after_build_mib"]
             gpu = out["weights_mib"] / 2 + forward / 2

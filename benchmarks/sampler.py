@@ -15,8 +15,13 @@ Rows, each adding one change to the row above (the model's weights never change)
                       guidance branches in one batch
   contiguous stream   the conv position embedding's output made contiguous
   fused projections   q/k/v in one matrix multiply, gate/up in one
-  device plan         the plan `auto` picks: rows one by one on a CPU, a CUDA graph per step on CUDA
+  device plan         (GPU) the plan `auto` picks there: one batch, a CUDA graph per step on CUDA
+  rows back to back   (CPU) each row (guidance branch, take) its own forward, all threads each
   packed weights      (CPU, fp32) the projections' weights packed for oneDNN (`DiT.pack_weights`)
+  oneDNN post-ops     (CPU, fp32) SiLU, gate x up and the residual additions inside the packed
+                      matrix multiplies
+  rows in parallel    (CPU) the plan `auto` picks there: the rows' forwards at the same time on
+                      worker threads, the intra-op threads split among them
   torch.compile       (with --compile) the blocks compiled; the first song's compile time is reported
 
 Times are per song (one take); with --repeats N the rows run N rounds, alternating, and the table
@@ -92,12 +97,21 @@ class Row:
     note: str = ""
 
 
-def set_state(model: DiT, *, contiguous: bool, fused: bool, mask: bool = False, packed: bool = False) -> None:
+def set_state(
+    model: DiT,
+    *,
+    contiguous: bool,
+    fused: bool,
+    mask: bool = False,
+    packed: bool = False,
+    post_ops: bool = False,
+) -> None:
     if model.packed and not packed:
         model.unpack_weights()
     model.input_embed.conv_pos_embed.contiguous = contiguous
     for block in model.transformer_blocks:
         block.self_attn.additive_mask = mask
+        block.self_attn.post_ops = block.mlp.post_ops = post_ops
     if fused and not model.fused:
         model.fuse_projections()
     elif not fused and model.fused:
@@ -124,7 +138,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--plot", help="write a bar chart (PNG) here")
     ap.add_argument("--check-plans", action="store_true",
-                    help="only compare the plans' latents (batched, sequential, graphs; eager and compiled) and exit")  # fmt: skip
+                    help="only compare the plans' latents (batched, sequential, parallel or graphs; eager and compiled) and exit")  # fmt: skip
     ap.add_argument("--service-path", type=int, nargs="*", metavar="FRAMES",
                     help="only time songs of these lengths as the service runs them (compile=auto, plan=auto): "
                     "first and second song per length, so compile time shows; then exit")  # fmt: skip
@@ -170,19 +184,32 @@ def main() -> None:
             lambda: sample(model, cond, noise, settings, plan=batched), []),
         Row("+ fused projections", lambda m: set_state(m, contiguous=True, fused=True),
             lambda: sample(model, cond, noise, settings, plan=batched), []),
-        Row(f"+ device plan ({'graphs' if auto.cuda_graph else 'batched' if auto.batched else 'sequential'})",
-            lambda m: set_state(m, contiguous=True, fused=True),
-            lambda: sample(model, cond, noise, settings, plan=auto), []),
     ]  # fmt: skip
-    if device.type == "cpu" and dtype == torch.float32 and packing_available():
-        rows.append(Row("+ packed weights (oneDNN)", lambda m: set_state(m, contiguous=True, fused=True, packed=True),
+    if device.type == "cpu":  # the CPU's plan, packing and post-ops, one row each; auto last
+        sequential = ExecutionPlan.resolve("sequential", device)
+        rows.append(Row("+ rows back to back (sequential)", lambda m: set_state(m, contiguous=True, fused=True),
+                        lambda: sample(model, cond, noise, settings, plan=sequential), []))  # fmt: skip
+        packed = dtype == torch.float32 and packing_available()
+        if packed:
+            rows += [
+                Row("+ packed weights (oneDNN)", lambda m: set_state(m, contiguous=True, fused=True, packed=True),
+                    lambda: sample(model, cond, noise, settings, plan=sequential), []),
+                Row("+ oneDNN post-ops", lambda m: set_state(m, contiguous=True, fused=True, packed=True, post_ops=True),
+                    lambda: sample(model, cond, noise, settings, plan=sequential), []),
+            ]  # fmt: skip
+        rows.append(Row("+ rows in parallel (threads split)",
+                        lambda m: set_state(m, contiguous=True, fused=True, packed=packed, post_ops=packed),
+                        lambda: sample(model, cond, noise, settings, plan=auto), []))  # fmt: skip
+    else:
+        rows.append(Row(f"+ device plan ({'graphs' if auto.cuda_graph else 'batched'})",
+                        lambda m: set_state(m, contiguous=True, fused=True),
                         lambda: sample(model, cond, noise, settings, plan=auto), []))  # fmt: skip
 
     # warm-up (kernel selection, allocator, CUDA graph private pools) on a short song, not timed
     warm_cond, warm_noise = conditions(256, cfg.max_frames), take_noise([0], 256, 64)
     for row in rows[1:]:
         row.setup(model)
-        for plan in {batched, auto}:
+        for plan in {batched, auto, ExecutionPlan(batched=False)}:
             sample(model, warm_cond, warm_noise, SamplerSettings(steps=3), plan=plan)
     sample_reference(model, warm_cond, warm_noise, SamplerSettings(steps=1))
 
@@ -346,7 +373,7 @@ def check_plans(model: DiT, cfg: DiTConfig, args, device) -> None:
     def run(plan):
         return sample_many(model, conds, noises, settings, [None, leave_at_2, None], plan=plan)
 
-    plans = ["batched", "sequential"] + (["graphs"] if device.type == "cuda" else [])
+    plans = ["batched", "sequential"] + (["graphs"] if device.type == "cuda" else ["parallel"])
     base = run(ExecutionPlan.resolve("batched", device))
     print(f"{'plan':<22} | {'max |diff| vs batched eager':>27} | canceled request")
     for compiled in (False, True):

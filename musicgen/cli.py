@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--edit-segments", help='JSON seconds to regenerate, e.g. "[[0,25],[50,-1]]"')
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     gen.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs, fp32 on CPU), fp32, bf16 or fp16")
-    gen.add_argument("--plan", default="auto", choices=["auto", "batched", "sequential", "graphs"],
-                     help="how a sampling step's rows run: auto = one by one on CPU, batched with a CUDA "
-                     "graph on CUDA, batched elsewhere")  # fmt: skip
+    gen.add_argument("--plan", default="auto", choices=["auto", "batched", "sequential", "parallel", "graphs"],
+                     help="how a sampling step's rows run: auto = in parallel on CPU (threads split among "
+                     "the rows), batched with a CUDA graph on CUDA, batched elsewhere")  # fmt: skip
     gen.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                      help="torch.compile the DiT: auto = on CUDA only (the first song compiles for seconds)")  # fmt: skip
     gen.add_argument("--offline", action="store_true", help="never download; fail if weights are missing")

@@ -269,7 +269,7 @@ class SongPipeline(BatchedGeneration):
     ) -> BatchedGeneration:
         """The pipeline of model `name`: this class for DiffRhythm 1, `DR2Pipeline` for DiffRhythm 2 (the
         same interface). `plan`: how a sampling step's rows run (see `ExecutionPlan`: auto, batched, sequential,
-        graphs). `compile`: `torch.compile` the DiT's blocks: on, off, or auto = on CUDA only, where it
+        parallel, graphs). `compile`: `torch.compile` the DiT's blocks: on, off, or auto = on CUDA only, where it
         is measured faster (a probe compiles at load, the first song once more with dynamic shapes;
         see `_compile_or_fall_back`)."""
         if compile not in ("auto", "on", "off"):
@@ -287,7 +287,7 @@ class SongPipeline(BatchedGeneration):
             execution = ExecutionPlan.resolve(plan, dev)
         except ValueError as exc:
             raise InvalidParameter(
-                str(exc), recovery="use plan auto, batched, sequential or graphs (CUDA)"
+                str(exc), recovery="use plan auto, batched, sequential, parallel (CPU) or graphs (CUDA)"
             ) from None
         if spec.untrained:
             from musicgen.tiny import ensure_tiny_model

@@ -190,8 +190,8 @@ def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(pipe, mo
 
 def test_execution_settings_are_checked_and_give_the_same_song(pipe, tiny_model_paths):
     """`plan` and `compile` of from_pretrained: bad values are refused with a recovery hint; the
-    batched plan gives the song the CPU's default (one row at a time) gives."""
-    assert pipe.plan.batched is False  # auto on the CPU
+    batched plan gives the song the CPU's default (rows in parallel) gives."""
+    assert pipe.plan.batched is False and pipe.plan.parallel  # auto on the CPU
     for bad in ({"plan": "fastest"}, {"plan": "graphs"}, {"compile": "yes"}):
         with pytest.raises(InvalidParameter) as err:
             SongPipeline.from_pretrained("tiny", device="cpu", **bad)

@@ -120,7 +120,7 @@ class AppArgs(BaseModel):
     # cluster whose GPU nodes scale from zero, which must set it (cluster/ does).
     generator_gpus: float | None = Field(None, ge=0, le=8)
     generator_cpus: float = Field(1.0, gt=0, le=64)  # CPUs each generator replica asks Ray for
-    plan: Literal["auto", "batched", "sequential", "graphs"] = "auto"  # see musicgen ExecutionPlan
+    plan: Literal["auto", "batched", "sequential", "parallel", "graphs"] = "auto"  # musicgen's PLANS
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
     model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health

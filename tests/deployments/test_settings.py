@@ -77,3 +77,16 @@ def test_models_served_beside_the_default_come_from_the_setting_or_the_environme
     monkeypatch.setenv("MUSICGEN_MODELS", " diffrhythm-2 , ")
     assert AppArgs().resolved().served_models == ["diffrhythm-1.2-base", "diffrhythm-2"]
     assert AppArgs(models=[]).resolved().served_models == ["diffrhythm-1.2-base"]  # the setting wins
+
+
+def test_the_plan_names_are_the_samplers_everywhere():
+    """serve_config.yaml's `plan` and `musicgen generate --plan` accept exactly the sampler's plans."""
+    import typing
+
+    from musicgen.cli import build_parser
+    from musicgen.model.sampler import PLANS
+
+    assert typing.get_args(AppArgs.model_fields["plan"].annotation) == PLANS
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    (plan,) = [a for a in generate._actions if a.dest == "plan"]
+    assert tuple(plan.choices) == PLANS

@@ -157,8 +157,8 @@ needs_packing = pytest.mark.skipif(not packing_available(), reason="no oneDNN pa
 
 @needs_packing
 def test_packed_weights_compute_the_official_numbers_and_keep_the_official_state_dict(tmp_path):
-    """oneDNN packed weights (the CPU default at load): same numbers to fp32 rounding, dense copies
-    freed, the official state dict given back exactly, a checkpoint written from it loads strictly."""
+    """oneDNN packed weights (the CPU default at load), with and without post-ops: same numbers to fp32
+    rounding, dense copies freed, the official state dict given back exactly, a checkpoint written from it loads strictly."""
     model = _random_dit()
     reference = _velocity(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -168,6 +168,12 @@ def test_packed_weights_compute_the_official_numbers_and_keep_the_official_state
     attn = loaded.transformer_blocks[0].self_attn
     assert attn.q_proj.weight.numel() == 0 and attn.qkv is None  # not held twice
     assert torch.allclose(_velocity(loaded), reference, atol=1e-5, rtol=0)
+    # SiLU, gate x up and the residual additions as oneDNN post-ops (the default) or on their own
+    for block in loaded.transformer_blocks:
+        block.self_attn.post_ops = block.mlp.post_ops = False
+    assert torch.allclose(_velocity(loaded), reference, atol=1e-5, rtol=0)
+    for block in loaded.transformer_blocks:
+        block.self_attn.post_ops = block.mlp.post_ops = True
     got = loaded.state_dict()
     assert list(got) == list(state)
     assert all(torch.equal(got[k], v) for k, v in state.items())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from musicgen.errors import GenerationCanceled
 from musicgen.model.dit import DiT, DiTConfig
 from musicgen.model.sampler import (
     ExecutionPlan,
+    RowWorkers,
     SamplerSettings,
     SongConditions,
     sample,
@@ -217,9 +221,11 @@ def test_batch_rejects_incompatible_requests(model):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_sequential_and_batched_plans_agree(model, fused):
-    """The CPU's one-row-at-a-time plan and the batched plan compute the same numbers, for a batch of
-    requests with uneven takes, two null groups, an edit request and a request that stops mid-way."""
+def test_sequential_parallel_and_batched_plans_agree(model, fused):
+    """The one-row-at-a-time plans (back to back, and in parallel on worker threads: the CPU default)
+    and the batched plan compute the same numbers, for a batch of requests with uneven takes (an odd
+    number of rows, so the parallel plan also runs a row left over), two null groups, an edit request
+    and a request that stops mid-way."""
     conds = [_request(1), _request(2, duration=0.5), _request(3, edit=True), _request(4)]
     noises = [take_noise([10], FRAMES, 64), take_noise([20, 21, 22], FRAMES, 64),
               take_noise([30, 31], FRAMES, 64), take_noise([40], FRAMES, 64)]  # fmt: skip
@@ -230,30 +236,95 @@ def test_sequential_and_batched_plans_agree(model, fused):
             raise GenerationCanceled("leaves the batch")
 
     callbacks = [None, None, stop_at_2, None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parallel plan then runs two rows at a time, one thread each
     if fused:
         model.fuse_projections()
     try:
         runs = {
             name: sample_many(model, conds, noises, settings, callbacks, plan=ExecutionPlan.resolve(name, torch.device("cpu")))
-            for name in ("batched", "sequential")
+            for name in ("batched", "sequential", "parallel")
         }  # fmt: skip
     finally:
         model.unfuse_projections()
-    for batched, sequential in zip(runs["batched"], runs["sequential"], strict=True):
-        if isinstance(batched, BaseException):
-            assert isinstance(sequential, GenerationCanceled)
-            continue
-        assert torch.allclose(batched, sequential, atol=1e-5, rtol=0), (batched - sequential).abs().max()
+        torch.set_num_threads(threads)
     assert isinstance(runs["batched"][2], GenerationCanceled)
+    for name in ("sequential", "parallel"):
+        for batched, other in zip(runs["batched"], runs[name], strict=True):
+            if isinstance(batched, BaseException):
+                assert isinstance(other, GenerationCanceled)
+                continue
+            assert torch.allclose(batched, other, atol=1e-5, rtol=0), (name, (batched - other).abs().max())
+
+
+def test_row_workers_split_the_threads_and_leave_the_callers_alone():
+    """Each worker runs with its share of the intra-op threads, two rows really run at the same time,
+    the calling thread and threads started later keep the process-wide count, and a row's error
+    reaches the caller."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        pool = RowWorkers(2, 4)
+        both = threading.Barrier(2)
+
+        def row(_):
+            both.wait(timeout=10)  # only passes when two rows run at once
+            return torch.get_num_threads(), threading.current_thread().name
+
+        seen = pool.map(row, range(4))
+        assert {count for count, _ in seen} == {2}
+        assert len({name for _, name in seen}) == 2 and all(n.startswith("musicgen-rows") for _, n in seen)
+        assert torch.get_num_threads() == 4
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [4]
+        assert RowWorkers.get(2, 4) is RowWorkers.get(2, 4)
+        uneven = RowWorkers(2, 3)
+        both = threading.Barrier(2)
+        assert sorted(count for count, _ in uneven.map(row, range(2))) == [1, 2]
+        assert torch.get_num_threads() == 4
+        with pytest.raises(ValueError, match="cannot share"):
+            RowWorkers(3, 2)
+
+        def fails(i):
+            if i == 1:
+                raise ValueError("row 1 broke")
+            return i
+
+        with pytest.raises(ValueError, match="row 1 broke"):
+            pool.map(fails, range(2))
+        assert pool.map(lambda i: torch.is_inference_mode_enabled(), [0]) == [True]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_forked_child_starts_its_own_row_workers():
+    """Threads do not survive a fork: a child must not wait on its parent's (absent) workers."""
+    RowWorkers.get(1, 1)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it inherited, then leave without running pytest's exit code
+        os.write(write, str(len(RowWorkers._pools)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"0"
+    os.close(read)
+    assert RowWorkers._pools  # the parent keeps its own
 
 
 def test_execution_plan_rule():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert ExecutionPlan.resolve("auto", cpu) == ExecutionPlan(batched=False)
+    assert ExecutionPlan.resolve("auto", cpu) == ExecutionPlan(batched=False, parallel=True)
+    assert ExecutionPlan.resolve("sequential", cpu) == ExecutionPlan(batched=False)
     assert ExecutionPlan.resolve("auto", cuda) == ExecutionPlan(batched=True, cuda_graph=True)
     assert ExecutionPlan.resolve("auto", mps) == ExecutionPlan(batched=True)
     assert ExecutionPlan.resolve("batched", cpu) == ExecutionPlan(batched=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         ExecutionPlan.resolve("graphs", cpu)
+    with pytest.raises(ValueError, match="for the CPU"):
+        ExecutionPlan.resolve("parallel", cuda)
     with pytest.raises(ValueError, match="unknown execution plan"):
         ExecutionPlan.resolve("fastest", cpu)
