@@ -150,11 +150,11 @@ class RowWorkers:
         def setup():
             torch.get_num_threads()  # this thread's first use: takes the process-wide count now...
             torch.set_num_threads(shares.pop())  # ...and then its own
-            ready.wait()
+            ready.wait(timeout=60)
 
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="musicgen-rows", initializer=setup)
         started = [self._executor.submit(lambda: None) for _ in range(workers)]
-        ready.wait()  # every worker exists and has set its count
+        ready.wait(timeout=60)  # every worker exists and has set its count (a broken start raises)
         torch.set_num_threads(process_wide)
         for f in started:
             f.result()
@@ -196,16 +196,16 @@ def _velocity_by_row(
     g = pre.groups
     rows = pre.rows if pre.rows is not None else (rows_in.shape[0] // g,) * g
     conds = [pre.group(j) for j in range(g)]
-    jobs = [j for j, count in enumerate(rows) for _ in range(count)]  # row i's group: jobs[i]
+    group_of = [j for j, count in enumerate(rows) for _ in range(count)]  # of each row
 
     def one(i: int) -> torch.Tensor:
-        return model.velocity(rows_in[i : i + 1], t, conds[jobs[i]]).float()
+        return model.velocity(rows_in[i : i + 1], t, conds[group_of[i]]).float()
 
-    threads = torch.get_num_threads()
-    workers = min(len(jobs), threads) if parallel else 1
-    together = len(jobs) - len(jobs) % workers if workers > 1 else 0
+    n_rows, threads = len(group_of), torch.get_num_threads()
+    workers = min(n_rows, threads) if parallel else 1
+    together = n_rows - n_rows % workers if workers > 1 else 0
     out = RowWorkers.get(workers, threads).map(one, range(together)) if together else []
-    out += [one(i) for i in range(together, len(jobs))]
+    out += [one(i) for i in range(together, n_rows)]
     return torch.cat(out)
 
 
