@@ -7,10 +7,11 @@
 Each measurement runs in a fresh process (peak RSS only grows): it builds the DiT with random fp32
 weights, records the resident set after building, runs one `velocity` over `rows` rows (2 rows are a
 request's conditional and null branch), and reports the peak resident set (`ru_maxrss`) and the
-forward's wall time. With --cpu-default the model is in its CPU state at load (fused, oneDNN-packed
-weights) and the rows run as the CPU's `auto` plan runs them (each its own forward, at the same time
-on worker threads), so two rows hold two forwards' activations at once. The last column scales the activation part to a bf16 GPU run (weights at 2 bytes,
-activations at half the fp32 bytes): an estimate, until measured on a GPU.
+forward's wall time. The last column scales the activation part to a bf16 GPU run (weights at 2
+bytes, activations at half the fp32 bytes): an estimate, until measured on a GPU. With --cpu-default
+the model is in its CPU state at load (fused, oneDNN-packed weights) and the rows run as the CPU's
+`auto` plan runs them (each its own forward, at the same time on worker threads), so two rows hold
+two forwards' activations at once; the GPU estimate does not apply to that and is left out.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def main() -> None:
             cmd += ["--cpu-default"] if args.cpu_default else []
             out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
             forward = out["peak_mib"] - out["after_build_mib"]
-            gpu = out["weights_mib"] / 2 + forward / 2
+            gpu = f"{out['weights_mib'] / 2 + forward / 2:.0f}" if not args.cpu_default else "-"
             print(f"{frames:>6} | {rows:>4} | {out['weights_mib']:>11.0f} | {out['after_build_mib']:>13.0f} "
-                  f"| {out['peak_mib']:>12.0f} | {forward:>11.0f} | {out['seconds']:>9.1f} | {gpu:>17.0f}",
+                  f"| {out['peak_mib']:>12.0f} | {forward:>11.0f} | {out['seconds']:>9.1f} | {gpu:>17}",
                   flush=True)  # fmt: skip
 
 

@@ -86,7 +86,6 @@ class DR2Pipeline(BatchedGeneration):
     # -- stages ------------------------------------------------------------------------------------
 
     def check_inputs(self, req) -> None:
-
         if req.tokens.ndim != 1:
             raise InvalidParameter(f"tokens must be a 1-d sequence, got shape {tuple(req.tokens.shape)}")
         vocab = self.dit.cfg.text_num_embeds

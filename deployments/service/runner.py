@@ -108,10 +108,9 @@ class JobRunner:
     def request_for(self, p: SongParams, files: contextlib.ExitStack) -> SongRequest:
         """The pipeline request of a job; uploads it needs are fetched into `files` (kept until the
         stack closes)."""
+        # the ingress routes by model: a job of another model is a bug or a changed config, never a guess
         serving = getattr(getattr(self.pipeline, "spec", None), "name", p.model)
-        if (
-            p.model != serving
-        ):  # the ingress routes by model: this is a bug or a changed config, never a guess
+        if p.model != serving:
             raise ServiceError(
                 "INTERNAL", f"a job for model {p.model} reached a generator of {serving}",
                 recovery="submit the song again; if it repeats, report it with the request id",

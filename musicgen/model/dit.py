@@ -512,7 +512,7 @@ class DiT(nn.Module):
         return self._packed
 
     def pack_weights(self) -> None:
-        """CPU, fp32: the blocks' projection weights (fused first) reordered once into oneDNN's blocked
+        """CPU, fp32: the blocks' projection weights (q/k/v fused first) reordered once into oneDNN's blocked
         layout, and their matrix multiplies run through oneDNN instead of MKL (with SiLU, the gate x up
         product and the residual additions as post-ops: see `MLP`, `Attention`): measured 1.1-1.2x per
         song, post-ops another 1.03-1.07x, on the project's 2-core AMD CPU, with the same numbers to

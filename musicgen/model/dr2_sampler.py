@@ -111,20 +111,18 @@ def sample_blocks(
     capacity = t_len + blocks * bs if buffered_cache else None  # see BlockCache
     guided = settings.cfg_strength >= 1e-5
     joint = batch_branches and guided
-    # streams: (cache, style, tokens) per branch; joint: one cache whose rows are [cond | null]
-    zero = torch.zeros_like(style)
+    # streams: [cache, style] per branch, and each branch's tokens (the text pass only); joint: one
+    # cache whose rows are [cond | null]
+    zero, fillers = torch.zeros_like(style), torch.zeros_like(text)
     if joint:
-        streams = [
-            [BlockCache(depth, capacity), torch.cat([style, zero]), torch.cat([text, torch.zeros_like(text)])]
-        ]
+        streams = [[BlockCache(depth, capacity), torch.cat([style, zero])]]
+        tokens_of = [torch.cat([text, fillers])]
     else:
-        streams = [
-            [BlockCache(depth, capacity), style, text],
-            [BlockCache(depth, capacity), zero, torch.zeros_like(text)],
-        ]
+        streams = [[BlockCache(depth, capacity), style], [BlockCache(depth, capacity), zero]]
+        tokens_of = [text, fillers]
 
     def call(x512, features, positions, stream):
-        cache, s, _ = stream
+        cache, s = stream
         reps = s.shape[0] // x512.shape[0]
         if reps > 1:
             x512, features, positions = (
@@ -133,8 +131,7 @@ def sample_blocks(
         return model(x512, features, positions, s, cache)
 
     if t_len:
-        for stream in streams:
-            cache, s, tokens = stream
+        for (cache, s), tokens in zip(streams, tokens_of, strict=True):
             rows = s.shape[0]
             cache.mode = "text"
             out = model(model.text_embed(tokens), time_features(torch.full((rows, t_len), -1.0, device=device), pass_dtype),
@@ -163,10 +160,7 @@ def sample_blocks(
                 for stream in streams:
                     picked = torch.cat([rows, rows + width]) if joint else rows
                     stream[0].select(picked)
-                    stream[1], stream[2] = (
-                        stream[1].index_select(0, picked),
-                        stream[2].index_select(0, picked),
-                    )
+                    stream[1] = stream[1].index_select(0, picked)
                 graph = None  # the batch changed shape: capture again
             n = len(alive)
             positions = torch.arange(done, done + bs, device=device)[None].repeat(n, 1)
