@@ -11,8 +11,8 @@ here; what they adapt is the Ray-free service layer in deployments/service/.
 - `PromptValidator` (CPU): the lyrics front end and request limits.
 - `SongGenerator`, one deployment per served model (`model` and `models`: DiffRhythm 1.2 and 2 beside
   each other; the ingress sends each job to its model's), `generator_gpus` GPUs each (unset: one when
-  the cluster has GPUs at start): loads its model and the style
-  encoder (MuQ-MuLan, with its prompt cache) once and runs jobs in `@serve.batch` batches; a job is
+  the cluster has GPUs at start): loads its model and the style encoder (MuQ-MuLan, with its prompt
+  cache) once and runs the jobs queued at it in batches (deployments/service/batching.py); a job is
   claimed atomically in Redis, so a duplicate dispatch is harmless. Takes are encoded and stored on
   CPU threads while the model runs the next batch. Replicas report their status to Redis, which
   `/readyz` reads; they scale between min_generators (0 allowed) and max_generators.
@@ -115,14 +115,16 @@ class PromptValidator:
     health_check_period_s=10,
 )
 class SongGenerator:
-    """Runs jobs in batches: `@serve.batch` gathers the job ids that reach this replica within
-    `batch_wait_s` (up to `max_batch_size`), and the pipeline samples those of the same frame and step
-    count as one batch. Reports its own status to the job store every few seconds."""
+    """Runs jobs in batches: a `JobBatcher` hands the model every job id queued at this replica when
+    it is free (up to `max_batch_size`, waiting up to `batch_wait_s` after the first for more), and the
+    pipeline samples those of the same frame and step count as one batch. Reports its own status to
+    the job store every few seconds."""
 
     def __init__(self, args: AppArgs, redis_url: str, model: str | None = None):
         import socket
 
         from deployments.serve.metrics import GeneratorMetrics
+        from deployments.service.batching import JobBatcher
         from deployments.service.errors import ServiceError
         from deployments.service.jobs import JobStore
         from deployments.service.runner import JobRunner
@@ -136,8 +138,7 @@ class SongGenerator:
         self.runner = None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.store = JobStore.from_url(redis_url, **_store_options(args))
-        self.run.set_max_batch_size(args.max_batch_size)
-        self.run.set_batch_wait_timeout_s(args.batch_wait_s)
+        self.batcher = JobBatcher(self._run_batch, args.max_batch_size, args.batch_wait_s)
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
         try:
             pipeline = SongPipeline.from_pretrained(
@@ -177,8 +178,11 @@ class SongGenerator:
             await asyncio.to_thread(self._report_now)
             await asyncio.sleep(GENERATOR_STATUS_EVERY_S)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # both set from AppArgs in __init__
-    async def run(self, job_ids: list[str]) -> list[str | None]:
+    async def run(self, job_id: str) -> str | None:
+        """The job's state as this replica left it (None: another worker has it)."""
+        return await self.batcher.submit(job_id)
+
+    async def _run_batch(self, job_ids: list[str]) -> list[str | None]:
         if self.runner is None:
             return await asyncio.to_thread(self._refuse, job_ids)
         states = await asyncio.to_thread(self.runner.run_many, job_ids)

@@ -124,7 +124,7 @@ class AppArgs(BaseModel):
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
     model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health
-    max_batch_size: int = Field(4, ge=1, le=64)  # jobs gathered into one generator call (@serve.batch)
+    max_batch_size: int = Field(4, ge=1, le=64)  # jobs a generator runs as one batch at most
     batch_wait_s: float = Field(0.05, ge=0, le=10)  # how long a generator waits to fill a batch
     max_batch_takes: int = Field(8, ge=1)  # takes sampled together at most (GPU memory)
     fault_oom_takes: int | None = Field(None, ge=0)  # testing aid: simulate OOM above this many takes

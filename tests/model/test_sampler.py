@@ -147,7 +147,7 @@ def test_bf16_weights_keep_fp32_rope_and_time(model, cond):
 
 
 # --------------------------------------------------------------------------------------------------
-# several requests in one batch (the service's @serve.batch path)
+# several requests in one batch (the service's batched path)
 
 
 def _request(seed: int, duration: float = FRAMES / CFG.max_frames, edit: bool = False) -> SongConditions:
