@@ -2,6 +2,7 @@
 
     MUSICGEN_MODEL=tiny scripts/serve.sh &      # or any running service
     .venv/bin/python loadtests/api_overhead.py --jobs 20 --base http://localhost:8000
+    .venv/bin/python loadtests/api_overhead.py --burst 12 --every 1   # jobs arriving while others run
 
 Prints p50/p95 of submit and status calls and, per job, end-to-end time (submit to the status poll
 that sees it finished) minus the model's own time (style + sampling + decoding) = the service's overhead,
@@ -35,6 +36,9 @@ def main() -> None:
     ap.add_argument("--format", default="mp3", choices=["mp3", "flac", "wav"])
     ap.add_argument("--burst", type=int, default=0,
                     help="instead: submit this many jobs back to back, then wait for all (throughput, batch sizes)")  # fmt: skip
+    ap.add_argument("--every", type=float, default=0,
+                    help="with --burst: one job every this many seconds instead of back to back (jobs that "
+                         "arrive while a batch runs)")  # fmt: skip
     args = ap.parse_args()
     song = {"lyrics": "Hello world\nGood night moon", "style_prompt": "happy pop", "duration_s": args.duration,
             "steps": args.steps, "output_format": args.format}  # fmt: skip
@@ -87,8 +91,8 @@ def main() -> None:
 
 
 def burst(args, song: dict) -> None:
-    """Back-to-back submissions while the generators are busy: submit latency under load, throughput
-    and the batches the jobs ran in."""
+    """Back-to-back (or --every S apart) submissions while the generators are busy: submit latency under
+    load, throughput and the batches the jobs ran in."""
     from collections import Counter
 
     submit, ids = [], []
@@ -100,6 +104,8 @@ def burst(args, song: dict) -> None:
             submit.append(time.perf_counter() - t)
             r.raise_for_status()
             ids.append(r.json()["id"])
+            if args.every and i + 1 < args.burst:
+                time.sleep(max(0.0, t + args.every - time.perf_counter()))
         done: dict[str, dict] = {}
         while len(done) < len(ids):
             for job_id in ids:
