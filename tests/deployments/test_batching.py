@@ -40,19 +40,25 @@ def submit(batcher, *job_ids):
     return [asyncio.create_task(batcher.submit(i)) for i in job_ids]
 
 
+async def busy(max_size: int) -> tuple[HeldModel, JobBatcher, asyncio.Task]:
+    """A batcher whose model runs (and holds) a first batch: job 'a' alone."""
+    model = HeldModel()
+    batcher = JobBatcher(model.run, max_size=max_size, wait_s=0.05)
+    (first,) = submit(batcher, "a")
+    await model.running(1)
+    return model, batcher, first
+
+
 def test_jobs_queued_behind_a_running_batch_start_together_however_far_apart_they_came():
     async def main():
-        model = HeldModel()
-        batcher = JobBatcher(model.run, max_size=4, wait_s=0.05)
-        first = submit(batcher, "a")
-        await model.running(1)
+        model, batcher, first = await busy(max_size=4)
         later = []
         for job_id in "bcd":
             later += submit(batcher, job_id)
             await asyncio.sleep(0.15)  # three batch windows apart
         assert len(batcher) == 3 and model.batches == [["a"]]
         model.release()
-        results = await asyncio.gather(*first, *later)
+        results = await asyncio.gather(first, *later)
         assert model.batches == [["a"], ["b", "c", "d"]] and batcher.batches == 2
         assert results == ["done a", "done b", "done c", "done d"]
 
@@ -61,11 +67,8 @@ def test_jobs_queued_behind_a_running_batch_start_together_however_far_apart_the
 
 def test_a_batch_holds_max_size_jobs_and_the_rest_follow_in_order():
     async def main():
-        model = HeldModel()
-        batcher = JobBatcher(model.run, max_size=2, wait_s=0.05)
-        tasks = submit(batcher, "a")
-        await model.running(1)
-        tasks += submit(batcher, "b", "c", "d", "e")
+        model, batcher, first = await busy(max_size=2)
+        tasks = [first, *submit(batcher, "b", "c", "d", "e")]
         model.release()
         assert await asyncio.gather(*tasks) == [f"done {i}" for i in "abcde"]
         assert model.batches == [["a"], ["b", "c"], ["d", "e"]]
@@ -97,18 +100,15 @@ def test_an_idle_batcher_waits_for_company_until_full_or_the_window_closes():
 
 def test_a_caller_that_leaves_takes_its_waiting_job_out_but_not_a_running_one():
     async def main():
-        model = HeldModel()
-        batcher = JobBatcher(model.run, max_size=4, wait_s=0.05)
-        running = submit(batcher, "a")
-        await model.running(1)
+        model, batcher, running = await busy(max_size=4)
         gone, stays = submit(batcher, "b", "c")
         await asyncio.sleep(0)
         gone.cancel()
-        running[0].cancel()  # its batch goes on: the job is claimed and runs to the end
+        running.cancel()  # its batch goes on: the job is claimed and runs to the end
         with pytest.raises(asyncio.CancelledError):
             await gone
         with pytest.raises(asyncio.CancelledError):
-            await running[0]
+            await running
         assert len(batcher) == 1
         model.release()
         assert await stays == "done c"
@@ -130,14 +130,11 @@ def test_a_caller_that_leaves_takes_its_waiting_job_out_but_not_a_running_one():
 
 def test_a_failed_batch_reaches_each_of_its_callers_and_the_next_batch_runs():
     async def main():
-        model = HeldModel()
-        batcher = JobBatcher(model.run, max_size=2, wait_s=0.05)
-        first = submit(batcher, "a")
-        await model.running(1)
+        model, batcher, first = await busy(max_size=2)
         failing = submit(batcher, "bad", "b")
         after = submit(batcher, "c")
         model.release()
-        results = await asyncio.gather(*first, *failing, *after, return_exceptions=True)
+        results = await asyncio.gather(first, *failing, *after, return_exceptions=True)
         assert results[0] == "done a" and results[3] == "done c"
         assert all(isinstance(r, RuntimeError) and "illegal memory" in str(r) for r in results[1:3])
 
@@ -153,10 +150,7 @@ def test_a_failed_batch_reaches_each_of_its_callers_and_the_next_batch_runs():
 
 def test_a_stopped_batcher_cancels_its_batch_and_a_new_job_starts_it_again():
     async def main():
-        model = HeldModel()
-        batcher = JobBatcher(model.run, max_size=4, wait_s=0.05)
-        (job,) = submit(batcher, "a")
-        await model.running(1)
+        model, batcher, job = await busy(max_size=4)
         batcher._worker.cancel()  # what the replica's event loop does as it shuts down
         with pytest.raises(asyncio.CancelledError):
             await job
