@@ -69,17 +69,14 @@ class JobBatcher(Generic[T]):
                 results = await self._run([w.job_id for w in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"a batch of {len(batch)} jobs gave {len(results)} results")
-            except BaseException as exc:  # noqa: BLE001 - every caller of the batch hears of it
-                stopping = isinstance(exc, asyncio.CancelledError)  # the replica is stopping
+            except asyncio.CancelledError:  # the replica is stopping
                 for waiting in batch:
-                    if waiting.result.done():
-                        continue
-                    if stopping:
-                        waiting.result.cancel()
-                    else:
+                    waiting.result.cancel()
+                raise
+            except Exception as exc:  # every caller of the batch hears of it
+                for waiting in batch:
+                    if not waiting.result.done():
                         waiting.result.set_exception(exc)
-                if stopping:
-                    raise
                 continue
             for waiting, result in zip(batch, results, strict=True):
                 if not waiting.result.done():
