@@ -1,8 +1,14 @@
 """DiffRhythm 2 against the official code's reference outputs (../shared/conformance/diffrhythm2/, read by
 path; its README defines every key): one backbone forward, the block sampler's latents and its whole
 per-step trace, the text and cache passes, the decoder's intermediates, its plain and chunked outputs,
-the final stereo array, and the front end's token ids. fp32, one thread: the references were made so,
-and bit-exactness (max |diff| = 0) is reachable and asserted where the README reports it."""
+the final stereo array, and the front end's token ids. fp32, one thread: the references were made so.
+
+Exact equality is asserted only for what is portable between CPUs: token ids, noise draws, the time
+grid, chunk layouts, shapes and counts. Float results are bit-exact on the CPU the references were
+recorded on (and on the AMD EPYC machines these tests were written on), but MKL and oneDNN choose other
+kernels on other CPUs (on an Intel Xeon with AVX-512 one nn.Linear already differs by 1.3e-7), so they
+are compared within a few times the official code's own variation between one and two threads, as the
+references' README records it (sections 4 and 7.5)."""
 
 from __future__ import annotations
 
@@ -60,6 +66,23 @@ def decoder_npz(ref):
     return dict(np.load(ref / "decoder.npz"))
 
 
+# The official code's own variation (one vs two threads, references' README): the sampler's latents
+# (|values| up to 4.1) move by 4.8e-7, the decoded audio (clamped to [-1, 1]) by 8.3e-7.
+SAMPLER_VARIATION = 4.8e-7
+DECODER_VARIATION = 8.3e-7
+# Five times that. Seen on an Intel Xeon (AVX-512, 1 thread): latents 7.2e-7, step velocities 1.3e-6
+# (guidance amplifies the branches' differences 1 + 2x), backbone forward 6.1e-7. Still well below what a
+# skipped step moves: omitting the fp16 rounding of the pass times moves the latents by 1.6e-5 (6.6x
+# this; a test below shows the tolerance catches it).
+SAMPLER_TOL = 5 * SAMPLER_VARIATION
+# Five times the audio's variation per unit of magnitude: rounding differences grow with the values,
+# and the decoder's intermediates reach 4.6 where the audio stays within 1. Seen on an Intel Xeon: audio
+# 1.6e-6, intermediates 3.8e-6 at |values| <= 4.3 (a hand-written weight norm, the same maths summed in
+# another order, gives 1.2e-6 and 3.9e-6: the README). The smallest mistake the references show moves the
+# audio by 0.24 (tanh instead of the clamp).
+DECODER_TOL = 5 * DECODER_VARIATION
+
+
 def t(a) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a))
 
@@ -70,6 +93,16 @@ def maxdiff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def assert_close(got, want, tol: float, what: str = "") -> None:
+    diff = maxdiff(got, want)
+    assert diff <= tol, f"{what}: max |diff| {diff:.3g} > {tol:.3g}"
+
+
+def assert_decoded_close(got, want, what: str = "") -> None:
+    """Within DECODER_TOL per unit of the reference's largest magnitude (at least 1)."""
+    assert_close(got, want, DECODER_TOL * max(1.0, float(np.abs(np.asarray(want)).max())), what)
+
+
 def test_the_checkpoint_loads_strictly_with_its_config_from_model_json(ref, dit):
     raw = json.loads((ref / "ckpt" / "model.json").read_text())
     assert dit.cfg == DR2Config.from_json(raw) and dit.cfg.extra == {"text_dim": 512, "use_flex_attn": False}
@@ -77,26 +110,26 @@ def test_the_checkpoint_loads_strictly_with_its_config_from_model_json(ref, dit)
     assert sum(p.numel() for p in dit.parameters()) == 1_756_280
 
 
-def test_one_backbone_forward_is_bit_exact(dit, sampler_npz):
+def test_one_backbone_forward_matches_the_official(dit, sampler_npz):
     z = sampler_npz
     with torch.inference_mode():
         embedded = dit.latent_embed(t(z["fwd_x_latent"]))
         out = dit(embedded, time_features(t(z["fwd_time"])), t(z["fwd_position_ids"]), t(z["fwd_style"]))
-    assert maxdiff(embedded, z["fwd_x_embed"]) == 0
-    assert maxdiff(out, z["fwd_out"]) == 0
+    assert_close(embedded, z["fwd_x_embed"], SAMPLER_TOL, "latent embedding")
+    assert_close(out, z["fwd_out"], SAMPLER_TOL, "velocity")
 
 
 @pytest.mark.parametrize(
     "batch_branches, buffered_cache", [(True, False), (False, False), (True, True)],
     ids=["branches-batched", "official-calls", "buffered-cache"],
 )  # fmt: skip
-def test_the_block_sampler_and_its_trace_are_bit_exact(dit, sampler_npz, batch_branches, buffered_cache):
+def test_the_block_sampler_and_its_trace_match_the_official(dit, sampler_npz, batch_branches, buffered_cache):
     z = sampler_npz
     settings = BlockSamplerSettings(steps=int(z["steps"]), cfg_strength=float(z["cfg_strength"]))
     blocks = len(z["noise"])
     assert blocks == -(-int(z["duration_frames"]) // int(z["block_size"]))
     noise = block_noise(int(z["noise_seed"]), blocks, int(z["block_size"]))
-    assert maxdiff(noise, z["noise"][:, 0]) == 0  # a seeded generator draws the official noise
+    assert torch.equal(noise, t(z["noise"][:, 0]))  # a seeded generator draws the official noise (portable)
     steps: list[tuple] = []
     trace: dict = {}
     (latents,) = sample_blocks(
@@ -105,20 +138,24 @@ def test_the_block_sampler_and_its_trace_are_bit_exact(dit, sampler_npz, batch_b
         batch_branches=batch_branches, buffered_cache=buffered_cache,
     )  # fmt: skip
     assert latents.shape == (int(z["end_pos"]), 64)
-    assert maxdiff(latents, z["latents"][0]) == 0
+    assert_close(latents, z["latents"][0], SAMPLER_TOL, "latents")
     s = settings.steps - 1
+    # the time grid is one fp32 linspace: the same numbers on every CPU
     assert [tt for _, _, tt, _, _ in steps] == [float(v) for v in z["step_t"].reshape(-1)]
-    assert maxdiff(torch.cat([x for *_, x, _ in steps]), z["step_x"].reshape(blocks * s, 10, 64)) == 0
-    assert maxdiff(torch.cat([v for *_, v in steps]), z["step_v"].reshape(blocks * s, 10, 64)) == 0
-    preds = trace["pred"]
-    assert maxdiff(torch.cat([c for c, _ in preds]), z["step_pred_cond"].reshape(blocks * s, 10, 64)) == 0
-    assert maxdiff(torch.cat([n for _, n in preds]), z["step_pred_null"].reshape(blocks * s, 10, 64)) == 0
-    assert maxdiff(trace["text_pass"][0], z["text_pass_out_cond"]) == 0
-    assert maxdiff(trace["text_pass"][1], z["text_pass_out_null"]) == 0
+    assert_close(
+        torch.cat([x for *_, x, _ in steps]), z["step_x"].reshape(blocks * s, 10, 64), SAMPLER_TOL, "x"
+    )
+    assert_close(torch.cat([v for *_, v in steps]), z["step_v"].reshape(blocks * s, 10, 64), SAMPLER_TOL, "v")
+    cond = torch.cat([c for c, _ in trace["pred"]])
+    null = torch.cat([n for _, n in trace["pred"]])
+    assert_close(cond, z["step_pred_cond"].reshape(blocks * s, 10, 64), SAMPLER_TOL, "cond branch")
+    assert_close(null, z["step_pred_null"].reshape(blocks * s, 10, 64), SAMPLER_TOL, "null branch")
+    assert_close(trace["text_pass"][0], z["text_pass_out_cond"], SAMPLER_TOL, "text pass, cond")
+    assert_close(trace["text_pass"][1], z["text_pass_out_null"], SAMPLER_TOL, "text pass, null")
     cache = trace["cache_pass"]
-    assert maxdiff(torch.cat(cache[0::2]), z["cache_pass_out_cond"][:, 0]) == 0
-    assert maxdiff(torch.cat(cache[1::2]), z["cache_pass_out_null"][:, 0]) == 0
-    assert maxdiff(latents.view(blocks, 10, 64), z["block_sampled"][:, 0]) == 0
+    assert_close(torch.cat(cache[0::2]), z["cache_pass_out_cond"][:, 0], SAMPLER_TOL, "cache pass, cond")
+    assert_close(torch.cat(cache[1::2]), z["cache_pass_out_null"][:, 0], SAMPLER_TOL, "cache pass, null")
+    assert_close(latents.view(blocks, 10, 64), z["block_sampled"][:, 0], SAMPLER_TOL, "blocks")
 
 
 def test_pass_times_without_fp16_rounding_match_the_variant_and_differ_from_the_official(dit, sampler_npz):
@@ -128,8 +165,10 @@ def test_pass_times_without_fp16_rounding_match_the_variant_and_differ_from_the_
         steps=int(z["steps"]), cfg_strength=float(z["cfg_strength"]), round_pass_time=False
     )
     (latents,) = sample_blocks(dit, t(z["text_ids"]), t(z["style"]), noise, settings)
-    assert maxdiff(latents, z["info_latents_fp32_time_no_fp16_rounding"][0]) == 0
-    assert 5e-6 < maxdiff(latents, z["latents"][0]) < 1e-4  # README: 1.59e-5
+    assert_close(latents, z["info_latents_fp32_time_no_fp16_rounding"][0], SAMPLER_TOL, "no-rounding variant")
+    # skipping the rounding moves the latents by 1.59e-5 (README): over four tolerances, so the tolerance
+    # the other tests allow cannot hide a sampler that skips it
+    assert 4 * SAMPLER_TOL < maxdiff(latents, z["latents"][0]) < 1e-4
 
 
 def test_the_front_end_gives_the_official_token_ids(sampler_npz):
@@ -148,10 +187,10 @@ def test_the_decoder_checkpoint_loads_strictly_from_the_weight_norm_format(ref, 
     assert decoder.cfg.hop == 9600 and decoder.cfg.sampling_rate == 48000
     fused = fuse_weight_norm(raw)
     for key, value in decoder.state_dict().items():
-        assert torch.equal(value, fused[key]), key
+        assert torch.equal(value, fused[key]), key  # the same fusion as the loader: the same machine
 
 
-def test_the_decoders_intermediates_and_outputs_are_bit_exact(decoder, decoder_npz):
+def test_the_decoders_intermediates_and_outputs_match_the_official(decoder, decoder_npz):
     z = decoder_npz
     seen: dict[str, torch.Tensor] = {}
 
@@ -175,32 +214,35 @@ def test_the_decoders_intermediates_and_outputs_are_bit_exact(decoder, decoder_n
         out = decoder(t(z["fwd_x"]))
     for h in hooks:
         h.remove()
-    assert maxdiff(out, z["fwd_out"]) == 0
+    assert_decoded_close(out, z["fwd_out"], "fwd_out")
     assert len(seen) == 5 + 6 + 6
     for name, value in seen.items():
-        assert maxdiff(value, z[name]) == 0, name
+        assert_decoded_close(value, z[name], name)
     with torch.inference_mode():
         plain = decoder(t(z["a_latents"]).transpose(1, 2))
-    assert maxdiff(plain, z["plain_out"]) == 0
+    assert_decoded_close(plain, z["plain_out"], "plain_out")
 
 
 @pytest.mark.parametrize("run", ["a", "b"])
-def test_the_chunked_decode_and_the_stereo_array_are_bit_exact(decoder, decoder_npz, run):
+def test_the_chunked_decode_and_the_stereo_array_match_the_official(decoder, decoder_npz, run):
     z = decoder_npz
     latents = t(z[f"{run}_latents"])
     assert chunk_starts(latents.shape[1]) == z[f"{run}_chunk_start"].tolist()
     mono = decode_chunked(decoder, latents, max_batch=1)
-    assert maxdiff(mono, z[f"{run}_decoded"][:, 0]) == 0
+    assert_decoded_close(mono, z[f"{run}_decoded"][:, 0], "decoded")
     stereo = fake_stereo(mono, 48000)
     assert stereo.shape == (1, 2, latents.shape[1] * 9600)
-    assert maxdiff(stereo[0], z[f"{run}_final"]) == 0
+    assert_decoded_close(stereo[0], z[f"{run}_final"], "stereo")
+    # the official stereo formula is exact arithmetic on the mono signal, on any CPU
+    assert torch.equal(stereo[0, 1, :480], torch.zeros(480))
+    assert torch.equal(stereo[0, 1, 480:], torch.tensor(0.8) * mono[0, :-480])
     batched = decode_chunked(decoder, latents, max_batch=4)  # all windows of a song in one call
-    assert maxdiff(batched, z[f"{run}_decoded"][:, 0]) < 1e-5
+    assert_decoded_close(batched, z[f"{run}_decoded"][:, 0], "decoded four windows a call")
 
 
 def test_songs_shorter_than_a_chunk_decode_in_one_call(decoder, decoder_npz):
     """The official decode_audio fails below 20 frames (4 s); here they are one plain call."""
     short = t(decoder_npz["a_latents"])[:, :12]
     assert chunk_starts(12) == []
-    with torch.inference_mode():
-        assert maxdiff(decode_chunked(decoder, short), decoder(short.transpose(1, 2))[:, 0]) == 0
+    with torch.inference_mode():  # the same call on the same machine: the same kernels, the same numbers
+        assert torch.equal(decode_chunked(decoder, short), decoder(short.transpose(1, 2))[:, 0])
