@@ -335,7 +335,7 @@ def service_path(model: DiT, cfg: DiTConfig, args, device) -> None:
     """What the service does: compile as `compile: auto` does (with its start-up probe), then songs of
     each length under the `auto` plan, twice: the first song of a length includes any compiling."""
     from musicgen.model.loading import use_fast_paths
-    from musicgen.pipeline import _compile_or_fall_back
+    from musicgen.pipelines.dr1 import _compile_or_fall_back
 
     use_fast_paths(model)  # what load_dit does on this device: fused and packed on the CPU
     t0 = time.perf_counter()

@@ -36,8 +36,8 @@ from musicgen.model.device import resolve_device, resolve_dtype  # noqa: E402
 from musicgen.model.dit import DiTConfig  # noqa: E402
 from musicgen.model.loading import use_fast_paths  # noqa: E402
 from musicgen.model.sampler import ExecutionPlan, SamplerSettings, sample_many, take_noise  # noqa: E402
-from musicgen.model.vae import SongVAE, _windows  # noqa: E402
-from musicgen.registry import DIFFRHYTHM_1B, FRAMES_PER_SECOND, LATENT_CHANNELS  # noqa: E402
+from musicgen.model.vae import FRAMES_PER_SECOND, LATENT_CHANNELS, SongVAE, _windows  # noqa: E402  # noqa: E402
+from musicgen.registry import DIFFRHYTHM_1B  # noqa: E402
 
 STRIDES = (2, 4, 4, 8, 8)
 MULTIPLES = (1, 2, 4, 8, 16)
@@ -147,7 +147,7 @@ def main() -> None:
     use_fast_paths(model)
     t0 = time.perf_counter()
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-        from musicgen.pipeline import _compile_or_fall_back
+        from musicgen.pipelines.dr1 import _compile_or_fall_back
 
         _compile_or_fall_back(model, device, required=args.compile == "on")
     compile_s = time.perf_counter() - t0

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import secrets
 import sys
 import time
 from pathlib import Path
 
+from musicgen import env
 from musicgen.errors import InvalidParameter, MusicgenError
 
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -47,7 +47,8 @@ def _parse_segments(text: str) -> tuple[tuple[float, float], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from musicgen.audio import OUTPUT_FORMATS
-    from musicgen.registry import DEFAULT_MODEL, MODELS
+    from musicgen.pipelines.base import MAX_TAKES
+    from musicgen.registry import DEFAULT_MODEL, MODELS, family_defaults
 
     parser = argparse.ArgumentParser(prog="musicgen", description="DiffRhythm song generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,15 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--seed", type=int, help="take i uses seed + i (default: random, recorded in the sidecar)"
     )
-    gen.add_argument("--takes", type=int, default=1, help="number of takes, 1 to 4 (one batch)")
-    gen.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="sampling steps (default: the model's official one: 31 Euler steps for DiffRhythm 1, 16 for 2)",
-    )
-    gen.add_argument("--cfg", type=float, default=None,
-                     help="classifier-free guidance strength (default: 4 for DiffRhythm 1, 2 for 2)")  # fmt: skip
+    gen.add_argument("--takes", type=int, default=1, help=f"number of takes, 1 to {MAX_TAKES} (one batch)")
+    gen.add_argument("--steps", type=int, default=None,
+                     help=f"sampling steps (default: the model's official one: {family_defaults('steps')})")  # fmt: skip
+    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance strength "
+                     f"(default: {family_defaults('cfg_strength')})")  # fmt: skip
     gen.add_argument("--format", default="wav", choices=sorted(OUTPUT_FORMATS))
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     gen.add_argument("--name", help="file name stem (default: song-<time>)")
@@ -107,7 +104,7 @@ def cmd_generate(args) -> int:
     from musicgen import __version__, hub
     from musicgen.audio import write_audio
     from musicgen.lyrics.frontend import LyricsFrontEnd
-    from musicgen.pipeline import EditSpec, SongPipeline, SongRequest
+    from musicgen.pipelines import EditSpec, Pipeline, SongRequest
     from musicgen.registry import get_model_spec
 
     spec = get_model_spec(args.model)
@@ -141,7 +138,7 @@ def cmd_generate(args) -> int:
     frames = LyricsFrontEnd.from_assets().encode(lyrics, spec, seconds)
     for w in frames.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    pipe = SongPipeline.from_pretrained(
+    pipe = Pipeline.from_pretrained(
         args.model,
         device=args.device,
         dtype=args.dtype,
@@ -236,7 +233,8 @@ def cmd_generate(args) -> int:
 
 def cmd_models(args) -> int:
     from musicgen import hub
-    from musicgen.registry import DR2_FILES, MODELS, MULAN_REPO, VAE_FILE, VAE_REPO, get_model_spec
+    from musicgen.model.loading import VAE_FILE
+    from musicgen.registry import MODELS, MULAN_REPO, VAE_REPO, get_model_spec
 
     if args.models_command == "list":
         print(f"cache: {hub.cache_dir()}")
@@ -265,20 +263,12 @@ def cmd_models(args) -> int:
         else:
             spec = get_model_spec(name)
             if spec.untrained:
-                from musicgen.tiny import ensure_tiny_dr2, ensure_tiny_model
-
-                build = ensure_tiny_dr2 if spec.family == "dr2" else ensure_tiny_model
-                build(hub.cache_dir() / spec.name)  # built locally, with all it needs
+                spec.family.build_tiny(hub.cache_dir() / spec.name)  # built locally, with all it needs
                 continue
             print(f"pulling {name} ({spec.repo_id}) into {hub.cache_dir()}")
-            if spec.family == "dr2":
-                for file in DR2_FILES:
-                    hub.hub_file(spec.repo_id, file, pull_target=name)
-                hub.pull_mulan(MULAN_REPO)
-                hub.pull_assets()
-                continue
-            hub.hub_file(spec.repo_id, spec.checkpoint_file, pull_target=name)
-            hub.hub_file(VAE_REPO, VAE_FILE, pull_target=name)
+            for files in spec.files.values():  # its family's: checkpoint (and VAE)
+                for repo, file in files:
+                    hub.hub_file(repo, file, pull_target=name)
             hub.pull_mulan(MULAN_REPO)
             hub.pull_assets()
     print("done")
@@ -307,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         return cmd_models(args)
     except MusicgenError as exc:
-        if os.environ.get("MUSICGEN_DEBUG"):
+        if env.debug():
             raise
         print(f"error [{exc.code}]: {exc.message}\n  hint: {exc.recovery}", file=sys.stderr)
         return EXIT_USAGE if exc.code.startswith("INVALID") or exc.code == "UNSUPPORTED_MEDIA" else EXIT_ERROR

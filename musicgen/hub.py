@@ -8,6 +8,9 @@
   large optional files (Mandarin lexicon, polyphone model) are fetched from the official GitHub
   repository at a pinned commit into the cache, or copied from a local folder with the same layout
   (`MUSICGEN_ASSETS_DIR`).
+- What each model needs comes from its family in the registry (`ModelFamily.files`, `.assets`).
+
+The environment variables are declared and read in `musicgen.env`.
 
 A file that is missing and cannot be fetched raises `ModelNotAvailable` naming the files and the
 command that fetches them.
@@ -25,19 +28,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from musicgen import env
 from musicgen.errors import ModelNotAvailable
 
-ENV_CACHE_DIR = "MUSICGEN_CACHE_DIR"  # default: ./models/cache
-ENV_ASSETS_DIR = "MUSICGEN_ASSETS_DIR"  # local source of the official data files
 PULL_HINT = "musicgen models pull"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(ENV_CACHE_DIR) or Path.cwd() / "models" / "cache")
+    return env.cache_dir()
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env.hub_offline()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,11 +181,11 @@ def asset_path(name: str, *, download: bool = True) -> Path:
     target = assets_dir() / asset.path
     if target.is_file():
         return target
-    local_source = os.environ.get(ENV_ASSETS_DIR)
+    local_source = env.assets_source()
     if local_source:
-        src = Path(local_source) / asset.path
+        src = local_source / asset.path
         if not src.is_file():
-            raise _missing([f"{ENV_ASSETS_DIR}/{asset.path}"], "assets", reason=f"{src} does not exist")
+            raise _missing([f"{env.ASSETS_DIR.name}/{asset.path}"], "assets", reason=f"{src} does not exist")
         _install(src, target, asset)
         return target
     if not download or hub_offline():
@@ -282,9 +284,9 @@ def pull_assets(include_optional: bool = True) -> list[Path]:
 
 def _asset_at_hand(name: str) -> bool:
     """In the cache or the local source: usable without a download."""
-    local_source = os.environ.get(ENV_ASSETS_DIR)
+    local_source = env.assets_source()
     return (assets_dir() / ASSETS[name].path).is_file() or bool(
-        local_source and (Path(local_source) / ASSETS[name].path).is_file()
+        local_source and (local_source / ASSETS[name].path).is_file()
     )
 
 
@@ -294,28 +296,15 @@ def optional_asset(name: str) -> Path | None:
 
 
 def _requirements(spec) -> list[tuple[str, str, bool]]:
-    """(kind, what, cached now) for every file a model needs; no network."""
-    from musicgen.registry import MULAN_REPO, VAE_FILE, VAE_REPO
+    """(kind, what, cached now) for every file a model needs, as its family lists them; no network."""
+    from musicgen.registry import MULAN_REPO
 
-    negative = ("assets", "assets/negative_style_vocal.npy", _asset_at_hand("negative_style_vocal.npy"))
-    if spec.untrained:  # it brings its own negative style embedding
+    if spec.untrained:  # built locally with all it needs, its own negative style embedding included
         return [("built locally", "tiny model", (cache_dir() / spec.name / "tiny.json").is_file())]
-    if spec.family == "dr2":  # its files, one repository; no VAE, no negative style
-        from musicgen.registry import DR2_FILES
-
-        files = [("checkpoint", f"{spec.repo_id}/{f}", hub_file_cached(spec.repo_id, f) is not None)
-                 for f in DR2_FILES]  # fmt: skip
-        return [*files, ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None)]
-    return [
-        negative,
-        (
-            "checkpoint",
-            f"{spec.repo_id}/{spec.checkpoint_file}",
-            hub_file_cached(spec.repo_id, spec.checkpoint_file) is not None,
-        ),
-        ("vae", f"{VAE_REPO}/{VAE_FILE}", hub_file_cached(VAE_REPO, VAE_FILE) is not None),
-        ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None),
-    ]
+    needed = [("assets", f"assets/{name}", _asset_at_hand(name)) for name in spec.family.assets]
+    for kind, files in spec.files.items():
+        needed += [(kind, f"{repo}/{f}", hub_file_cached(repo, f) is not None) for repo, f in files]
+    return [*needed, ("mulan", MULAN_REPO, hub_file_cached(MULAN_REPO, "config.json") is not None)]
 
 
 def model_status(spec) -> dict[str, bool]:

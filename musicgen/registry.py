@@ -1,37 +1,164 @@
-"""The official DiffRhythm models and their built-in hyperparameters.
+"""The official DiffRhythm models, grouped by family, and everything that differs between them.
 
-Everything that differs between checkpoints lives here, per model, so that loading and sampling code
-never branches on a model's name.
+A model family (`ModelFamily`: `DR1` for DiffRhythm 1, `DR2` for DiffRhythm 2) says once what its models
+share: the pipeline that runs them, how their lyrics are encoded, their sampling defaults, their limits,
+the files they need and the tiny seeded stand-in built for tests and demos. A model (`ModelSpec`) adds
+its own numbers (repository, durations, window, per-model lyric flags). Code outside this module asks a
+spec or its family and never branches on which family it is.
+
+Pipelines, lyrics encoders and tiny builders are named here as "module:attribute" strings and imported
+when first asked for: they import this module, so it imports none of them.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from musicgen.errors import InvalidParameter
 from musicgen.model.dit import DiTConfig
-
-SAMPLE_RATE = 44_100  # VAE output, stereo
-LATENT_HOP = 2048  # audio samples per latent frame
-LATENT_CHANNELS = 64
-FRAMES_PER_SECOND = SAMPLE_RATE / LATENT_HOP  # ~21.53
+from musicgen.model.dr2_sampler import BlockSamplerSettings
+from musicgen.model.loading import DIT_FILE, DR2_DIT_FILES, DR2_FILES, VAE_FILE
+from musicgen.model.sampler import SamplerSettings
+from musicgen.model.vae import FRAMES_PER_SECOND, SAMPLE_RATE
 
 # DiffRhythm 2: 5 latent frames a second, decoded by BigVGAN to 48 kHz (9600 samples a frame)
 DR2_FRAMES_PER_SECOND = 5
 DR2_SAMPLE_RATE = 48_000
 DR2_REPO = "ASLP-lab/DiffRhythm2"
-DR2_DIT_FILES = ("model.json", "model.safetensors")  # the DiT: its configuration and weights
-DR2_DECODER_FILES = ("decoder.json", "decoder.bin")  # the BigVGAN decoder: its configuration and weights
-DR2_FILES = DR2_DIT_FILES + DR2_DECODER_FILES  # what `musicgen models pull diffrhythm-2` downloads
 
 VAE_REPO = "ASLP-lab/DiffRhythm-vae"
-VAE_FILE = "vae_model.pt"
 MULAN_REPO = "OpenMuQ/MuQ-MuLan-large"
 
 # config/diffrhythm-1b.json of the official repository (the "heads" there is not used: see DiTConfig)
 DIFFRHYTHM_1B = dict(
     dim=2048, depth=16, ff_mult=4, text_dim=512, conv_layers=4, mel_dim=64, text_num_embeds=363
 )
+
+
+def _resolve(target: str) -> Any:
+    """The attribute named by "module:attribute", imported now."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Sampling settings when a request gives none: the official inference defaults."""
+
+    steps: int
+    cfg_strength: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_steps: int  # sampling steps at the least
+    frames_per_second: float  # latent frames per second of audio
+    sample_rate: int  # of the audio the pipeline returns
+
+
+@dataclass(frozen=True)
+class LyricsRules:
+    timed: bool  # LRC timestamps place the lines (else section tags guide the model, no timing)
+    encoder: str  # "module:function" of (front end, lyrics, spec, seconds) -> LyricsFrames
+
+
+class ModelFamily:
+    """What the models of one family share. One subclass and one instance per family."""
+
+    name: str  # short key, as in FAMILIES
+    title: str  # for people: "DiffRhythm 1"
+    pipeline: str  # "module:Class" of its `Pipeline` subclass
+    lyrics: LyricsRules
+    defaults: Defaults
+    limits: Limits
+    edits: bool  # can regenerate segments of an existing song
+    tiny_builder: str  # "module:function" building the tiny model's files under a folder: (root) -> paths
+    assets: tuple[str, ...]  # data files of the official repository it needs (names in hub.ASSETS)
+
+    def max_frames(self, spec: ModelSpec) -> int:
+        raise NotImplementedError
+
+    def frames_for(self, spec: ModelSpec, seconds: float) -> int:
+        """Latent frames generated for a song of `seconds` (already checked against the spec's range)."""
+        raise NotImplementedError
+
+    def files(self, spec: ModelSpec) -> dict[str, list[tuple[str, str]]]:
+        """(repository, file name) of every hub file a model needs besides the style encoder, by kind."""
+        raise NotImplementedError
+
+    def pipeline_class(self) -> type:
+        return _resolve(self.pipeline)
+
+    def encode_lyrics(self, front: Any, lyrics: str, spec: ModelSpec, seconds: float) -> Any:
+        return _resolve(self.lyrics.encoder)(front, lyrics, spec, seconds)
+
+    def build_tiny(self, root: Path) -> dict[str, Path]:
+        return _resolve(self.tiny_builder)(root)
+
+    def __repr__(self) -> str:
+        return f"<model family {self.title}>"
+
+
+class DiffRhythm1(ModelFamily):
+    """Timed lyrics placed frame by frame, one Euler integration of the whole song, a 44.1 kHz VAE."""
+
+    name, title = "dr1", "DiffRhythm 1"
+    pipeline = "musicgen.pipelines.dr1:DR1Pipeline"
+    lyrics = LyricsRules(timed=True, encoder="musicgen.lyrics.timed:encode_timed")
+    # 32 grid points of the official script = 31 Euler steps
+    defaults = Defaults(SamplerSettings().steps, SamplerSettings().cfg_strength)
+    limits = Limits(SamplerSettings.MIN_STEPS, FRAMES_PER_SECOND, SAMPLE_RATE)
+    edits = True
+    tiny_builder = "musicgen.tiny:ensure_tiny_model"
+    assets = ("negative_style_vocal.npy",)  # the null branch's style
+
+    def max_frames(self, spec: ModelSpec) -> int:
+        return spec.dit.max_frames
+
+    def frames_for(self, spec: ModelSpec, seconds: float) -> int:
+        if spec.min_seconds == spec.max_seconds:  # fixed-length models always fill their window
+            return spec.max_frames
+        return min(int(seconds * self.limits.frames_per_second), spec.max_frames)
+
+    def files(self, spec: ModelSpec) -> dict[str, list[tuple[str, str]]]:
+        return {"checkpoint": [(spec.repo_id, spec.checkpoint_file)], "vae": [(VAE_REPO, VAE_FILE)]}
+
+
+class DiffRhythm2(ModelFamily):
+    """Section tags instead of timestamps, a block sampler, a 48 kHz BigVGAN decoder; no edits."""
+
+    name, title = "dr2", "DiffRhythm 2"
+    pipeline = "musicgen.pipelines.dr2:DR2Pipeline"
+    lyrics = LyricsRules(timed=False, encoder="musicgen.lyrics.sections:encode_section_lyrics")
+    # --steps 16 of the official command line: grid points, so 15 Euler steps per block
+    defaults = Defaults(BlockSamplerSettings().steps, BlockSamplerSettings().cfg_strength)
+    limits = Limits(BlockSamplerSettings.MIN_STEPS, DR2_FRAMES_PER_SECOND, DR2_SAMPLE_RATE)
+    edits = False  # the official code has no edit mode
+    tiny_builder = "musicgen.tiny:ensure_tiny_dr2"
+    assets = ()  # no negative style: the null branch's style is zeros
+
+    def max_frames(self, spec: ModelSpec) -> int:
+        return int(spec.max_seconds * self.limits.frames_per_second)
+
+    def frames_for(self, spec: ModelSpec, seconds: float) -> int:
+        # int(max_secs * 5), as the official script; the sampler rounds up to whole blocks
+        return int(seconds * self.limits.frames_per_second)
+
+    def files(self, spec: ModelSpec) -> dict[str, list[tuple[str, str]]]:
+        return {"checkpoint": [(spec.repo_id, f) for f in DR2_FILES]}  # one repository, no VAE
+
+
+DR1, DR2 = DiffRhythm1(), DiffRhythm2()
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (DR1, DR2)}
+
+
+def family_defaults(setting: str) -> str:
+    """Each family's default of `setting` ("steps" or "cfg_strength"), for help texts:
+    "31 for DiffRhythm 1, 16 for DiffRhythm 2"."""
+    return ", ".join(f"{getattr(f.defaults, setting):g} for {f.title}" for f in FAMILIES.values())
 
 
 @dataclass(frozen=True)
@@ -42,10 +169,9 @@ class ModelSpec:
     min_seconds: int
     max_seconds: int
     description: str
-    checkpoint_file: str = "cfm_model.pt"
+    checkpoint_file: str = DIT_FILE
     licence: str = "Apache-2.0"
-    # "dr1": timed lyrics, 44.1 kHz VAE; "dr2": section tags, block sampler, 48 kHz BigVGAN (DR2_* below)
-    family: str = "dr1"
+    family: ModelFamily = DR1
     # seeded random weights built locally (musicgen.tiny) instead of downloaded: not a music model
     untrained: bool = False
     # lyric placement rules of the official get_lrc_token: the base (2048-frame) models ignore the
@@ -55,34 +181,40 @@ class ModelSpec:
 
     @property
     def max_frames(self) -> int:
-        if self.family == "dr2":
-            return int(self.max_seconds * DR2_FRAMES_PER_SECOND)
-        return self.dit.max_frames
+        return self.family.max_frames(self)
 
     @property
     def default_steps(self) -> int:
-        """Sampling steps when none are given: the official inference defaults (DiffRhythm 1: 32 grid
-        points = 31 Euler steps; DiffRhythm 2: --steps 16, grid points, so 15 per block)."""
-        return 16 if self.family == "dr2" else 31
+        """Sampling steps when none are given: the family's official inference default."""
+        return self.family.defaults.steps
 
     @property
     def default_cfg(self) -> float:
-        return 2.0 if self.family == "dr2" else 4.0
+        return self.family.defaults.cfg_strength
 
     @property
     def timed_lyrics(self) -> bool:
         """LRC timestamps place the lines (DiffRhythm 1); DiffRhythm 2 reads section tags only."""
-        return self.family == "dr1"
+        return self.family.lyrics.timed
 
     @property
     def edits(self) -> bool:
         """Regenerating segments of a song: DiffRhythm 1 only (DiffRhythm 2's code has no edit mode)."""
-        return self.family == "dr1"
+        return self.family.edits
 
     @property
     def min_steps(self) -> int:
         """DiffRhythm 2's steps are grid points of each block's integration: two at least."""
-        return 2 if self.family == "dr2" else 1
+        return self.family.limits.min_steps
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.family.limits.frames_per_second
+
+    @property
+    def files(self) -> dict[str, list[tuple[str, str]]]:
+        """The hub files it needs besides the style encoder (see ModelFamily.files); none when untrained."""
+        return {} if self.untrained else self.family.files(self)
 
     def check_generation(self, *, steps: int, edit: bool) -> None:
         if edit and not self.edits:
@@ -100,7 +232,7 @@ class ModelSpec:
 
     @property
     def sample_rate(self) -> int:
-        return DR2_SAMPLE_RATE if self.family == "dr2" else SAMPLE_RATE
+        return self.family.limits.sample_rate
 
     def check_duration(self, seconds: float) -> None:
         if not self.min_seconds <= seconds <= self.max_seconds:
@@ -127,16 +259,12 @@ class ModelSpec:
 
     def lyrics_cutoff_s(self, seconds: float) -> float:
         """Lines starting at or after this time are not sung."""
-        return self.max_frames / FRAMES_PER_SECOND if self.lrc_window_cutoff else seconds
+        return self.max_frames / self.frames_per_second if self.lrc_window_cutoff else seconds
 
     def frames_for(self, seconds: float) -> int:
         """Latent frames generated for a song of `seconds`, as the official inference does it."""
         self.check_duration(seconds)
-        if self.family == "dr2":  # int(max_secs * 5); the sampler rounds up to whole blocks
-            return int(seconds * DR2_FRAMES_PER_SECOND)
-        if self.min_seconds == self.max_seconds:  # fixed-length models always fill their window
-            return self.max_frames
-        return min(int(seconds * FRAMES_PER_SECOND), self.max_frames)
+        return self.family.frames_for(self, seconds)
 
 
 def _spec(name, repo, max_frames, seconds, description, *, duration_embed: bool, v1_0: bool) -> ModelSpec:
@@ -213,8 +341,8 @@ MODELS["diffrhythm-2"] = ModelSpec(
     10,
     210,
     "DiffRhythm 2, 10 to 210 s songs from lyrics with section tags (no timestamps), 48 kHz",
-    checkpoint_file="model.safetensors",
-    family="dr2",
+    checkpoint_file=DR2_DIT_FILES[1],
+    family=DR2,
 )
 MODELS["tiny-2"] = ModelSpec(
     "tiny-2",
@@ -224,7 +352,7 @@ MODELS["tiny-2"] = ModelSpec(
     60,
     "UNTRAINED tiny DiffRhythm 2 with seeded random weights, for offline demos and tests",
     untrained=True,
-    family="dr2",
+    family=DR2,
 )
 DEFAULT_MODEL = "diffrhythm-1.2-base"
 

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from musicgen.model.dit import DiT, DiTConfig
-from musicgen.model.loading import save_dit_checkpoint
-from musicgen.registry import LATENT_CHANNELS, LATENT_HOP, TINY_DIT
+from musicgen.model.loading import DIT_FILE, VAE_FILE, save_dit_checkpoint
+from musicgen.model.vae import LATENT_CHANNELS, LATENT_HOP
+from musicgen.registry import TINY_DIT
 
 STYLE_DIM = 512
 FORMAT_VERSION = 2  # bump when the files written here change
@@ -181,7 +182,7 @@ def save_tiny_mulan(folder: Path, seed: int = 0) -> Path:
 
 
 def tiny_paths(root: Path) -> dict[str, Path]:
-    return {"dit": root / "cfm_model.pt", "vae": root / "vae_model.pt", "mulan": root / "mulan/mulan",
+    return {"dit": root / DIT_FILE, "vae": root / VAE_FILE, "mulan": root / "mulan/mulan",
             "negative": root / "negative_style.npy"}  # fmt: skip
 
 

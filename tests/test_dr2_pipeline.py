@@ -9,7 +9,7 @@ import torch
 
 from musicgen.errors import CheckpointMismatch, GenerationCanceled, InvalidLyrics, InvalidParameter
 from musicgen.lyrics.frontend import LyricsFrontEnd
-from musicgen.pipeline import EditSpec, SongPipeline, SongRequest
+from musicgen.pipelines import DR2Pipeline, EditSpec, Pipeline, SongRequest
 from musicgen.registry import get_model_spec
 
 LYRICS = "[verse]\nHello world\n[chorus]\nGood night moon"
@@ -17,7 +17,7 @@ LYRICS = "[verse]\nHello world\n[chorus]\nGood night moon"
 
 @pytest.fixture(scope="module")
 def pipe(offline_hub):
-    return SongPipeline.from_pretrained("tiny-2", device="cpu")
+    return Pipeline.from_pretrained("tiny-2", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,6 @@ def request(front, seconds=4.0, lyrics=LYRICS, **kw) -> SongRequest:
 
 
 def test_a_song_has_the_requested_length_at_48_khz_in_the_official_stereo(pipe, front):
-    from musicgen.dr2_pipeline import DR2Pipeline
-
     assert isinstance(pipe, DR2Pipeline)
     result = pipe.generate(request(front, seconds=5.3, seed=7, num_takes=2))
     assert result.sample_rate == 48_000 and result.audio.shape == (2, 2, 26 * 9600)  # int(5.3 * 5) frames
@@ -78,6 +76,13 @@ def test_progress_counts_blocks_and_steps(pipe, front):
     sampling = [p for p in events if p.stage == "sampling"]
     assert sampling[-1].total == 2 * 4 and [p.step for p in sampling] == list(range(8))
     assert [p.stage for p in events][0] == "encoding_style" and events[-1].stage == "decoding"
+
+
+def test_a_request_without_steps_samples_the_official_default(pipe, front):
+    events = []
+    pipe.generate(request(front, seconds=4, steps=None), events.append)
+    assert pipe.spec.default_steps == 16
+    assert [p.total for p in events if p.stage == "sampling"][-1] == 2 * 15  # grid points: 15 steps a block
 
 
 def test_lyrics_rules_tags_timestamps_and_errors(front):

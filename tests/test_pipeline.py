@@ -11,12 +11,13 @@ import soundfile as sf
 import torch
 
 from musicgen.errors import GenerationCanceled, InvalidParameter, InvalidPrompt, OutOfMemory, UnsupportedMedia
-from musicgen.pipeline import EditSpec, SongPipeline, SongRequest, edit_mask
+from musicgen.pipelines import DR1Pipeline, EditSpec, Pipeline, SongRequest
+from musicgen.pipelines.dr1 import edit_mask
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_paths):
-    return SongPipeline.from_pretrained("tiny", device="cpu")
+    return Pipeline.from_pretrained("tiny", device="cpu")
 
 
 def request(pipe, seconds=8.0, **kw):
@@ -38,6 +39,22 @@ def test_takes_have_right_shape_and_are_reproducible(pipe):
     single = pipe.generate(request(pipe, num_takes=1, seed=11))
     assert torch.allclose(single.latents[0], res.latents[1], atol=2e-5)
     assert set(res.timings) >= {"style_s", "sampling_s", "decoding_s", "total_s"}
+
+
+def test_the_registry_picks_the_pipeline_and_its_defaults(pipe):
+    """`Pipeline.from_pretrained` returns the family's pipeline; a family's class refuses another family's
+    model; a request without steps or guidance samples with the model's defaults."""
+    assert type(pipe) is DR1Pipeline and pipe.spec.name == "tiny"
+    with pytest.raises(InvalidParameter, match="DiffRhythm 2") as err:
+        DR1Pipeline.from_pretrained("tiny-2", device="cpu")
+    assert err.value.details == {"parameter": "model", "value": "tiny-2"}
+    req = request(pipe, seed=2)
+    unset = SongRequest(tokens=req.tokens, song_duration=req.song_duration, style_prompt="calm acoustic folk")
+    filled = pipe.with_defaults(unset)
+    assert (
+        (filled.steps, filled.cfg_strength) == (pipe.spec.default_steps, pipe.spec.default_cfg) == (31, 4.0)
+    )
+    assert pipe.with_defaults(req) is req
 
 
 def test_text_prompt_and_reference_audio_both_condition(pipe, tmp_path):
@@ -194,9 +211,9 @@ def test_execution_settings_are_checked_and_give_the_same_song(pipe, tiny_model_
     assert pipe.plan.batched is False and pipe.plan.parallel  # auto on the CPU
     for bad in ({"plan": "fastest"}, {"plan": "graphs"}, {"compile": "yes"}):
         with pytest.raises(InvalidParameter) as err:
-            SongPipeline.from_pretrained("tiny", device="cpu", **bad)
+            DR1Pipeline.from_pretrained("tiny", device="cpu", **bad)
         assert err.value.recovery
-    batched = SongPipeline.from_pretrained("tiny", device="cpu", plan="batched", compile="off")
+    batched = DR1Pipeline.from_pretrained("tiny", device="cpu", plan="batched", compile="off")
     assert batched.plan.batched and batched.dit.fused
     req = request(pipe, seed=3)
     assert torch.allclose(batched.generate(req).latents, pipe.generate(req).latents, atol=1e-5, rtol=0)
@@ -210,7 +227,7 @@ def test_the_tiny_model_needs_no_download_and_no_local_copy(tmp_path, monkeypatc
     monkeypatch.delenv("MUSICGEN_ASSETS_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MUSICGEN_CACHE_DIR", str(tmp_path / "cache"))
-    pipe = SongPipeline.from_pretrained("tiny", device="cpu")
+    pipe = Pipeline.from_pretrained("tiny", device="cpu")
     assert pipe.negative_style.shape == (1, 512)
     assert not (hub.cache_dir() / "assets" / "negative_style_vocal.npy").exists()
     assert pipe.generate(request(pipe, seconds=5.0)).audio.shape[0] == 1

@@ -129,7 +129,7 @@ class SongGenerator:
         from deployments.service.jobs import JobStore
         from deployments.service.runner import JobRunner
         from musicgen.errors import MusicgenError
-        from musicgen.pipeline import SongPipeline
+        from musicgen.pipelines import Pipeline
 
         self.args = args
         self.model = model or args.model  # the model this deployment's replicas load (one of served_models)
@@ -141,7 +141,7 @@ class SongGenerator:
         self.batcher = JobBatcher(self._run_batch, args.max_batch_size, args.batch_wait_s)
         self._reporter = asyncio.get_event_loop().create_task(self._report_forever())
         try:
-            pipeline = SongPipeline.from_pretrained(
+            pipeline = Pipeline.from_pretrained(
                 self.model, device=args.device, plan=args.plan, compile=args.compile
             )
         except MusicgenError as exc:
@@ -368,7 +368,7 @@ class Ingress:
 
     async def _models(self) -> list[dict]:
         from deployments.service.schemas import model_view
-        from deployments.service.settings import MAX_TAKES
+        from musicgen.pipelines import MAX_TAKES
         from musicgen.registry import MODELS
 
         reports = await self.store.generator_statuses()

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from musicgen.registry import DEFAULT_MODEL, get_model_spec
+
+_DEFAULT = get_model_spec(DEFAULT_MODEL)  # the validator always sets steps and guidance for the job's model
+
 
 @dataclass(frozen=True)
 class SongParams:
@@ -16,8 +20,8 @@ class SongParams:
     song_duration: float
     seed: int
     num_takes: int = 1
-    steps: int = 31
-    cfg_strength: float = 4.0
+    steps: int = _DEFAULT.default_steps
+    cfg_strength: float = _DEFAULT.default_cfg
     output_format: str = "mp3"
     style_prompt: str | None = None
     reference_audio_id: str | None = None

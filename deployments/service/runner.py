@@ -33,7 +33,7 @@ from deployments.service.params import SongParams
 from deployments.service.storage import Storage
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
-from musicgen.pipeline import EditSpec, Progress, SongPipeline, SongRequest, SongResult
+from musicgen.pipelines import EditSpec, Pipeline, Progress, SongRequest, SongResult
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class JobRunner:
     def __init__(
         self,
         store: JobStore,
-        pipeline: SongPipeline,
+        pipeline: Pipeline,
         results: Storage,
         uploads: Storage,
         worker: str,
@@ -109,7 +109,7 @@ class JobRunner:
         """The pipeline request of a job; uploads it needs are fetched into `files` (kept until the
         stack closes)."""
         # the ingress routes by model: a job of another model is a bug or a changed config, never a guess
-        serving = getattr(getattr(self.pipeline, "spec", None), "name", p.model)
+        serving = self.pipeline.spec.name
         if p.model != serving:
             raise ServiceError(
                 "INTERNAL", f"a job for model {p.model} reached a generator of {serving}",

@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.service.settings import MAX_STEPS, MAX_TAKES
+from deployments.service.settings import MAX_STEPS
+from musicgen.pipelines.base import MAX_TAKES
+from musicgen.registry import family_defaults
 
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}\.(wav|flac|mp3|ogg)$"  # as POST /v1/uploads names them
@@ -43,13 +45,13 @@ class SongCreate(Strict):
         None,
         ge=1,
         le=MAX_STEPS,
-        description="sampling steps; default: the model's (31 for DiffRhythm 1, 16 for 2)",
+        description=f"sampling steps; default: the model's ({family_defaults('steps')})",
     )
     cfg_strength: float | None = Field(
         None,
         ge=0.0,
         le=20.0,
-        description="guidance strength; default: the model's (4 for DiffRhythm 1, 2 for 2)",
+        description=f"guidance strength; default: the model's ({family_defaults('cfg_strength')})",
     )
     output_format: Literal["wav", "flac", "mp3"] = "mp3"
     edit: EditRequest | None = None
@@ -146,13 +148,16 @@ class ModelView(Strict):
     timed_lyrics: bool = True  # DiffRhythm 1: LRC timestamps place the lines; DiffRhythm 2: section tags only
     edits: bool = True  # regenerating a section of a song (DiffRhythm 1 only)
     sample_rate: int = 44_100
+    default_steps: int  # what a song without `steps` samples with
+    default_cfg: float  # and without `cfg_strength`
 
 
 def model_view(spec, loaded: bool, status: str, max_takes: int) -> dict:
     """GET /v1/models's entry for a registry ModelSpec."""
     return {"name": spec.name, "loaded": loaded, "status": status, "min_seconds": spec.min_seconds,
             "max_seconds": spec.max_seconds, "max_takes": max_takes, "untrained": spec.untrained,
-            "timed_lyrics": spec.timed_lyrics, "edits": spec.edits, "sample_rate": spec.sample_rate}  # fmt: skip
+            "timed_lyrics": spec.timed_lyrics, "edits": spec.edits, "sample_rate": spec.sample_rate,
+            "default_steps": spec.default_steps, "default_cfg": spec.default_cfg}  # fmt: skip
 
 
 class UploadView(Strict):

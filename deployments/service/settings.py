@@ -20,8 +20,7 @@ from deployments.service.netguard import parse_allow
 LEASE_S = 30.0  # a worker renews its job's lease every lease/3 s; a lost worker's job is re-queued after it
 MAX_ATTEMPTS = 3  # runs of a job whose worker is lost before it fails with WORKER_LOST
 RETENTION_S = 7 * 24 * 3600  # finished jobs, their events and their files are kept this long
-MAX_TAKES = 4  # takes of one song
-MAX_STEPS = 200  # sampling steps of one song
+MAX_STEPS = 200  # sampling steps of one song (takes of one song: the library's musicgen.pipelines.MAX_TAKES)
 MAX_QUEUE = 100  # queued songs before submissions get QUEUE_FULL
 MAX_UPLOAD_MB = 50.0  # reference songs and songs to edit
 MAX_UPLOAD_SECONDS = 600.0

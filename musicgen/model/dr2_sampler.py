@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,12 +38,15 @@ PruneCallback = Callable[[int, int, list[int]], list[int] | None]
 
 @dataclass(frozen=True)
 class BlockSamplerSettings:
+    """The defaults are the official command line's, and DiffRhythm 2's defaults in the registry."""
+
     steps: int = 16  # grid points: steps - 1 Euler updates per block (official CLI default)
     cfg_strength: float = 2.0
     round_pass_time: bool = True  # the +-1 time features of the text and cache passes in fp16, as trained
+    MIN_STEPS: ClassVar[int] = 2  # grid points: at least one Euler update per block
 
     def __post_init__(self):
-        if not 2 <= self.steps <= 1000:
+        if not self.MIN_STEPS <= self.steps <= 1000:
             raise ValueError(f"steps must be in 2..1000, got {self.steps}")
         if not 0.0 <= self.cfg_strength <= 50.0:
             raise ValueError(f"cfg_strength must be in 0..50, got {self.cfg_strength}")

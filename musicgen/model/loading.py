@@ -14,9 +14,14 @@ import torch
 from musicgen.errors import CheckpointMismatch
 from musicgen.model.dit import DiT, DiTConfig, packing_available
 from musicgen.model.vae import SongVAE
-from musicgen.registry import DR2_DECODER_FILES, DR2_DIT_FILES
 
 PREFIX = "transformer."
+# the official checkpoint files, as their hub repositories name them
+DIT_FILE = "cfm_model.pt"  # a DiffRhythm 1 DiT
+VAE_FILE = "vae_model.pt"  # the DiffRhythm 1 VAE (TorchScript)
+DR2_DIT_FILES = ("model.json", "model.safetensors")  # the DiffRhythm 2 DiT: its configuration and weights
+DR2_DECODER_FILES = ("decoder.json", "decoder.bin")  # its BigVGAN decoder: configuration and weights
+DR2_FILES = DR2_DIT_FILES + DR2_DECODER_FILES
 
 
 def read_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -33,11 +34,14 @@ StepCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class SamplerSettings:
+    """The defaults are the official inference script's, and DiffRhythm 1's defaults in the registry."""
+
     steps: int = 31  # Euler updates; the official inference script's steps=32 is 32 grid points = 31 updates
     cfg_strength: float = 4.0
+    MIN_STEPS: ClassVar[int] = 1
 
     def __post_init__(self):
-        if not 1 <= self.steps <= 1000:
+        if not self.MIN_STEPS <= self.steps <= 1000:
             raise ValueError(f"steps must be in 1..1000, got {self.steps}")
         if not 0.0 <= self.cfg_strength <= 50.0:
             raise ValueError(f"cfg_strength must be in 0..50, got {self.cfg_strength}")

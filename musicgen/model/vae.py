@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from musicgen.registry import LATENT_HOP
-
+SAMPLE_RATE = 44_100  # decoded audio, stereo
+LATENT_HOP = 2048  # audio samples per latent frame
+LATENT_CHANNELS = 64
+FRAMES_PER_SECOND = SAMPLE_RATE / LATENT_HOP  # ~21.53
 ENCODER_CHANNELS = 128  # the encoder's posterior: 64 means and 64 scales per frame
 
 

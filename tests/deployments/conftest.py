@@ -114,9 +114,9 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_paths):
-    from musicgen.pipeline import SongPipeline
+    from musicgen.pipelines import Pipeline
 
-    return SongPipeline.from_pretrained("tiny", device="cpu")
+    return Pipeline.from_pretrained("tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -610,10 +610,10 @@ def test_diffrhythm_2_through_the_api(server, tmp_path, offline_hub):
 
     import soundfile as sf
 
-    from musicgen.pipeline import SongPipeline
+    from musicgen.pipelines import Pipeline
 
     redis.Redis.from_url(server.url).flushdb()
-    pipe2 = SongPipeline.from_pretrained("tiny-2", device="cpu")
+    pipe2 = Pipeline.from_pretrained("tiny-2", device="cpu")
     services, _ = make_services(server.url, pipe2, LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u"),
                                 model="tiny-2")  # fmt: skip
     with TestClient(create_api(services)) as http:

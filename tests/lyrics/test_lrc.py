@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from musicgen.errors import InvalidLyrics
-from musicgen.lyrics.frontend import COMMA_ID, PERIOD_ID, place_lines
 from musicgen.lyrics.lrc import format_time, parse_lrc
+from musicgen.lyrics.timed import COMMA_ID, PERIOD_ID, place_lines
 
 
 def test_timestamp_forms_and_tags():

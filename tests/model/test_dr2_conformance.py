@@ -185,12 +185,12 @@ def test_pass_times_without_fp16_rounding_match_the_variant_and_differ_from_the_
 
 
 def test_the_front_end_gives_the_official_token_ids(sampler_npz):
-    from musicgen.lyrics.dr2 import encode_dr2
     from musicgen.lyrics.frontend import LyricsFrontEnd
+    from musicgen.lyrics.sections import encode_sections
 
     lyrics = ("[start]\n[intro]\n[verse]\nHello darkness, my old friend\nI've come to talk with you again\n"
               "[chorus]\nLa la la\n[end]")  # fmt: skip
-    assert encode_dr2(LyricsFrontEnd.from_assets(), lyrics).tokens == sampler_npz["text_ids"][0].tolist()
+    assert encode_sections(LyricsFrontEnd.from_assets(), lyrics).tokens == sampler_npz["text_ids"][0].tolist()
 
 
 def test_the_decoder_checkpoint_loads_strictly_from_the_weight_norm_format(ref, decoder):

@@ -131,7 +131,7 @@ def test_a_compile_that_fails_runs_eagerly_or_refuses_to_load(monkeypatch, caplo
     """compile=auto on a machine whose toolchain fails: a warning and eager blocks (the numbers are
     the eager ones); compile=on: the model does not load, with a recovery hint."""
     from musicgen.errors import ModelNotAvailable
-    from musicgen.pipeline import _compile_or_fall_back
+    from musicgen.pipelines.dr1 import _compile_or_fall_back
 
     def compile_with_a_broken_toolchain(self, **options):
         for block in self.transformer_blocks:
@@ -141,7 +141,7 @@ def test_a_compile_that_fails_runs_eagerly_or_refuses_to_load(monkeypatch, caplo
     model = _random_dit()
     eager = _velocity(model)
     try:
-        with caplog.at_level("WARNING", logger="musicgen.pipeline"):
+        with caplog.at_level("WARNING", logger="musicgen.pipelines.dr1"):
             _compile_or_fall_back(model, CPU, required=False)
         assert "running the DiT eagerly" in caplog.text
         assert torch.equal(_velocity(model), eager)

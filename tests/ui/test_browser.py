@@ -53,9 +53,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(server, tiny_model_paths, pace, tmp_path_factory):
-    from musicgen.pipeline import SongPipeline
+    from musicgen.pipelines import Pipeline
 
-    pipe = SongPipeline.from_pretrained("tiny", device="cpu")
+    pipe = Pipeline.from_pretrained("tiny", device="cpu")
     velocity = pipe.dit.velocity
 
     def paced(*args, **kwargs):
@@ -475,10 +475,10 @@ def test_a_failing_event_stream_falls_back_to_polling(page, pace):
 def dr2_app(server, tmp_path_factory):
     """The API serving the tiny DiffRhythm 2 (its own generator thread), the same UI."""
     from deployments.service.schemas import model_view
-    from musicgen.pipeline import SongPipeline
+    from musicgen.pipelines import Pipeline
     from musicgen.registry import MODELS
 
-    pipe = SongPipeline.from_pretrained("tiny-2", device="cpu")
+    pipe = Pipeline.from_pretrained("tiny-2", device="cpu")
     root = tmp_path_factory.mktemp("ui-dr2")
     services, _ = make_services(server.url, pipe, LocalStorage(root / "results"), LocalStorage(root / "uploads"),
                                 model="tiny-2", ui_dir=str(ROOT / "ui"))  # fmt: skip

@@ -8,7 +8,7 @@ import { lyricItems, renderLineView, selectLine, timingEditor, writeLrc } from "
 const $ = (id) => document.getElementById(id);
 const form = $("song-form");
 const lyrics = $("lyrics");
-const state = { models: [], referenceId: null, edit: null };
+const state = { models: [], referenceId: null, edit: null, stepsModel: null };
 
 function announce(text) {
   const live = $("live");
@@ -112,6 +112,12 @@ function applyModelLimits() {
   d.max = m.max_seconds;
   if (!d.value || Number(d.value) < m.min_seconds || Number(d.value) > m.max_seconds) d.value = m.min_seconds;
   $("takes").max = m.max_takes;
+  // steps mean something else in each family (DiffRhythm 2 counts grid points): a newly chosen model
+  // starts from its own default
+  if (state.stepsModel !== m.name) {
+    $("steps").value = m.default_steps;
+    state.stepsModel = m.name;
+  }
   $("time-lyrics").textContent = m.timed_lyrics ? "Show timing" : "Check lyrics";
   $("lyrics-help").textContent = m.timed_lyrics
     ? "Plain lines (timed for you) or LRC [mm:ss.xx] lines. Section tags such as [Verse] and [Chorus] go on their own line."
@@ -248,7 +254,7 @@ function fillForm(body) {
   applyModelLimits();
   if (body.duration_s) $("duration").value = body.duration_s;
   $("takes").value = body.num_takes || 1;
-  $("steps").value = body.steps || 31;
+  $("steps").value = body.steps ?? currentModel().default_steps ?? "";
   $("format").value = body.output_format || "mp3";
   $("seed").value = body.seed ?? "";
   if (body.style_prompt) {
@@ -273,7 +279,7 @@ function formBody() {
     model: $("model").value || null,
     duration_s: Number($("duration").value) || null,
     num_takes: Number($("takes").value) || 1,
-    steps: Number($("steps").value) || 31,
+    steps: Number($("steps").value) || null, // empty: the model's default
     output_format: $("format").value,
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);

@@ -1,7 +1,7 @@
-"""The DiffRhythm 2 song pipeline: check inputs -> encode style -> block sampler -> chunked BigVGAN decode ->
-stereo. Same interface as `SongPipeline` (generate, generate_many, progress, cancellation, out-of-memory
-handling), so the CLI and the service run either generation; `SongPipeline.from_pretrained` returns
-this one for a DiffRhythm 2 model.
+"""DiffRhythm 2's pipeline: check inputs -> encode style -> block sampler -> chunked BigVGAN decode ->
+stereo. The `Pipeline` interface (generate, generate_many, progress, cancellation, out-of-memory
+handling), so the CLI and the service run either family; `Pipeline.from_pretrained` returns this one for
+a DiffRhythm 2 model.
 
 Choices (the official script's behaviour where it is not a bug, see musicgen/model/dr2_sampler.py):
 - the duration is int(seconds * 5) frames, sampled in whole 10-frame blocks as the official code does,
@@ -16,6 +16,7 @@ Choices (the official script's behaviour where it is not a bug, see musicgen/mod
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,17 @@ from musicgen.model.dr2_dit import DR2DiT
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks
 from musicgen.model.loading import load_bigvgan, load_dr2
 from musicgen.model.style import StyleEncoder, check_prompt
-from musicgen.pipeline import MAX_TAKES, BatchedGeneration, Progress, SongResult, encode_style
-from musicgen.registry import DR2_FILES, MULAN_REPO, ModelSpec, get_model_spec
+from musicgen.pipelines.base import MAX_TAKES, Pipeline, Progress, ProgressCallback, SongRequest, SongResult
+from musicgen.registry import MULAN_REPO, ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Item:
     index: int
-    req: object  # SongRequest
-    report: object  # ProgressCallback
+    req: SongRequest  # its defaults filled in
+    report: ProgressCallback
     style: torch.Tensor  # (1, 512)
     frames: int  # requested length in latent frames
     blocks: int
@@ -49,7 +52,7 @@ class _Item:
     error: BaseException | None = None
 
 
-class DR2Pipeline(BatchedGeneration):
+class DR2Pipeline(Pipeline):
     def __init__(self, spec: ModelSpec, dit: DR2DiT, decoder: BigVGAN, style_encoder: StyleEncoder | None,
                  device: torch.device):  # fmt: skip
         self.spec, self.dit, self.decoder, self.style_encoder = spec, dit, decoder, style_encoder
@@ -57,22 +60,27 @@ class DR2Pipeline(BatchedGeneration):
         self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
 
     @classmethod
-    def from_pretrained(
-        cls, name: str, *, device: str = "auto", dtype: str = "auto", download: bool = True,
-        with_style_encoder: bool = True,
+    def _load(
+        cls, spec: ModelSpec, *, device: str, dtype: str, download: bool, with_style_encoder: bool,
+        plan: str, compile: str,
     ) -> DR2Pipeline:  # fmt: skip
-        spec = get_model_spec(name)
+        """See `Pipeline.from_pretrained`. The block sampler runs eagerly: `plan` and `compile` are
+        DiffRhythm 1's, and a warning says so when they ask for anything but the default."""
+        if plan != "auto" or compile == "on":
+            log.warning(
+                "%s runs its block sampler eagerly: plan=%s and compile=%s apply to DiffRhythm 1 only",
+                spec.name, plan, compile,
+            )  # fmt: skip
         dev = resolve_device(device)
         dt = resolve_dtype(dev, dtype)
         if spec.untrained:
-            from musicgen.tiny import ensure_tiny_dr2
-
-            paths = ensure_tiny_dr2(hub.cache_dir() / spec.name)
+            paths = spec.family.build_tiny(hub.cache_dir() / spec.name)
             folder, mulan_source = paths["folder"], str(paths["mulan"])
         else:
             if not download or hub.hub_offline():
                 hub.check_cached(spec)
-            files = [hub.hub_file(spec.repo_id, f, download=download, pull_target=name) for f in DR2_FILES]
+            files = [hub.hub_file(repo, f, download=download, pull_target=spec.name)
+                     for repo, f in spec.files["checkpoint"]]  # fmt: skip
             folder, mulan_source = Path(files[0]).parent, MULAN_REPO
         dit = load_dr2(folder, device=dev, dtype=dt)
         decoder = load_bigvgan(folder, device=dev, dtype=dt)
@@ -85,7 +93,8 @@ class DR2Pipeline(BatchedGeneration):
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def check_inputs(self, req) -> None:
+    def check_inputs(self, req: SongRequest) -> None:
+        req = self.with_defaults(req)
         if req.tokens.ndim != 1:
             raise InvalidParameter(f"tokens must be a 1-d sequence, got shape {tuple(req.tokens.shape)}")
         vocab = self.dit.cfg.text_num_embeds
@@ -102,10 +111,7 @@ class DR2Pipeline(BatchedGeneration):
         if self.style_encoder is None and req.style_embedding is None:
             raise ModelNotAvailable("this pipeline was loaded without its style encoder")
 
-    def encode_style(self, req) -> torch.Tensor:
-        return encode_style(self.style_encoder, req)
-
-    def _prepare(self, index: int, req, report) -> _Item:
+    def _prepare(self, index: int, req: SongRequest, report: ProgressCallback) -> _Item:
         self.check_inputs(req)
         t0 = time.perf_counter()
         report(Progress("encoding_style", 0.0))
@@ -121,12 +127,12 @@ class DR2Pipeline(BatchedGeneration):
         r = item.req
         return r.tokens.shape[0], item.blocks, r.steps, float(r.cfg_strength)
 
-    def _as_error(self, exc: Exception, req) -> Exception:
+    def _as_error(self, exc: Exception, req: SongRequest) -> Exception:
         if isinstance(exc, torch.OutOfMemoryError):
             return OutOfMemory(f"out of memory generating {req.num_takes} take(s) of {req.duration_s:g} s")
         return exc
 
-    def _sample_and_decode(self, batch: list[_Item]) -> list:
+    def _sample_and_decode(self, batch: list[_Item]) -> list[SongResult | Exception]:
         takes = sum(i.req.num_takes for i in batch)
         self._check_fault_oom(takes)
         rows_of: list[list[int]] = []
@@ -158,7 +164,7 @@ class DR2Pipeline(BatchedGeneration):
         streams = sample_blocks(self.dit, text, style, noise, settings, prune=prune)
         self._sync()
         sampling_s = time.perf_counter() - t1
-        outs: list = []
+        outs: list[SongResult | Exception] = []
         hop = self.decoder.cfg.hop
         for j, item in enumerate(batch):
             if item.error is not None:

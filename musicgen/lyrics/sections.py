@@ -1,8 +1,9 @@
-"""Lyrics to DiffRhythm 2 tokens: no timestamps; section tags instead.
+"""DiffRhythm 2's lyrics: no timestamps; section tags instead.
 
-The official rules (ARCHITECTURE section 2): each line on its own; a line that is a structure tag becomes
-[tag id, 511]; any other line is phonemized by the same g2p as DiffRhythm 1 (English through espeak-ng,
-Mandarin through the official tables), its phone ids + 1, then 511 ([stop]). Lines are concatenated.
+The official rules (`parse_lyrics` and `STRUCT_INFO` in ASLP-lab/DiffRhythm2's inference.py): each line
+on its own; a line that is a structure tag becomes [tag id, 511]; any other line is phonemized by the
+same g2p as DiffRhythm 1 (English through espeak-ng, Mandarin through the official tables), its phone ids
++ 1 (`CNENTokenizer.encode`), then 511 ([stop]). Lines are concatenated.
 
 Where the official front end fails or surprises, this one says so instead:
 - a tag is recognised whatever its case or surrounding spaces, and with a number (`[Verse 2]`), as
@@ -17,9 +18,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from musicgen.lyrics.frontend import LyricsFrontEnd
+import torch
+
+from musicgen.lyrics.frontend import LyricsFrames, LyricsFrontEnd
 from musicgen.lyrics.lrc import LrcLine
+
+if TYPE_CHECKING:
+    from musicgen.registry import ModelSpec
 
 STOP = 511
 SECTION_TAGS = {
@@ -31,7 +38,7 @@ BRACKETED = re.compile(r"^\[([^\]]*)\]$")
 
 
 @dataclass
-class DR2Lyrics:
+class SectionLyrics:
     tokens: list[int]  # model ids: phones 1..363, tags 500..512, 511 after every line
     lines: list[str] = field(default_factory=list)  # the lines as read (tags normalised to [verse] etc.)
     warnings: list[str] = field(default_factory=list)
@@ -46,8 +53,8 @@ def tag_id(line: str) -> int | None:
     return SECTION_TAGS.get(name)
 
 
-def encode_dr2(front: LyricsFrontEnd, lyrics: str) -> DR2Lyrics:
-    out = DR2Lyrics(tokens=[])
+def encode_sections(front: LyricsFrontEnd, lyrics: str) -> SectionLyrics:
+    out = SectionLyrics(tokens=[])
     stamps = 0
     for number, raw in enumerate(lyrics.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         line = raw.strip().lstrip("\ufeff")
@@ -76,3 +83,15 @@ def encode_dr2(front: LyricsFrontEnd, lyrics: str) -> DR2Lyrics:
             "(section tags such as [verse] and [chorus] guide it)"
         )
     return out
+
+
+def encode_section_lyrics(
+    front: LyricsFrontEnd, lyrics: str, spec: ModelSpec, seconds: float
+) -> LyricsFrames:
+    """The model's input (see `LyricsFrontEnd.encode`): the token sequence, not frame-aligned; `lrc` is the
+    lines as read."""
+    end_frame = spec.frames_for(seconds)
+    out = encode_sections(front, lyrics)
+    return LyricsFrames(tokens=torch.tensor(out.tokens, dtype=torch.long), end_frame=end_frame,
+                        song_duration=end_frame / spec.max_frames, lrc="\n".join(out.lines),
+                        warnings=out.warnings)  # fmt: skip

@@ -1,17 +1,15 @@
-"""The song pipeline: check inputs -> encode style -> prepare latents -> sample -> decode.
+"""DiffRhythm 1's pipeline: check inputs -> encode style -> prepare latents -> sample -> decode.
 
-`SongPipeline.from_pretrained(name)` resolves a model from the registry, fetches what is missing
-(unless offline), loads every file strictly and keeps the modules on one device. `generate()` takes
-frame-aligned lyric tokens (see `musicgen.lyrics`) and returns audio for every take.
+The lyrics front end places the lyrics frame by frame (`musicgen.lyrics.timed`); the sampler integrates
+the whole song at once (`musicgen.model.sampler`) and the VAE decodes it to 44.1 kHz stereo. An edit
+regenerates segments of an existing song, keeping the rest of its latents.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -23,16 +21,18 @@ from musicgen.model.dit import COND_DIM, DiT
 from musicgen.model.loading import load_dit, load_vae
 from musicgen.model.sampler import ExecutionPlan, SamplerSettings, SongConditions, sample_many, take_noise
 from musicgen.model.style import StyleEncoder, load_negative_style
-from musicgen.model.vae import SongVAE, peak_normalize, posterior_sample
-from musicgen.registry import (
-    LATENT_HOP,
-    MULAN_REPO,
-    SAMPLE_RATE,
-    VAE_FILE,
-    VAE_REPO,
-    ModelSpec,
-    get_model_spec,
+from musicgen.model.vae import LATENT_HOP, SAMPLE_RATE, SongVAE, peak_normalize, posterior_sample
+from musicgen.pipelines.base import (
+    MAX_SEED,
+    MAX_TAKES,
+    EditSpec,
+    Pipeline,
+    Progress,
+    ProgressCallback,
+    SongRequest,
+    SongResult,
 )
+from musicgen.registry import MULAN_REPO, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,66 +67,6 @@ def _compile_or_fall_back(dit: DiT, device: torch.device, *, required: bool) -> 
         )
 
 
-MAX_TAKES = 4
-MAX_SEED = 2**63 - 1 - MAX_TAKES
-
-
-@dataclass(frozen=True)
-class Progress:
-    stage: str  # "encoding_style" | "sampling" | "decoding"
-    fraction: float  # of this stage, 0..1
-    step: int = 0
-    total: int = 0
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class EditSpec:
-    """Regenerate `segments` (seconds; -1 means the song's start or end) of an existing song."""
-
-    source_audio: Path
-    segments: tuple[tuple[float, float], ...]
-
-
-@dataclass(frozen=True)
-class SongRequest:
-    tokens: torch.Tensor  # (frames,) frame-aligned model token ids (0 = filler)
-    song_duration: float  # frames / max_frames, as the official get_lrc_token returns it
-    style_prompt: str | None = None
-    reference_audio: Path | None = None
-    style_embedding: torch.Tensor | None = None  # (1, 512), e.g. from a cache; wins over the two above
-    seed: int = 0
-    num_takes: int = 1
-    steps: int = 31
-    cfg_strength: float = 4.0
-    edit: EditSpec | None = None
-    duration_s: float | None = None  # DiffRhythm 2 (its tokens are not frame-aligned): the song's length
-
-
-def encode_style(encoder: StyleEncoder | None, req: SongRequest) -> torch.Tensor:
-    """(1, 512): the request's own embedding, else its reference clip's or its text prompt's."""
-    if req.style_embedding is not None:
-        return req.style_embedding.float().reshape(1, -1)
-    if req.reference_audio is not None:
-        return encoder.embed_audio_file(req.reference_audio)
-    return encoder.embed_text(req.style_prompt)
-
-
-@dataclass
-class SongResult:
-    audio: torch.Tensor  # (takes, 2, samples) fp32 in [-1, 1], peak-normalised per take
-    latents: torch.Tensor  # (takes, frames, 64)
-    seeds: list[int]
-    sample_rate: int = SAMPLE_RATE
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def seconds(self) -> float:
-        return self.audio.shape[-1] / self.sample_rate
-
-
 def edit_mask(segments, frames: int, max_frames: int) -> torch.Tensor:
     """(frames,) bool, True on the frames to regenerate (official rounding: int(s * 44100 / 2048))."""
     mask = torch.zeros(frames, dtype=torch.bool)
@@ -142,13 +82,9 @@ def edit_mask(segments, frames: int, max_frames: int) -> torch.Tensor:
     return mask
 
 
-def _no_report(progress: Progress) -> None:
-    pass
-
-
 @dataclass
 class _Prepared:
-    """A request with its conditions and noise, ready to join a sampler batch."""
+    """A request (its defaults filled in) with its conditions and noise, ready to join a sampler batch."""
 
     index: int
     req: SongRequest
@@ -161,82 +97,7 @@ class _Prepared:
     t0: float
 
 
-class BatchedGeneration:
-    """What both generations' pipelines share: `generate` / `generate_many` prepare each request (a
-    bad one fails alone), group the compatible ones (equal `_batch_key`) into batches of at most
-    `max_batch_takes` takes, and run each batch; a batch that runs out of memory is retried one request
-    at a time, and a single request that does gets `OutOfMemory`. Subclasses give `_prepare`,
-    `_batch_key`, `_sample_and_decode` and `_as_error`; prepared items carry `index`, `req`."""
-
-    max_batch_takes = 8  # takes sampled together at most (memory grows with takes x frames)
-    # Testing aid for the out-of-memory paths without filling a device: a batch of more takes than
-    # this fails as a full device would
-    fault_oom_takes: int | None = None
-    device: torch.device
-
-    def generate(self, req: SongRequest, progress: ProgressCallback | None = None) -> SongResult:
-        (out,) = self.generate_many([req], [progress])
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-    def generate_many(
-        self, reqs: list[SongRequest], progress: list[ProgressCallback | None] | None = None
-    ) -> list[SongResult | Exception]:
-        """Generate several songs; compatible requests run as one sampler batch (and one decoder batch).
-        Returns per request its result or the exception that ended it, so that one bad, canceled or
-        timed-out request never costs the others theirs."""
-        reports = list(progress) if progress is not None else [None] * len(reqs)
-        results: list[SongResult | Exception | None] = [None] * len(reqs)
-        ready = []
-        for i, req in enumerate(reqs):
-            try:
-                ready.append(self._prepare(i, req, reports[i] or _no_report))
-            except Exception as exc:
-                results[i] = self._as_error(exc, req)
-        for batch in self._batches(ready):
-            self._run_batch(batch, results)
-        return results
-
-    def _batches(self, ready: list) -> list[list]:
-        groups: dict[tuple, list[list]] = {}
-        for item in ready:
-            chunks = groups.setdefault(self._batch_key(item), [[]])
-            if (
-                chunks[-1]
-                and sum(x.req.num_takes for x in chunks[-1]) + item.req.num_takes > self.max_batch_takes
-            ):
-                chunks.append([])
-            chunks[-1].append(item)
-        return [chunk for chunks in groups.values() for chunk in chunks if chunk]
-
-    def _run_batch(self, batch: list, results: list) -> None:
-        try:
-            for item, out in zip(batch, self._sample_and_decode(batch), strict=True):
-                results[item.index] = out
-        except torch.OutOfMemoryError as exc:
-            self._free()
-            if len(batch) == 1:
-                results[batch[0].index] = self._as_error(exc, batch[0].req)
-                return
-            log.warning("out of memory on a batch of %d requests: running them one at a time", len(batch))
-            for item in batch:
-                self._run_batch([item], results)
-
-    def _check_fault_oom(self, takes: int) -> None:
-        if self.fault_oom_takes is not None and takes > self.fault_oom_takes:
-            raise torch.OutOfMemoryError(f"simulated: {takes} takes > fault_oom_takes={self.fault_oom_takes}")
-
-    def _free(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-class SongPipeline(BatchedGeneration):
+class DR1Pipeline(Pipeline):
     def __init__(
         self,
         spec: ModelSpec,
@@ -256,31 +117,13 @@ class SongPipeline(BatchedGeneration):
     # loading
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        download: bool = True,
-        with_style_encoder: bool = True,
-        plan: str = "auto",
-        compile: str = "auto",
-    ) -> BatchedGeneration:
-        """The pipeline of model `name`: this class for DiffRhythm 1, `DR2Pipeline` for DiffRhythm 2 (the
-        same interface). `plan`: how a sampling step's rows run (see `ExecutionPlan`: auto, batched, sequential,
-        parallel, graphs). `compile`: `torch.compile` the DiT's blocks: on, off, or auto = on CUDA only, where it
-        is measured faster (a probe compiles at load, the first song once more with dynamic shapes;
-        see `_compile_or_fall_back`)."""
-        if compile not in ("auto", "on", "off"):
-            raise InvalidParameter(f"unknown compile setting {compile!r}", recovery="use auto, on or off")
-        spec = get_model_spec(name)
-        if spec.family == "dr2":  # the same interface; eager (plan and compile are DiffRhythm 1's)
-            from musicgen.dr2_pipeline import DR2Pipeline
-
-            return DR2Pipeline.from_pretrained(
-                name, device=device, dtype=dtype, download=download, with_style_encoder=with_style_encoder
-            )
+    def _load(
+        cls, spec: ModelSpec, *, device: str, dtype: str, download: bool, with_style_encoder: bool,
+        plan: str, compile: str,
+    ) -> DR1Pipeline:  # fmt: skip
+        """See `Pipeline.from_pretrained`. `compile` auto is on CUDA only, where it is measured faster (a
+        probe compiles at load, the first song once more with dynamic shapes; see
+        `_compile_or_fall_back`)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dev, dtype)
         try:
@@ -290,23 +133,23 @@ class SongPipeline(BatchedGeneration):
                 str(exc), recovery="use plan auto, batched, sequential, parallel (CPU) or graphs (CUDA)"
             ) from None
         if spec.untrained:
-            from musicgen.tiny import ensure_tiny_model
-
-            paths = ensure_tiny_model(hub.cache_dir() / spec.name)
+            paths = spec.family.build_tiny(hub.cache_dir() / spec.name)
             dit_path, vae_path, mulan_source = paths["dit"], paths["vae"], str(paths["mulan"])
             negative_path = paths["negative"]
         else:
             if not download or hub.hub_offline():
                 hub.check_cached(spec)
-            dit_path = hub.hub_file(spec.repo_id, spec.checkpoint_file, download=download, pull_target=name)
-            vae_path = hub.hub_file(VAE_REPO, VAE_FILE, download=download, pull_target=name)
+            files = spec.files  # one checkpoint, one VAE
+            dit_path = hub.hub_file(*files["checkpoint"][0], download=download, pull_target=spec.name)
+            vae_path = hub.hub_file(*files["vae"][0], download=download, pull_target=spec.name)
             mulan_source = MULAN_REPO
-            negative_path = hub.asset_path("negative_style_vocal.npy", download=download)
+            (negative_file,) = spec.family.assets  # the null branch's style
+            negative_path = hub.asset_path(negative_file, download=download)
         negative = load_negative_style(negative_path)
         compiling = compile == "on" or (compile == "auto" and dev.type == "cuda")
         # oneDNN's packed weights (CPU) are not combined with torch.compile: measured one or the other
         dit = load_dit(
-            dit_path, spec.dit, device=dev, dtype=dt, model_name=name, pack=False if compiling else None
+            dit_path, spec.dit, device=dev, dtype=dt, model_name=spec.name, pack=False if compiling else None
         )
         if compiling:
             _compile_or_fall_back(dit, dev, required=compile == "on")
@@ -322,6 +165,7 @@ class SongPipeline(BatchedGeneration):
     # stages
 
     def check_inputs(self, req: SongRequest) -> None:
+        req = self.with_defaults(req)
         frames = req.tokens.shape[-1]
         if req.tokens.ndim != 1 or not 1 <= frames <= self.spec.max_frames:
             raise InvalidParameter(
@@ -353,9 +197,6 @@ class SongPipeline(BatchedGeneration):
             )
         if req.style_embedding is None and self.style_encoder is None:
             raise ModelNotAvailable("this pipeline was loaded without its style encoder")
-
-    def encode_style(self, req: SongRequest) -> torch.Tensor:
-        return encode_style(self.style_encoder, req)
 
     def latent_prompt(self, edit: EditSpec, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, frames, 64) latents of the song to edit and the (frames,) mask of frames to regenerate."""
@@ -451,8 +292,9 @@ class SongPipeline(BatchedGeneration):
                 "total_s": time.perf_counter() - item.t0, "batch_requests": len(batch), "batch_takes": takes,
             }  # fmt: skip
             outs[j] = SongResult(
-                audio=audio[offset : offset + k], latents=lat.cpu(), seeds=item.seeds, timings=timings
-            )
+                audio=audio[offset : offset + k], latents=lat.cpu(), seeds=item.seeds,
+                sample_rate=self.spec.sample_rate, timings=timings,
+            )  # fmt: skip
             offset += k
             try:
                 item.report(Progress("decoding", 1.0))
