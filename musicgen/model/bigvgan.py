@@ -2,7 +2,9 @@
 residual blocks) from 5 Hz, 64-channel latents to 48 kHz mono, the official chunked decode, and the
 official fake stereo. Plain PyTorch; the weight norm of the checkpoint is fused once at load.
 
-See ../shared/conformance/diffrhythm2/ARCHITECTURE.md section 7. Shapes: (b, channels, samples).
+The official code: ASLP-lab/DiffRhythm2's bigvgan/model.py (`Generator`, its `decode_audio`, and `BigVGAN`),
+bigvgan/activations.py (`SnakeBeta`), bigvgan/alias_free_activation/torch/ (`Activation1d`), and the
+fake stereo of inference.py's `inference`. Shapes: (b, channels, samples).
 """
 
 from __future__ import annotations

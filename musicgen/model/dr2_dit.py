@@ -3,7 +3,8 @@ head, RoPE, full bidirectional attention, SwiGLU) over a 512-d input embedding o
 with the flow time given per token and the style added to the input; plus the block key/value cache.
 
 Parameter names follow the official checkpoint (`transformer.` prefix in `model.safetensors`), so the
-released weights load strictly. See ../shared/conformance/diffrhythm2/ARCHITECTURE.md, sections 4-6.
+released weights load strictly. The official code: ASLP-lab/DiffRhythm2's diffrhythm2/backbones/dit.py (`DiT`),
+llama_nar.py and llama_attention.py (the layers), diffrhythm2/cache_utils.py (`BlockFlowMatchingCache`).
 
 Shapes: b batch, n tokens, d model width, h heads, e head size (d / h), c = 64 latent channels.
 """
@@ -21,7 +22,8 @@ COND_DIM = 512  # hard-coded in the official DiT: text, latent, time and style e
 TIME_FEATURES = 256
 RMS_EPS = 1e-6
 ROPE_THETA = 10000.0
-# token ids of the lyrics front end (ARCHITECTURE section 2): 0 is the filler, phones are 1..363
+# token ids of the lyrics front end (the official inference.py's `parse_lyrics`): 0 is the filler, phones
+# are 1..363
 FILLER = 0
 
 
