@@ -51,6 +51,12 @@ class Defaults:
     steps: int
     cfg_strength: float
 
+    @classmethod
+    def of(cls, settings: type[SamplerSettings] | type[BlockSamplerSettings]) -> Defaults:
+        """The defaults of a sampler's settings (which are the official ones)."""
+        default = settings()
+        return cls(default.steps, default.cfg_strength)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -65,8 +71,10 @@ class LyricsRules:
     encoder: str  # "module:function" of (front end, lyrics, spec, seconds) -> LyricsFrames
 
 
+@dataclass(frozen=True, eq=False)
 class ModelFamily:
-    """What the models of one family share. One subclass and one instance per family."""
+    """What the models of one family share. One subclass (its rules) and one instance (its numbers) per
+    family; compared and hashed by identity."""
 
     name: str  # short key, as in FAMILIES
     title: str  # for people: "DiffRhythm 1"
@@ -75,8 +83,8 @@ class ModelFamily:
     defaults: Defaults
     limits: Limits
     edits: bool  # can regenerate segments of an existing song
-    tiny_builder: str  # "module:function" building the tiny model's files under a folder: (root) -> paths
     assets: tuple[str, ...]  # data files of the official repository it needs (names in hub.ASSETS)
+    tiny_builder: str  # "module:function" building the tiny model's files under a folder: (root) -> paths
 
     def max_frames(self, spec: ModelSpec) -> int:
         raise NotImplementedError
@@ -105,16 +113,6 @@ class ModelFamily:
 class DiffRhythm1(ModelFamily):
     """Timed lyrics placed frame by frame, one Euler integration of the whole song, a 44.1 kHz VAE."""
 
-    name, title = "dr1", "DiffRhythm 1"
-    pipeline = "musicgen.pipelines.dr1:DR1Pipeline"
-    lyrics = LyricsRules(timed=True, encoder="musicgen.lyrics.timed:encode_timed")
-    # 32 grid points of the official script = 31 Euler steps
-    defaults = Defaults(SamplerSettings().steps, SamplerSettings().cfg_strength)
-    limits = Limits(SamplerSettings.MIN_STEPS, FRAMES_PER_SECOND, SAMPLE_RATE)
-    edits = True
-    tiny_builder = "musicgen.tiny:ensure_tiny_model"
-    assets = ("negative_style_vocal.npy",)  # the null branch's style
-
     def max_frames(self, spec: ModelSpec) -> int:
         return spec.dit.max_frames
 
@@ -128,17 +126,7 @@ class DiffRhythm1(ModelFamily):
 
 
 class DiffRhythm2(ModelFamily):
-    """Section tags instead of timestamps, a block sampler, a 48 kHz BigVGAN decoder; no edits."""
-
-    name, title = "dr2", "DiffRhythm 2"
-    pipeline = "musicgen.pipelines.dr2:DR2Pipeline"
-    lyrics = LyricsRules(timed=False, encoder="musicgen.lyrics.sections:encode_section_lyrics")
-    # --steps 16 of the official command line: grid points, so 15 Euler steps per block
-    defaults = Defaults(BlockSamplerSettings().steps, BlockSamplerSettings().cfg_strength)
-    limits = Limits(BlockSamplerSettings.MIN_STEPS, DR2_FRAMES_PER_SECOND, DR2_SAMPLE_RATE)
-    edits = False  # the official code has no edit mode
-    tiny_builder = "musicgen.tiny:ensure_tiny_dr2"
-    assets = ()  # no negative style: the null branch's style is zeros
+    """Section tags instead of timestamps, a block sampler, a 48 kHz BigVGAN decoder."""
 
     def max_frames(self, spec: ModelSpec) -> int:
         return int(spec.max_seconds * self.limits.frames_per_second)
@@ -151,7 +139,24 @@ class DiffRhythm2(ModelFamily):
         return {"checkpoint": [(spec.repo_id, f) for f in DR2_FILES]}  # one repository, no VAE
 
 
-DR1, DR2 = DiffRhythm1(), DiffRhythm2()
+# The defaults are the samplers' (SamplerSettings: the official script's 32 grid points = 31 Euler steps,
+# guidance 4; BlockSamplerSettings: --steps 16 of the official command line, grid points, so 15 Euler
+# steps a block, guidance 2), and so are the least steps.
+DR1 = DiffRhythm1(
+    "dr1", "DiffRhythm 1", pipeline="musicgen.pipelines.dr1:DR1Pipeline",
+    lyrics=LyricsRules(timed=True, encoder="musicgen.lyrics.timed:encode_timed"),
+    defaults=Defaults.of(SamplerSettings), limits=Limits(SamplerSettings.MIN_STEPS, FRAMES_PER_SECOND, SAMPLE_RATE),
+    edits=True, assets=("negative_style_vocal.npy",),  # the null branch's style
+    tiny_builder="musicgen.tiny:ensure_tiny_model",
+)  # fmt: skip
+DR2 = DiffRhythm2(
+    "dr2", "DiffRhythm 2", pipeline="musicgen.pipelines.dr2:DR2Pipeline",
+    lyrics=LyricsRules(timed=False, encoder="musicgen.lyrics.sections:encode_section_lyrics"),
+    defaults=Defaults.of(BlockSamplerSettings),
+    limits=Limits(BlockSamplerSettings.MIN_STEPS, DR2_FRAMES_PER_SECOND, DR2_SAMPLE_RATE),
+    edits=False, assets=(),  # the official code has no edit mode; the null branch's style is zeros
+    tiny_builder="musicgen.tiny:ensure_tiny_dr2",
+)  # fmt: skip
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (DR1, DR2)}
 
 

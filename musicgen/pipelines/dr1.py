@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,17 +23,11 @@ from musicgen.model.loading import load_dit, load_vae
 from musicgen.model.sampler import ExecutionPlan, SamplerSettings, SongConditions, sample_many, take_noise
 from musicgen.model.style import StyleEncoder, load_negative_style
 from musicgen.model.vae import LATENT_HOP, SAMPLE_RATE, SongVAE, peak_normalize, posterior_sample
-from musicgen.pipelines.base import (
-    MAX_SEED,
-    MAX_TAKES,
-    EditSpec,
-    Pipeline,
-    Progress,
-    ProgressCallback,
-    SongRequest,
-    SongResult,
-)
+from musicgen.pipelines.base import MAX_SEED, MAX_TAKES, Pipeline, Progress, SongResult
 from musicgen.registry import MULAN_REPO, ModelSpec
+
+if TYPE_CHECKING:
+    from musicgen.pipelines.base import EditSpec, ProgressCallback, SongRequest
 
 log = logging.getLogger(__name__)
 
