@@ -516,6 +516,8 @@ def test_both_generations_beside_each_other_through_ray_serve(service, tmp_path)
         models["tiny-2"]["min_seconds"],
         models["tiny-2"]["max_seconds"],
     ) == (4, 60)
+    defaults = {m: (models[m]["default_steps"], models[m]["default_cfg"]) for m in models}
+    assert defaults == {"tiny": (31, 4), "tiny-2": (16, 2)}
     first = service.post("/v1/songs", json={**SONG, "output_format": "wav"})  # no model: the default one
     assert first.status_code == 202, first.text
     song = {"model": "tiny-2", "lyrics": "[verse]\nHello world\n[chorus]\nGood night", "style_prompt": "folk",
