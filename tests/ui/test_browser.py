@@ -187,6 +187,7 @@ def submit(page, song=SONG):
 
 
 def test_submit_a_song_and_play_it(page):
+    assert page.input_value("#steps") == "31"  # the model's default, from /v1/models
     job = submit(page)
     job.locator("xpath=self::*[@data-status='succeeded']").wait_for(timeout=60_000)
     take = job.locator(".take").first
@@ -500,6 +501,7 @@ def test_a_diffrhythm_2_song_from_section_tagged_lyrics(browser, dr2_app):
     page.wait_for_selector("body[data-ready=true]")
     assert page.locator("#model option").all_inner_texts() == ["tiny-2 (untrained demo)"]
     assert "section tags" in page.locator("#lyrics-help").inner_text()
+    assert page.input_value("#steps") == "16"  # the model's default, from /v1/models
     page.fill("#lyrics", "[Verse]\nHello world\n[chorus]\nGood night moon")
     page.fill("#style", "folk")
     page.fill("#duration", "4")
