@@ -85,6 +85,14 @@ def test_a_request_without_steps_samples_the_official_default(pipe, front):
     assert [p.total for p in events if p.stage == "sampling"][-1] == 2 * 15  # grid points: 15 steps a block
 
 
+def test_execution_settings_of_diffrhythm_1_are_not_silently_ignored(caplog):
+    with caplog.at_level("WARNING", logger="musicgen.pipelines.dr2"):
+        pipe = Pipeline.from_pretrained("tiny-2", device="cpu", with_style_encoder=False, plan="batched")
+    assert isinstance(pipe, DR2Pipeline) and "plan=batched" in caplog.text and "eagerly" in caplog.text
+    with pytest.raises(InvalidParameter, match="compile"):
+        Pipeline.from_pretrained("tiny-2", device="cpu", compile="yes")
+
+
 def test_lyrics_rules_tags_timestamps_and_errors(front):
     spec = get_model_spec("tiny-2")
     out = front.encode("[Verse 1]\n[00:10.00]Hello world\n\n[Pre-Chorus]\nLa la", spec, 10)

@@ -1,1 +1,3 @@
-"""Lyrics front end: from what users type to frame-aligned phone tokens identical to DiffRhythm's."""
+"""Lyrics front end: from what users type to each model family's token input, identical to the official
+code's: frame-aligned phone tokens for DiffRhythm 1 (`timed`), section-tagged ones for DiffRhythm 2
+(`sections`)."""
