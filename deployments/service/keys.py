@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.service.jobs import PREFIX, AsyncJobStore, JobStore, Steps, _Call, _operation, _Script, _text
-from deployments.service.settings import Quotas
+from deployments.service.settings import Quotas, env
 
 ROLES = ("user", "admin")
 SECRET_PREFIX = "mgk_"
@@ -255,7 +254,7 @@ def keys_from_env(value: str | None = None) -> list[tuple[str, str, str]]:
     """(name, role, SHA-256 digest of the secret) of each key in MUSICGEN_API_KEYS: entries `name:role:secret` separated by
     commas, spaces or new lines (a Kubernetes Secret's value), each secret from `musicgen keys secret`.
     A malformed entry raises ValueError naming it (never the secret), so the app stops at start."""
-    raw = os.environ.get(API_KEYS_ENV, "") if value is None else value
+    raw = env(API_KEYS_ENV) if value is None else value
     out = []
     for n, entry in enumerate(e for e in re.split(r"[\s,]+", raw) if e):
         parts = entry.split(":")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import pytest
 import redis
 
@@ -252,3 +255,15 @@ def wait_until(condition, timeout: float = 20.0, what: str = "condition"):
             return value
         time.sleep(0.02)
     raise AssertionError(f"{what} not met within {timeout} s")
+
+
+@contextlib.contextmanager
+def busy_worker(pool):
+    """Keep the one worker of `pool` busy until the block ends: jobs submitted inside wait in the queue
+    (an event, not a sleep: the test decides when the worker is free)."""
+    gate = threading.Event()
+    pool.submit(gate.wait, 60)
+    try:
+        yield
+    finally:
+        gate.set()

@@ -35,6 +35,7 @@ from tests.deployments.conftest import (
     REFUSED_WEBHOOK_URLS,
     FakeDns,
     RunningDeliverer,
+    busy_worker,
     wait_until,
 )
 
@@ -245,12 +246,12 @@ def test_sse_streams_until_the_end(service):
 
 
 def test_cancel_queued_job(service, server, webhook_receiver):
-    service.pool.submit(time.sleep, 1.0)  # keep the single worker busy so that the next job waits
     service.dns.names["hooks.test"] = ["127.0.0.1"]  # the allow-listed internal receiver
-    job = service.post(
-        "/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("hooks.test")}
-    ).json()
-    r = service.post(f"/v1/songs/{job['id']}/cancel")
+    with busy_worker(service.pool):  # so that the job waits in the queue
+        job = service.post(
+            "/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("hooks.test")}
+        ).json()
+        r = service.post(f"/v1/songs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["error"]["code"] == "CANCELED"
     with RunningDeliverer(server.url, service.webhook_policy):  # as every ingress replica runs one
@@ -278,11 +279,11 @@ def test_a_name_public_at_submission_and_private_at_delivery_is_refused(service,
     """DNS rebinding: flip.test resolves to a public address when the song is submitted, to loopback
     when its webhook is due. The delivery checks again, refuses, and never connects."""
     service.dns.names["flip.test"] = [PUBLIC_IP]
-    service.pool.submit(time.sleep, 1.0)
-    r = service.post("/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("flip.test")})
-    assert r.status_code == 202, r.text
-    job_id = r.json()["id"]
-    assert service.post(f"/v1/songs/{job_id}/cancel").json()["status"] == "canceled"
+    with busy_worker(service.pool):
+        r = service.post("/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("flip.test")})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert service.post(f"/v1/songs/{job_id}/cancel").json()["status"] == "canceled"
     service.dns.names["flip.test"] = ["127.0.0.1"]
     with RunningDeliverer(server.url, service.webhook_policy):
         [letter] = wait_until(service.store.dead_webhooks, what="a dead letter")
@@ -303,9 +304,9 @@ def test_bad_submissions(service, change, status, code):
 
 
 def test_queue_full_and_unknown_ids(service):
-    service.pool.submit(time.sleep, 1.5)
-    ids = [service.post("/v1/songs", json=SONG).json()["id"] for _ in range(3)]
-    r = service.post("/v1/songs", json=SONG)
+    with busy_worker(service.pool):
+        ids = [service.post("/v1/songs", json=SONG).json()["id"] for _ in range(3)]
+        r = service.post("/v1/songs", json=SONG)
     assert (
         r.status_code == 429
         and r.json()["error"]["code"] == "QUEUE_FULL"
@@ -383,9 +384,9 @@ def test_store_down_is_503_and_nothing_accepted_is_lost(tmp_path, pipe):
 
 
 def test_metrics_endpoint_reports_the_queue(service):
-    service.pool.submit(time.sleep, 1.0)
-    job_id = service.post("/v1/songs", json=SONG).json()["id"]
-    text = service.get("/metrics").text
+    with busy_worker(service.pool):
+        job_id = service.post("/v1/songs", json=SONG).json()["id"]
+        text = service.get("/metrics").text
     assert "musicgen_queue_depth 1.0" in text and "musicgen_jobs_running" in text
     assert "musicgen_event_listeners 0.0" in text
     wait_done(service, job_id)
