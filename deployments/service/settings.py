@@ -164,6 +164,8 @@ class AppArgs(BaseModel):
     @property
     def served_models(self) -> list[str]:
         """The default model first, then the others, each once (a generator deployment each)."""
+        if self.model is None:
+            raise ValueError("the served models are known once resolved() has filled the default model")
         return list(dict.fromkeys([self.model, *(self.models or [])]))
 
     @property
@@ -220,7 +222,7 @@ def describe() -> str:
     `python -m deployments.service.settings` prints."""
     rows = []
     for name, field in AppArgs.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
+        default = field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             rows += [(f"{name}.{k}", v) for k, v in default.model_dump().items()]
         else:
