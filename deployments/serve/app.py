@@ -39,7 +39,6 @@ from deployments.service.settings import AppArgs
 log = logging.getLogger("ray.serve")
 RECONCILE_EVERY_S = 5.0
 READY_CACHE_S = 1.0  # submissions and /readyz read the generators' reports at most this often
-GENERATION_GRACE_S = 900  # graceful shutdown: longer than the longest song takes on a GPU
 CPU_GENERATOR_NICE = 19  # a generator without a GPU runs below the API (see SongGenerator.__init__)
 # A generator without its model reports that for this long (a loaded one: GENERATOR_STATUS_TTL_S): longer
 # than Serve takes to replace it, so /readyz keeps telling why until its successor reports.
@@ -109,11 +108,8 @@ class PromptValidator:
             return {"error": exc.to_dict()}
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    graceful_shutdown_timeout_s=GENERATION_GRACE_S,
-    health_check_period_s=10,
-)
+# graceful_shutdown_timeout_s: set by build_app from the app's generation timeout (generator_grace_s)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 class SongGenerator:
     """Runs jobs in batches: a `JobBatcher` hands the model every job id queued at this replica when
     it is free (up to `max_batch_size`, waiting up to `batch_wait_s` after the first for more), and the
@@ -202,8 +198,10 @@ class SongGenerator:
     def __del__(self):
         # graceful shutdown: Serve waited for the running batch; let its takes finish encoding (a job
         # cut off here keeps no lease and is re-run elsewhere)
+        from deployments.service.settings import STORE_TAKES_S
+
         if getattr(self, "runner", None) is not None:
-            self.runner.drain(timeout=GENERATION_GRACE_S / 2)
+            self.runner.drain(timeout=STORE_TAKES_S)
 
     def status(self) -> dict:
         return {"loaded": self.runner is not None, "model": self.model, "error": self.load_error,
@@ -447,6 +445,8 @@ def build_app(raw_args: dict) -> serve.Application:
             else {"num_cpus": args.generator_cpus},
             # a full batch running and the next one gathering; the rest wait in the handles' queues
             max_ongoing_requests=2 * args.max_batch_size,
+            # a stopping replica's running batch may take generation_timeout_s, then its takes are stored
+            graceful_shutdown_timeout_s=args.generator_grace_s,
             autoscaling_config={
                 "min_replicas": args.min_generators,
                 "max_replicas": max(args.max_generators, args.min_generators, 1),
