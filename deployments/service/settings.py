@@ -30,6 +30,9 @@ MAX_BODY_KB = 256  # any request body but an upload's (a song request with the l
 GENERATION_TIMEOUT_S = 1800.0
 MAX_BATCH_SIZE = 4  # jobs a generator runs as one batch at most; those of equal length sample together
 BATCH_WAIT_S = 0.05  # how long an idle generator waits for more jobs after the first
+# after a stopping generator's last batch: its takes encoded and stored. At most 8 jobs' takes wait (32
+# takes of 4); a 285 s take encodes to MP3 in ~10 s on each of two threads: ~160 s, the rest for storage
+STORE_TAKES_S = 300.0
 # a generator whose model failed to load refuses jobs (MODEL_NOT_LOADED) this long, then fails its health
 # check so that Serve replaces it and the new replica tries again: a retry a minute, not a restart loop
 MODEL_RETRY_S = 60.0
@@ -167,6 +170,12 @@ class AppArgs(BaseModel):
         if self.model is None:
             raise ValueError("the served models are known once resolved() has filled the default model")
         return list(dict.fromkeys([self.model, *(self.models or [])]))
+
+    @property
+    def generator_grace_s(self) -> float:
+        """How long a stopping generator may take to finish (Serve's graceful_shutdown_timeout_s): its
+        running batch, which may last generation_timeout_s, then the storing of that batch's takes."""
+        return self.generation_timeout_s + STORE_TAKES_S
 
     @property
     def auth_required(self) -> bool:

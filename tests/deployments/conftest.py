@@ -267,3 +267,21 @@ def busy_worker(pool):
         yield
     finally:
         gate.set()
+
+
+async def eventually(condition, timeout: float = 20.0, what: str = "condition"):
+    """`wait_until` on an event loop: awaits `condition()` when it returns an awaitable, and lets the
+    loop run between tries."""
+    import asyncio
+    import inspect
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout} s")

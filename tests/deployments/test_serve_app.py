@@ -415,7 +415,8 @@ def test_a_generator_without_its_model_refuses_jobs_then_fails_its_health_check(
 
     import redis
 
-    from deployments.serve.app import LOAD_ERROR_REPORT_TTL_S, SongGenerator
+    from deployments.serve.app import SongGenerator
+    from deployments.service.generator import LOAD_ERROR_REPORT_TTL_S
     from deployments.service.jobs import JobState, JobStore
     from deployments.service.settings import AppArgs
 
@@ -440,7 +441,7 @@ def test_a_generator_without_its_model_refuses_jobs_then_fails_its_health_check(
                 generator.check_health()
             assert store.generator_statuses()[0]["error"]["code"] == "MODEL_NOT_LOADED"
         finally:
-            generator._reporter.cancel()
+            generator.worker.stop()
 
     asyncio.run(scenario())
 

@@ -124,3 +124,20 @@ def test_the_settings_listing_names_every_arg_with_its_default():
         assert f"\n  {name}" in text
     assert "  lease_s" in text and "30.0" in text and "quotas.songs_per_day" in text
     assert "MUSICGEN_API_KEYS:" in text
+
+
+@pytest.mark.parametrize("timeout_s", [None, 600.0, 3600.0])
+def test_a_stopping_generator_gets_longer_than_a_song_may_run(timeout_s, tmp_path):
+    """Serve waits `graceful_shutdown_timeout_s` for a stopping generator's running batch, which may
+    take `generation_timeout_s` (then its takes are encoded and stored); killed sooner, its jobs would
+    start over elsewhere. build_app binds the deployments without a Ray cluster."""
+    from deployments.serve.app import build_app
+
+    raw = {"model": "tiny", "host": "127.0.0.1", "data_dir": str(tmp_path)}
+    if timeout_s is not None:
+        raw["generation_timeout_s"] = timeout_s
+    ingress = build_app(raw)._bound_deployment
+    args = ingress.init_args[2]
+    (generator,) = (app._bound_deployment for app in ingress.init_args[1].values())
+    grace_s = generator._deployment_config.graceful_shutdown_timeout_s
+    assert grace_s > args.generation_timeout_s == (timeout_s or 1800.0)

@@ -78,7 +78,7 @@ def app(server, tiny_model_paths, pace, tmp_path_factory):
 
 
 async def models() -> list[dict]:
-    """What the ingress answers for the tiny model (deployments/serve/app.py)."""
+    """What the ingress answers for the tiny model (deployments/service/readiness.py)."""
     from deployments.service.schemas import model_view
     from musicgen.registry import MODELS
 
