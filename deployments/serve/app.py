@@ -28,12 +28,13 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.service.settings import AppArgs
+from deployments.service.settings import AppArgs, ResolvedArgs
 
 log = logging.getLogger("ray.serve")
 INGRESS_GC_THRESHOLDS = (50_000, 20, 100)  # Python's default is (700, 10, 10): see Ingress.__init__
@@ -55,14 +56,14 @@ def _log_through_serve(*loggers: str) -> None:
         logger.handlers = [_ToServeLog()]
 
 
-def _storage(args: AppArgs, area: str):
+def _storage(args: ResolvedArgs, area: str):
     """Results or uploads: under data_dir, or in the bucket of storage_url (s3://...)."""
     from deployments.service.storage import open_storage
 
     return open_storage(args.storage_url or args.data_dir, area)
 
 
-def _store_options(args: AppArgs) -> dict:
+def _store_options(args: ResolvedArgs) -> dict:
     return {"retention_s": args.retention_s, "lease_s": args.lease_s, "max_attempts": args.max_attempts}
 
 
@@ -88,7 +89,7 @@ class RedisServer:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class PromptValidator:
-    def __init__(self, args: AppArgs):
+    def __init__(self, args: ResolvedArgs):
         from deployments.service.netguard import AddressPolicy
         from deployments.service.validator import SongValidator
         from musicgen.lyrics.frontend import LyricsFrontEnd
@@ -115,7 +116,7 @@ class SongGenerator:
     """A `GeneratorWorker` (deployments/service/generator.py) on a replica: it loads `model` (default:
     the app's) and runs the jobs sent here in batches, reporting its status to the job store."""
 
-    def __init__(self, args: AppArgs, redis_url: str, model: str | None = None):
+    def __init__(self, args: ResolvedArgs, redis_url: str, model: str | None = None):
         import socket
 
         from deployments.serve.metrics import GeneratorMetrics
@@ -161,10 +162,10 @@ class Ingress:
         self,
         validator: DeploymentHandle,
         generators: dict[str, DeploymentHandle],  # one deployment per served model
-        args: AppArgs,
+        args: ResolvedArgs,
         redis_url: str,
         redis_server=None,
-        provisioned_keys: list[tuple[str, str, str]] = (),
+        provisioned_keys: Sequence[tuple[str, str, str]] = (),
     ):
         from deployments.service.api import ApiConfig, Services
         from deployments.service.dispatch import Dispatcher, provision_keys, reconcile_forever
@@ -243,7 +244,7 @@ def _serve_http_host() -> str | None:
         return None
 
 
-def app_args(raw_args: dict | None) -> AppArgs:
+def app_args(raw_args: dict | None) -> ResolvedArgs:
     """serve_config.yaml's args, validated (an open API on a public address is refused here), with
     the HTTP host Serve listens on unless the args name one."""
     raw = dict(raw_args or {})
@@ -252,7 +253,7 @@ def app_args(raw_args: dict | None) -> AppArgs:
     return AppArgs(**raw).resolved()
 
 
-def generator_gpus(args: AppArgs) -> float:
+def generator_gpus(args: ResolvedArgs) -> float:
     """GPUs per generator replica: the setting, else what the cluster has now (one machine's case)."""
     import ray
 
@@ -270,6 +271,8 @@ def build_app(raw_args: dict) -> serve.Application:
     malformed entry stops the app at start, and registered by the ingress (by digest only)."""
     from deployments.service.keys import keys_from_env
 
+    # (the classes here are Deployments once @serve.deployment has wrapped them, which Ray's
+    # annotations do not tell mypy: hence the ignores on .bind and .options)
     args = app_args(raw_args)
     provisioned = keys_from_env()
     log.info("API keys %s (auth: %s, HTTP host %s)", "required" if args.auth_required else "off", args.auth,
@@ -280,11 +283,11 @@ def build_app(raw_args: dict) -> serve.Application:
 
         port = free_port()
         redis_url = f"redis://127.0.0.1:{port}/0"
-        redis_server = RedisServer.bind(str(Path(args.data_dir) / "redis"), port)
+        redis_server = RedisServer.bind(str(Path(args.data_dir) / "redis"), port)  # type: ignore[attr-defined]
     gpus = generator_gpus(args)
     generators = {}
     for i, model in enumerate(args.served_models):
-        generators[model] = SongGenerator.options(
+        generators[model] = SongGenerator.options(  # type: ignore[attr-defined]
             # the default model's deployment keeps the plain name; each other model gets its own
             name="SongGenerator" if i == 0 else f"SongGenerator-{model}",
             ray_actor_options={"num_gpus": gpus, "num_cpus": args.generator_cpus}
@@ -302,7 +305,7 @@ def build_app(raw_args: dict) -> serve.Application:
                 "downscale_delay_s": 300,
             },
         ).bind(args, redis_url, model)
-    ingress = Ingress.options(
+    ingress = Ingress.options(  # type: ignore[attr-defined]
         # its code is all async and never blocks: run it on the replica's own event loop, without the
         # thread hop per request that Serve adds to protect loops from blocking user code
         ray_actor_options={
@@ -320,4 +323,5 @@ def build_app(raw_args: dict) -> serve.Application:
         },
     )
     # binding the Redis deployment to the ingress makes it part of the app (started and stopped with it)
-    return ingress.bind(PromptValidator.bind(args), generators, args, redis_url, redis_server, provisioned)
+    validator = PromptValidator.bind(args)  # type: ignore[attr-defined]
+    return ingress.bind(validator, generators, args, redis_url, redis_server, provisioned)

@@ -20,7 +20,7 @@ from deployments.service.batching import JobBatcher
 from deployments.service.errors import ServiceError
 from deployments.service.jobs import GENERATOR_STATUS_EVERY_S, JobStore, SongJob
 from deployments.service.runner import JobRunner
-from deployments.service.settings import AppArgs
+from deployments.service.settings import ResolvedArgs
 from deployments.service.storage import Storage
 from musicgen.errors import MusicgenError
 from musicgen.pipeline import SongPipeline
@@ -40,7 +40,7 @@ def lower_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, int(tid), max(nice, os.getpriority(os.PRIO_PROCESS, int(tid))))
 
 
-def load_pipeline(args: AppArgs, model: str) -> SongPipeline:
+def load_pipeline(args: ResolvedArgs, model: str) -> SongPipeline:
     """The model as the app's settings ask for it (raises MusicgenError when it cannot be loaded)."""
     return SongPipeline.from_pretrained(model, device=args.device, plan=args.plan, compile=args.compile)
 
@@ -53,7 +53,7 @@ class GeneratorWorker:
 
     def __init__(
         self,
-        args: AppArgs,
+        args: ResolvedArgs,
         store: JobStore,
         results: Storage,
         uploads: Storage,
@@ -61,7 +61,7 @@ class GeneratorWorker:
         model: str,  # the model this worker loads (one of args.served_models)
         worker: str,  # this replica's name in the job store (host:pid)
         on_finish: Callable[[SongJob], None] | None = None,  # each finished job (metrics)
-        load: Callable[[AppArgs, str], SongPipeline] = load_pipeline,
+        load: Callable[[ResolvedArgs, str], SongPipeline] = load_pipeline,
         cpu_nice: int | None = None,  # on CPU, run every thread at this nice value (None: leave it)
         clock: Callable[[], float] = time.monotonic,
     ):

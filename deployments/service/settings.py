@@ -193,11 +193,11 @@ class AppArgs(BaseModel):
         parse_allow(entries or ())  # a bad entry stops the app at start, naming it
         return entries
 
-    def resolved(self) -> AppArgs:
+    def resolved(self) -> ResolvedArgs:
+        """These args with the environment filling what is unset (see ENV): what the app runs on."""
         allow = self.webhook_allow
         if allow is None:
             allow = [e.strip() for e in env("MUSICGEN_WEBHOOK_ALLOW").split(",") if e.strip()]
-            parse_allow(allow)  # model_copy does not validate
         gpus = self.generator_gpus
         if gpus is None and env("MUSICGEN_GENERATOR_GPUS").strip():
             raw = env("MUSICGEN_GENERATOR_GPUS").strip()
@@ -209,8 +209,9 @@ class AppArgs(BaseModel):
                 raise ValueError(
                     f"MUSICGEN_GENERATOR_GPUS={raw!r}: give a number of GPUs from 0 to 8"
                 ) from None
-        return self.model_copy(
-            update={
+        return ResolvedArgs(
+            **{
+                **dict(self),
                 "generator_gpus": gpus,
                 "model": self.model or env("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
                 "models": self.models
@@ -224,6 +225,13 @@ class AppArgs(BaseModel):
                 "ui_dir": self.ui_dir or env("MUSICGEN_UI_DIR") or str(DEFAULT_UI_DIR),
             }
         )
+
+
+class ResolvedArgs(AppArgs):
+    """AppArgs after `resolved()`: the default model and the data folder are known."""
+
+    model: str
+    data_dir: str
 
 
 def describe() -> str:
