@@ -126,8 +126,8 @@ class SongGenerator:
         from deployments.serve.metrics import GeneratorMetrics
         from deployments.service.batching import JobBatcher
         from deployments.service.errors import ServiceError
-        from deployments.service.jobs import JobStore
         from deployments.service.runner import JobRunner
+        from deployments.service.store import JobStore
         from musicgen.errors import MusicgenError
         from musicgen.pipeline import SongPipeline
 
@@ -172,7 +172,7 @@ class SongGenerator:
             log.warning("could not report generator status (job store unreachable?)", exc_info=True)
 
     async def _report_forever(self) -> None:
-        from deployments.service.jobs import GENERATOR_STATUS_EVERY_S
+        from deployments.service.store import GENERATOR_STATUS_EVERY_S
 
         while True:
             await asyncio.to_thread(self._report_now)
@@ -240,8 +240,8 @@ class Ingress:
         provisioned_keys: list[tuple[str, str, str]] = (),
     ):
         from deployments.service.api import ApiConfig, Services
-        from deployments.service.jobs import AsyncJobStore
         from deployments.service.netguard import AddressPolicy
+        from deployments.service.store import AsyncJobStore
         from deployments.service.webhooks import WebhookDeliverer
 
         self.args, self.validator, self.generators = args, validator, generators
@@ -276,7 +276,7 @@ class Ingress:
 
     async def _provision_keys(self, keys: list[tuple[str, str, str]]) -> None:
         """Register the keys of MUSICGEN_API_KEYS (name, role, digest) until the store answers."""
-        from deployments.service.keys import AsyncKeyStore
+        from deployments.service.store import AsyncKeyStore
 
         store = AsyncKeyStore.sharing(self.store)
         while keys:

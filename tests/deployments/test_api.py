@@ -20,12 +20,13 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from deployments.service.api import ApiConfig, Services, create_api
-from deployments.service.jobs import AsyncJobStore, JobStore, job_key
 from deployments.service.media import sniff_audio
 from deployments.service.netguard import AddressPolicy
 from deployments.service.redis_server import EmbeddedRedis, free_port
 from deployments.service.runner import JobRunner
 from deployments.service.storage import LocalStorage, S3Storage
+from deployments.service.store import AsyncJobStore, JobStore
+from deployments.service.store.schema import job_key
 from deployments.service.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from tests.conftest import ROOT

@@ -6,24 +6,26 @@ import json
 import time
 
 import pytest
-import redis
 
-from deployments.service.jobs import (
+from deployments.service.redis_server import EmbeddedRedis
+from deployments.service.store import (
+    AsyncJobStore,
+    JobState,
+    JobStore,
+    QueueFull,
+    StoreUnavailable,
+    event_order,
+)
+from deployments.service.store.schema import (
     DEAD_WEBHOOKS,
     EXPIRING,
     NOTIFY,
     RUNNING,
     WEBHOOKS,
-    AsyncJobStore,
-    JobState,
-    JobStore,
-    QueueFull,
-    event_order,
     events_key,
     job_key,
     webhook_key,
 )
-from deployments.service.redis_server import EmbeddedRedis
 
 
 @pytest.fixture()
@@ -143,31 +145,16 @@ def test_a_worker_gives_its_job_back(store):
     assert failed.state == JobState.FAILED and failed.error["code"] == "WORKER_LOST" and failed.attempts == 2
 
 
-class _SkewedClock:
-    """The `time` module as a host whose clock is `offset_s` off sees it."""
-
-    def __init__(self, offset_s: float):
-        self.offset_s = offset_s
-        self.monotonic = time.monotonic
-
-    def time(self) -> float:
-        return time.time() + self.offset_s
-
-    def __getattr__(self, name: str):  # gmtime, strftime, ...: the real module's
-        return getattr(time, name)
-
-
-def test_lease_deadlines_come_from_the_store_clock(store, client, monkeypatch):
+def test_lease_deadlines_come_from_the_store_clock(store, client, skew_clocks):
     """Deadlines are Redis TIME + lease_s, whatever the clocks of the worker and the reconciler say:
     a host an hour fast neither sets a lease an hour long nor expires a live one; a host an hour slow
     still sees an expired lease expire."""
-    from deployments.service import jobs
 
     def server_now() -> float:
         seconds, microseconds = client.time()
         return seconds + microseconds / 1e6
 
-    monkeypatch.setattr(jobs, "time", _SkewedClock(3600))
+    skew_clocks(3600)
     job, _ = store.create(PARAMS)
     token = store.claim(job.id, "w1")
     assert server_now() < client.zscore(RUNNING, job.id) <= server_now() + 0.2  # lease_s=0.2
@@ -175,7 +162,7 @@ def test_lease_deadlines_come_from_the_store_clock(store, client, monkeypatch):
     time.sleep(0.1)
     assert store.heartbeat(job.id, token=token)
     assert client.zscore(RUNNING, job.id) <= server_now() + 0.2
-    monkeypatch.setattr(jobs, "time", _SkewedClock(-3600))
+    skew_clocks(-3600)
     time.sleep(0.3)
     assert store.reconcile()["requeued"] == [job.id]
 
@@ -186,7 +173,7 @@ def test_files_come_due_with_their_records_and_are_claimed_once(client, monkeypa
     entries a sweeper claimed but never reported deleted come due again after SWEEP_CLAIM_S."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deployments.service import jobs
+    from deployments.service.store import retention
 
     store = JobStore(client, retention_s=1, lease_s=0.2, max_attempts=1)
     done, _ = store.create(PARAMS)
@@ -202,7 +189,7 @@ def test_files_come_due_with_their_records_and_are_claimed_once(client, monkeypa
     assert store.claim_due_files() == []  # not before the records expire
     time.sleep(1.3)
     assert [store.get(j.id) for j in (done, canceled, lost)] == [None] * 3
-    monkeypatch.setattr(jobs, "SWEEP_CLAIM_S", 0.5)
+    monkeypatch.setattr(retention, "SWEEP_CLAIM_S", 0.5)
     with ThreadPoolExecutor(4) as pool:
         claims = list(pool.map(lambda _: store.claim_due_files(limit=2), range(4)))
     got = [entry for claim in claims for entry in claim]
@@ -276,12 +263,12 @@ def test_cancel_is_one_step_and_announced_once(store):
 
 
 def test_generator_reports_expire(store, monkeypatch):
-    from deployments.service import jobs
+    from deployments.service.store import generators
 
     store.put_generator_status("a", {"loaded": True})
     store.put_generator_status("b", {"loaded": False})
     assert sorted(r["loaded"] for r in store.generator_statuses()) == [False, True]
-    monkeypatch.setattr(jobs, "GENERATOR_STATUS_TTL_S", -1)  # every report is now too old
+    monkeypatch.setattr(generators, "GENERATOR_STATUS_TTL_S", -1)  # every report is now too old
     assert store.generator_statuses() == []
     store.put_generator_status("c", {"loaded": False}, ttl_s=60)  # a report that says how long it holds
     assert [r["loaded"] for r in store.generator_statuses()] == [False]
@@ -444,7 +431,7 @@ def test_jobs_survive_a_redis_restart(tmp_path):
     store = JobStore.from_url(srv.url)
     job, _ = store.create(PARAMS, idempotency_key="k")
     srv.stop()
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(StoreUnavailable):
         store.get(job.id)
     srv.start()
     try:

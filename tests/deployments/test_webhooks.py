@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from deployments.service.jobs import AsyncJobStore, JobStore, job_key, webhook_key
 from deployments.service.netguard import AddressPolicy
 from deployments.service.redis_server import free_port
+from deployments.service.store import AsyncJobStore, JobStore
+from deployments.service.store.schema import job_key, webhook_key
 from deployments.service.webhooks import WebhookDeliverer, sign
 from tests.deployments.conftest import FakeDns, RunningDeliverer, WebhookReceiver, wait_until
 
