@@ -5,8 +5,8 @@ in the results storage, every attempt's) are due for deletion at the same moment
 `retention_s` after it was stored. The job store keeps what is due in one sorted set
 (`mg:expiring`, see store/retention.py); a live ingress replica sweeps it every few seconds. Entries
 are claimed atomically, so two replicas never delete the same files at once, and removed only once
-their files are gone: a sweeper that dies or fails midway leaves its entries to be claimed again
-later.
+their files are gone (with an upload's record, in the same step): a sweeper that dies or fails
+midway leaves its entries to be claimed again later.
 """
 
 from __future__ import annotations

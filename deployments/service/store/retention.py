@@ -7,8 +7,8 @@ record: an upload's record lives exactly as long as its file."""
 from __future__ import annotations
 
 from deployments.service.store.records import text
-from deployments.service.store.schema import EXPIRING
-from deployments.service.store.steps import Call, Script, Steps, operation
+from deployments.service.store.schema import EXPIRING, upload_key
+from deployments.service.store.steps import Script, Steps, operation
 
 SWEEP_CLAIM_S = 300  # a sweeper that claimed files and died before deleting them: others retry after this
 
@@ -32,5 +32,8 @@ class RetentionOps:
 
     @operation
     def files_deleted(self, entries: list[tuple[str, str]]) -> Steps[None]:
+        """The files of these `claim_due_files` entries are deleted: drop the entries, and the
+        records of the uploads among them (an upload is gone with its file), in one step."""
         if entries:
-            yield Call("zrem", (EXPIRING, *(f"{area}:{key}" for area, key in entries)))
+            records = [upload_key(key) for area, key in entries if area == "uploads"]
+            yield Script("files_deleted", [EXPIRING, *records], [f"{area}:{key}" for area, key in entries])
