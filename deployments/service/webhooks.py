@@ -159,7 +159,7 @@ class WebhookDeliverer:
         delay = self.delay_after(d.attempt)
         log.info("webhook for job %s to %s: attempt %d of %d failed (%s); next in %.1f s",
                  d.job_id, where, d.attempt, self.attempts, error, delay)  # fmt: skip
-        await self.store.webhook_retry(d, error, time.time() + delay)
+        await self.store.webhook_retry(d, error, delay)
 
     async def _dead(self, d: WebhookDelivery, where: str, error: str) -> None:
         if await self.store.webhook_dead(d, error):

@@ -33,13 +33,14 @@ local function retire(job_key, events_key, expiring_key, id, retention)
   redis.call('EXPIRE', events_key, retention)
   redis.call('ZADD', expiring_key, server_now() + tonumber(retention), 'results:' .. id)
 end
--- a job that asked for a webhook and has just ended: queue its delivery, due now
+-- a job that asked for a webhook and has just ended: queue its delivery, due now (Redis time;
+-- `created_at` is the writer's `now`, for display)
 local function enqueue_webhook(job_key, hook_key, hooks_key, id, now)
   local url = redis.call('HGET', job_key, 'webhook_url')
   if not url or url == '' then return end
   local v = redis.call('HMGET', job_key, 'state', 'result', 'error', 'finished_at')
   redis.call('HSET', hook_key, 'id', id, 'url', url, 'state', v[1], 'result', v[2] or '',
              'error', v[3] or '', 'finished_at', v[4] or '', 'attempts', 0, 'created_at', now)
-  redis.call('ZADD', hooks_key, now, id)
+  redis.call('ZADD', hooks_key, server_now(), id)
   redis.call('HSET', job_key, 'webhook', 'pending')
 end

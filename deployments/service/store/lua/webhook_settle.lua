@@ -1,9 +1,9 @@
--- KEYS: webhooks, webhook, job, dead ; ARGV: id, token, outcome (delivered|retry|dead), due, error,
+-- KEYS: webhooks, webhook, job, dead ; ARGV: id, token, outcome (delivered|retry|dead), delay_s, error,
 --   dead letter (JSON), dead_max
 -- only the holder of the attempt's claim records its outcome (after a lost lease another replica has it)
 if redis.call('HGET', KEYS[2], 'claim') ~= ARGV[2] then return 0 end
 if ARGV[3] == 'retry' then
-  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+  redis.call('ZADD', KEYS[1], server_now() + tonumber(ARGV[4]), ARGV[1])  -- due in delay_s, Redis time
   redis.call('HSET', KEYS[2], 'last_error', ARGV[5], 'claim', '')
   return 1
 end
