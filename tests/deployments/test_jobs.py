@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -274,6 +275,41 @@ def test_generator_reports_expire(store, monkeypatch):
     assert [r["loaded"] for r in store.generator_statuses()] == [False]
     monkeypatch.undo()
     assert len(store.generator_statuses()) == 1  # and the stale ones were deleted
+
+
+def test_generator_reports_are_stamped_and_judged_in_redis_time(store, skew_clocks):
+    """Hosts an hour off Redis's clock: a slow host's fresh report is live; a fast host's report goes
+    stale once its ttl_s has passed in Redis time, whatever the reader's clock says."""
+    skew_clocks(-3600)
+    store.put_generator_status("slow", {"worker": "slow"})
+    skew_clocks(3600)
+    store.put_generator_status("fast", {"worker": "fast"}, ttl_s=0.3)
+    skew_clocks(0)
+    assert sorted(r["worker"] for r in store.generator_statuses()) == ["fast", "slow"]
+    time.sleep(0.4)
+    skew_clocks(-3600)
+    assert [r["worker"] for r in store.generator_statuses()] == ["slow"]
+    skew_clocks(3600)
+    assert [r["worker"] for r in store.generator_statuses()] == ["slow"]
+
+
+def test_a_report_renewed_while_the_reports_are_read_is_not_pruned(store, client, monkeypatch):
+    """A reader finds a stale report, and its replica renews it before the reader prunes: the renewed
+    report stays (only reports that were not renewed are pruned)."""
+    from deployments.service.store import generators
+    from deployments.service.store.schema import GENERATORS
+    from deployments.service.store.steps import reply
+
+    monkeypatch.setattr(generators, "GENERATOR_STATUS_TTL_S", 0.2)
+    store.put_generator_status("a", {"worker": "a"})
+    time.sleep(0.3)
+    steps = JobStore.generator_statuses.steps(store)  # the read, one step at a time
+    answer = store.driver.run(reply(next(steps)))
+    store.put_generator_status("a", {"worker": "a"})  # renewed between the reader's steps
+    with contextlib.suppress(StopIteration):
+        while True:
+            answer = store.driver.run(reply(steps.send(answer)))
+    assert client.hexists(GENERATORS, "a") and len(store.generator_statuses()) == 1
 
 
 def test_the_async_store_runs_the_same_protocol(server, store):
