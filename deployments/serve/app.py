@@ -121,7 +121,7 @@ class SongGenerator:
 
         from deployments.serve.metrics import GeneratorMetrics
         from deployments.service.generator import CPU_GENERATOR_NICE, GeneratorWorker
-        from deployments.service.jobs import JobStore
+        from deployments.service.store import JobStore
 
         _log_through_serve("deployments.service.generator")
         model = model or args.model
@@ -169,10 +169,9 @@ class Ingress:
     ):
         from deployments.service.api import ApiConfig, Services
         from deployments.service.dispatch import Dispatcher, provision_keys, reconcile_forever
-        from deployments.service.jobs import AsyncJobStore
-        from deployments.service.keys import AsyncKeyStore
         from deployments.service.netguard import AddressPolicy
         from deployments.service.readiness import Readiness
+        from deployments.service.store import AsyncJobStore, AsyncKeyStore
         from deployments.service.webhooks import WebhookDeliverer
 
         _log_through_serve("deployments.service.dispatch")

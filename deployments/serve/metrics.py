@@ -6,7 +6,7 @@ takes per batch.
 
 from __future__ import annotations
 
-from deployments.service.jobs import SongJob
+from deployments.service.store import SongJob
 
 
 class GeneratorMetrics:

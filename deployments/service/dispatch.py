@@ -12,10 +12,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from deployments.service.jobs import AsyncJobStore
-from deployments.service.keys import AsyncKeyStore
 from deployments.service.retention import sweep_expired_files
 from deployments.service.storage import Storage
+from deployments.service.store import AsyncJobStore, AsyncKeyStore
 
 log = logging.getLogger(__name__)
 RECONCILE_EVERY_S = 5.0  # the reconcile loop's period, and how often key provisioning is retried

@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 from deployments.service.batching import JobBatcher
 from deployments.service.errors import ServiceError
-from deployments.service.jobs import GENERATOR_STATUS_EVERY_S, JobStore, SongJob
 from deployments.service.runner import JobRunner
 from deployments.service.settings import ResolvedArgs
 from deployments.service.storage import Storage
+from deployments.service.store import GENERATOR_STATUS_EVERY_S, JobStore, SongJob
 from musicgen.errors import MusicgenError
 from musicgen.pipeline import SongPipeline
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from deployments.service.jobs import AsyncJobStore
+from deployments.service.store import AsyncJobStore
 
 READY_CACHE_S = 1.0  # submissions and /readyz read the generators' reports at most this often
 

@@ -20,12 +20,13 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from deployments.service.api import ApiConfig, Services, create_api
-from deployments.service.jobs import AsyncJobStore, JobStore, job_key
 from deployments.service.media import sniff_audio
 from deployments.service.netguard import AddressPolicy
 from deployments.service.redis_server import EmbeddedRedis, free_port
 from deployments.service.runner import JobRunner
 from deployments.service.storage import LocalStorage, S3Storage
+from deployments.service.store import AsyncJobStore, JobStore
+from deployments.service.store.schema import EXPIRING, job_key, upload_key
 from deployments.service.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from tests.conftest import ROOT
@@ -355,6 +356,33 @@ def test_uploads_sniff_content_and_limit_size(service, tmp_path):
         and sniff_audio(b"ID3\3") == "mp3"
         and sniff_audio(b"\xff\xfb\x90") == "mp3"
     )
+
+
+def test_an_upload_deleted_by_retention_is_gone_with_its_record(service, server, tmp_path):
+    """When the sweep deletes an upload's file, its record goes too: GET answers 404 as for an upload
+    that never was, and no record is left behind."""
+    from deployments.service.retention import sweep_expired_files
+
+    path = tmp_path / "ref.wav"
+    sf.write(path, np.zeros((44100 * 2, 2)), 44100)
+    upload_id = service.post("/v1/uploads", content=path.read_bytes()).json()["id"]
+    assert service.get(f"/v1/uploads/{upload_id}").status_code == 200
+    client = redis.Redis.from_url(server.url)
+    client.zadd(EXPIRING, {f"uploads:{upload_id}": 0})  # its retention period is over
+    services = service.app.state.services
+
+    async def sweep():
+        store = AsyncJobStore.from_url(server.url)
+        try:
+            return await sweep_expired_files(store, services.results, services.uploads)
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(sweep()) == [("uploads", upload_id)] and not services.uploads.exists(upload_id)
+    gone, never = service.get(f"/v1/uploads/{upload_id}"), service.get("/v1/uploads/" + "0" * 32 + ".wav")
+    assert gone.status_code == never.status_code == 404
+    assert gone.json() == json.loads(never.text.replace("0" * 32 + ".wav", upload_id))
+    assert not client.exists(upload_key(upload_id))
 
 
 def test_store_down_is_503_and_nothing_accepted_is_lost(tmp_path, pipe):

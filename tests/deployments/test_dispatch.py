@@ -7,10 +7,17 @@ import asyncio
 import logging
 
 from deployments.service.dispatch import Dispatcher, provision_keys, reconcile, reconcile_forever
-from deployments.service.jobs import AsyncJobStore, JobState, JobStore
-from deployments.service.keys import AsyncKeyStore, KeyStore, digest, new_secret
 from deployments.service.redis_server import EmbeddedRedis, free_port
 from deployments.service.storage import LocalStorage
+from deployments.service.store import (
+    AsyncJobStore,
+    AsyncKeyStore,
+    JobState,
+    JobStore,
+    KeyStore,
+    digest,
+    new_secret,
+)
 from tests.deployments.conftest import eventually
 
 

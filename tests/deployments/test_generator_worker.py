@@ -8,10 +8,10 @@ import asyncio
 import pytest
 
 from deployments.service.generator import LOAD_ERROR_REPORT_TTL_S, GeneratorWorker
-from deployments.service.jobs import AsyncJobStore, JobState, JobStore
 from deployments.service.readiness import Readiness
 from deployments.service.settings import AppArgs
 from deployments.service.storage import LocalStorage
+from deployments.service.store import AsyncJobStore, JobState, JobStore
 from musicgen.errors import ModelNotAvailable
 from tests.deployments.conftest import eventually
 from tests.deployments.test_runner import params

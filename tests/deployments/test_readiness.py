@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from deployments.service.jobs import AsyncJobStore, JobStore
 from deployments.service.readiness import Readiness, model_state
+from deployments.service.store import AsyncJobStore, JobStore
 from tests.deployments.conftest import wait_until
 
 NOT_LOADED = {"code": "MODEL_NOT_LOADED", "message": "diffrhythm-1.2-base is not downloaded",

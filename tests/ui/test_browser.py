@@ -427,7 +427,7 @@ def test_a_reference_clip_as_the_style(page, tmp_path):
 def test_jobs_made_elsewhere_appear_once_the_api_key_is_given(browser, keyed_app, server):
     import httpx
 
-    from deployments.service.keys import KeyStore
+    from deployments.service.store import KeyStore
 
     secret, _ = KeyStore.from_url(server.url).create("phone")
     made = httpx.post(keyed_app.base + "/v1/songs", headers={"Authorization": f"Bearer {secret}"},

@@ -18,12 +18,11 @@ from deployments.service import settings
 from deployments.service.api.views import sse_frame
 from deployments.service.errors import ServiceError
 from deployments.service.events import EventHub
-from deployments.service.jobs import AsyncJobStore
-from deployments.service.keys import SECRET, ApiKey, AsyncKeyStore, RateLimited, Unauthorized
 from deployments.service.media import TakeConverter
 from deployments.service.params import SongParams
 from deployments.service.schemas import SongCreate
 from deployments.service.storage import Storage
+from deployments.service.store import SECRET, ApiKey, AsyncJobStore, AsyncKeyStore, RateLimited, Unauthorized
 
 
 @dataclass(frozen=True)

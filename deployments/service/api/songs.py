@@ -23,9 +23,9 @@ from deployments.service.api.deps import (
 )
 from deployments.service.api.views import job_view
 from deployments.service.errors import ServiceError
-from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, QuotaExceeded, SongJob, event_order
 from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
 from deployments.service.schemas import JOB_ID_PATTERN, JobView, SongCreate, error_responses
+from deployments.service.store import AsyncJobStore, JobState, QueueFull, QuotaExceeded, SongJob, event_order
 
 router = APIRouter(prefix="/v1/songs", tags=["songs"])
 JOB_ID = re.compile(JOB_ID_PATTERN)
