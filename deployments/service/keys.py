@@ -92,8 +92,9 @@ def _store_url(explicit: str | None) -> Iterator[str]:
     from deployments.service.settings import AppArgs
 
     args = AppArgs().resolved()
-    if explicit or args.redis_url:
-        yield explicit or args.redis_url
+    url = explicit or args.redis_url
+    if url:
+        yield url
         return
     folder = Path(args.data_dir) / "redis"
     running = EmbeddedRedis.running_url(folder)

@@ -60,7 +60,7 @@ def post(url: str, body: bytes, headers: dict[str, str], policy: AddressPolicy, 
         def connect(_addr, timeout, source_address, address=address):
             return socket.create_connection((address, dest.port), timeout, source_address)
 
-        conn._create_connection = connect
+        conn._create_connection = connect  # type: ignore[attr-defined]  # http.client's hook, not in its stubs
         try:
             conn.request("POST", dest.target, body=body, headers=headers)
             resp = conn.getresponse()
