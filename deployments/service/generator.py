@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from deployments.service.batching import JobBatcher
 from deployments.service.errors import ServiceError
@@ -24,6 +25,9 @@ from deployments.service.storage import Storage
 from deployments.service.store import GENERATOR_STATUS_EVERY_S, JobStore, SongJob
 from musicgen.errors import MusicgenError
 from musicgen.pipeline import SongPipeline
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 # A generator without its model reports that for this long (a loaded one: GENERATOR_STATUS_TTL_S): longer
@@ -66,10 +70,12 @@ class GeneratorWorker:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.args, self.store, self.model, self.worker, self.clock = args, store, model, worker, clock
-        self.load_error: dict | None = None  # ServiceError.to_dict() of the failed load (MODEL_NOT_LOADED)
+        self.load_error: dict[str, Any] | None = (
+            None  # ServiceError.to_dict() of the failed load (MODEL_NOT_LOADED)
+        )
         self.load_failed_at = 0.0  # clock() when the model failed to load
         self.runner: JobRunner | None = None
-        self.device = None
+        self.device: torch.device | None = None  # the model's, once loaded
         self.batcher = JobBatcher(self._run_batch, args.max_batch_size, args.batch_wait_s)
         self.reporter = asyncio.get_event_loop().create_task(self.report_forever())
         try:
@@ -125,9 +131,15 @@ class GeneratorWorker:
         for job_id in job_ids:
             token = self.store.claim(job_id, self.worker)
             if token is not None:
-                self.store.fail(job_id, self.load_error, token=token)
+                self.store.fail(job_id, self._not_loaded(), token=token)
             out.append("failed" if token is not None else None)
         return out
+
+    def _not_loaded(self) -> dict[str, Any]:
+        """The error of the failed load (the worker has no runner only after one)."""
+        if self.load_error is None:
+            raise RuntimeError(f"generator of {self.model} has no model and no load error")
+        return self.load_error
 
     def check_health(self) -> None:
         """Raises when this replica should be replaced: `model_retry_s` after a failed load, or on a
@@ -138,9 +150,9 @@ class GeneratorWorker:
             # with MODEL_NOT_LOADED); and a restart loop would take the node's CPU.
             if self.clock() - self.load_failed_at >= self.args.model_retry_s:
                 self.report_now()  # /readyz keeps telling why while this replica is replaced
-                raise RuntimeError(f"model {self.model} not loaded: {self.load_error['message']}")
+                raise RuntimeError(f"model {self.model} not loaded: {self._not_loaded()['message']}")
             return
-        if self.device.type == "cuda":
+        if self.device is not None and self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)  # raises on a dead CUDA context
