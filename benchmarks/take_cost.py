@@ -51,11 +51,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import deployments.service.runner as runner_module
-    from deployments.service.jobs import JobStore
     from deployments.service.params import SongParams
     from deployments.service.redis_server import EmbeddedRedis
     from deployments.service.runner import JobRunner
     from deployments.service.storage import LocalStorage
+    from deployments.service.store import JobStore
     from musicgen.audio import write_audio
 
     x, sr = sf.read(str(args.input), dtype="float32", always_2d=True)

@@ -10,4 +10,5 @@ if grep -qs '^ID=debian' /etc/os-release; then extra="$extra chromium"; fi
 EXTRAS="${EXTRAS:-serve,test}" EXTRA_APT_PACKAGES="${EXTRA_APT_PACKAGES:-$extra}" scripts/setup.sh
 .venv/bin/ruff check musicgen deployments tests benchmarks loadtests
 .venv/bin/ruff format --check musicgen deployments tests benchmarks loadtests
+.venv/bin/python -m mypy  # deployments/: see [tool.mypy] in pyproject.toml
 .venv/bin/python -m pytest "$@"

@@ -6,7 +6,7 @@ takes per batch.
 
 from __future__ import annotations
 
-from deployments.service.jobs import SongJob
+from deployments.service.store import SongJob
 
 
 class GeneratorMetrics:
@@ -16,11 +16,12 @@ class GeneratorMetrics:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
         tags = {"model": model}
+        # (Ray's annotations say tag_keys is a 1-tuple: any tuple of names is what it takes)
         self.finished = Counter("musicgen_jobs_finished", "Jobs finished, by state and error code",
-                                tag_keys=("model", "state", "code"))  # fmt: skip
+                                tag_keys=("model", "state", "code"))  # type: ignore[arg-type]  # fmt: skip
         self.stage = Histogram("musicgen_stage_seconds", "Seconds per generation stage",
                                boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
-                               tag_keys=("model", "stage"))  # fmt: skip
+                               tag_keys=("model", "stage"))  # type: ignore[arg-type]  # fmt: skip
         self.inverse_rtf = Gauge("musicgen_audio_seconds_per_compute_second",
                                  "Seconds of audio generated per second of model time (last job)",
                                  tag_keys=("model",))  # fmt: skip

@@ -1,8 +1,8 @@
 """Job events for many listeners: one Redis subscription per process, fanned out in memory.
 
 Every change of a job is an entry of its event stream and a message on one pub/sub channel (see
-jobs.py). The `EventHub` holds that one subscription and, for each job somebody follows, the set of
-`Listener`s (one per open event stream). An event is turned into an `Update` once and rendered once
+store/jobs.py). The `EventHub` holds that one subscription and, for each job somebody follows, the
+set of `Listener`s (one per open event stream). An event is turned into an `Update` once and rendered once
 per base URL, whatever the number of listeners; no listener polls Redis or holds a connection.
 
 Queued jobs' positions move when other jobs leave the queue, which is not an event of theirs: after
@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from deployments.service.jobs import AsyncJobStore, JobEvent, JobState, SongJob, event_order
+from deployments.service.store import AsyncJobStore, JobEvent, JobState, SongJob, event_order
 
 log = logging.getLogger(__name__)
 FANOUT_CHUNK = 64  # listeners woken per turn of the event loop (see EventHub._push_all)

@@ -73,12 +73,11 @@ class TakeConverter:
         if self.storage.exists(target):
             return target
         with self._lock:
-            future = self._running.get(target)
-            owner = future is None
-            if owner:
+            running = self._running.get(target)
+            if running is None:
                 future = self._running[target] = Future()
-        if not owner:
-            return future.result()
+        if running is not None:
+            return running.result()
         try:
             self._convert(key, target, fmt)
             future.set_result(target)

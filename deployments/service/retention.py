@@ -2,10 +2,11 @@
 
 A finished job's record and events expire after `retention_s` (a Redis TTL); its takes (its folder
 in the results storage, every attempt's) are due for deletion at the same moment, and an upload
-`retention_s` after it was stored. The job store keeps what is due in one sorted set (`mg:expiring`,
-see jobs.py); a live ingress replica sweeps it every few seconds. Entries are claimed atomically, so
-two replicas never delete the same files at once, and removed only once their files are gone: a
-sweeper that dies or fails midway leaves its entries to be claimed again later.
+`retention_s` after it was stored. The job store keeps what is due in one sorted set
+(`mg:expiring`, see store/retention.py); a live ingress replica sweeps it every few seconds. Entries
+are claimed atomically, so two replicas never delete the same files at once, and removed only once
+their files are gone (with an upload's record, in the same step): a sweeper that dies or fails
+midway leaves its entries to be claimed again later.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from deployments.service.jobs import AsyncJobStore
 from deployments.service.storage import Storage
+from deployments.service.store import AsyncJobStore
 
 log = logging.getLogger(__name__)
 

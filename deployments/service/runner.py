@@ -6,7 +6,7 @@ take its outcome, or (when the store cannot be reached at all) its lease renewal
 lease expires and the reconciler re-queues it. No job keeps a live lease once its worker has stopped
 working on it, whatever happens to the other jobs of the batch.
 
-Fencing: every write of a run carries its lease token (see jobs.py). When the store refuses one, the
+Fencing: every write of a run carries its lease token (see store/jobs.py). When the store refuses one, the
 job has been requeued, and maybe claimed again, without this run: it stops, records nothing, and
 removes the takes it stored. Takes are stored under the run's own folder (`<job id>/attempt-<n>/`),
 each through a unique temporary name renamed into place (storage.py), and the record names them only
@@ -24,13 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import redis
 import torch
 
 from deployments.service.errors import ServiceError
-from deployments.service.jobs import JobState, JobStore
 from deployments.service.params import SongParams
 from deployments.service.storage import Storage
+from deployments.service.store import JobState, JobStore, StoreUnavailable
 from musicgen.audio import write_audio
 from musicgen.errors import GenerationCanceled, MusicgenError
 from musicgen.pipelines import EditSpec, Pipeline, Progress, SongRequest, SongResult
@@ -250,7 +249,7 @@ class JobRunner:
             try:
                 canceled = self.store.cancel_requested(job_id)
             # the store briefly away: go on; the lease renewals decide whether the job stays ours
-            except redis.RedisError:
+            except StoreUnavailable:
                 log.warning("could not read the cancel flag of %s", job_id, exc_info=True)
                 canceled = False
             if canceled:
@@ -267,7 +266,7 @@ class JobRunner:
         effort: a store error is logged and the run goes on."""
         try:
             written = self.store.set_progress(lease.job_id, progress, token=lease.token, force=force)
-        except redis.RedisError:
+        except StoreUnavailable:
             log.warning("could not write the progress of %s", lease.job_id, exc_info=True)
             return
         if written is False:
@@ -363,7 +362,7 @@ class JobRunner:
             raise _LeaseLost()
         try:
             held = self.store.heartbeat(lease.job_id, token=lease.token)
-        except redis.RedisError:  # the store briefly away: the file goes to this run's own folder
+        except StoreUnavailable:  # the store briefly away: the file goes to this run's own folder
             log.warning("could not renew the lease of %s before storing a take", lease.job_id, exc_info=True)
             return
         if not held:

@@ -27,6 +27,11 @@ MAX_UPLOAD_SECONDS = 600.0
 MAX_LYRICS_LINES = 400  # lines of one song's lyrics (20,000 characters at most: schemas.py)
 MAX_BODY_KB = 256  # any request body but an upload's (a song request with the longest lyrics is ~60 KiB)
 GENERATION_TIMEOUT_S = 1800.0
+MAX_BATCH_SIZE = 4  # jobs a generator runs as one batch at most; those of equal length sample together
+BATCH_WAIT_S = 0.05  # how long an idle generator waits for more jobs after the first
+# after a stopping generator's last batch: its takes encoded and stored. At most 8 jobs' takes wait (32
+# takes of 4); a 285 s take encodes to MP3 in ~10 s on each of two threads: ~160 s, the rest for storage
+STORE_TAKES_S = 300.0
 # a generator whose model failed to load refuses jobs (MODEL_NOT_LOADED) this long, then fails its health
 # check so that Serve replaces it and the new replica tries again: a retry a minute, not a restart loop
 MODEL_RETRY_S = 60.0
@@ -66,6 +71,14 @@ ENV = {
     "MUSICGEN_UI_DIR": "the web UI's files (default: ui/ of the checkout; the Docker image sets /app/ui)",
     "MUSICGEN_WEBHOOK_ALLOW": "comma-separated CIDRs and host names webhooks may reach although not public",
 }
+
+
+def env(name: str) -> str:
+    """The value of environment variable `name` ("" when unset): the service reads its environment only
+    through here, so that ENV lists every variable it obeys."""
+    if name not in ENV:
+        raise KeyError(f"{name} is not declared in deployments.service.settings.ENV")
+    return os.environ.get(name, "")
 
 
 class Quotas(BaseModel):
@@ -123,8 +136,8 @@ class AppArgs(BaseModel):
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
     model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health
-    max_batch_size: int = Field(4, ge=1, le=64)  # jobs a generator runs as one batch at most
-    batch_wait_s: float = Field(0.05, ge=0, le=10)  # how long a generator waits to fill a batch
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=64)
+    batch_wait_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
     max_batch_takes: int = Field(8, ge=1)  # takes sampled together at most (GPU memory)
     fault_oom_takes: int | None = Field(None, ge=0)  # testing aid: simulate OOM above this many takes
     webhook_secret: str | None = Field(None, repr=False)
@@ -153,7 +166,15 @@ class AppArgs(BaseModel):
     @property
     def served_models(self) -> list[str]:
         """The default model first, then the others, each once (a generator deployment each)."""
+        if self.model is None:
+            raise ValueError("the served models are known once resolved() has filled the default model")
         return list(dict.fromkeys([self.model, *(self.models or [])]))
+
+    @property
+    def generator_grace_s(self) -> float:
+        """How long a stopping generator may take to finish (Serve's graceful_shutdown_timeout_s): its
+        running batch, which may last generation_timeout_s, then the storing of that batch's takes."""
+        return self.generation_timeout_s + STORE_TAKES_S
 
     @property
     def auth_required(self) -> bool:
@@ -171,14 +192,14 @@ class AppArgs(BaseModel):
         parse_allow(entries or ())  # a bad entry stops the app at start, naming it
         return entries
 
-    def resolved(self) -> AppArgs:
+    def resolved(self) -> ResolvedArgs:
+        """These args with the environment filling what is unset (see ENV): what the app runs on."""
         allow = self.webhook_allow
         if allow is None:
-            allow = [e.strip() for e in os.environ.get("MUSICGEN_WEBHOOK_ALLOW", "").split(",") if e.strip()]
-            parse_allow(allow)  # model_copy does not validate
+            allow = [e.strip() for e in env("MUSICGEN_WEBHOOK_ALLOW").split(",") if e.strip()]
         gpus = self.generator_gpus
-        if gpus is None and os.environ.get("MUSICGEN_GENERATOR_GPUS", "").strip():
-            raw = os.environ["MUSICGEN_GENERATOR_GPUS"].strip()
+        if gpus is None and env("MUSICGEN_GENERATOR_GPUS").strip():
+            raw = env("MUSICGEN_GENERATOR_GPUS").strip()
             try:
                 gpus = float(raw)
                 if not 0 <= gpus <= 8:
@@ -187,18 +208,48 @@ class AppArgs(BaseModel):
                 raise ValueError(
                     f"MUSICGEN_GENERATOR_GPUS={raw!r}: give a number of GPUs from 0 to 8"
                 ) from None
-        return self.model_copy(
-            update={
+        return ResolvedArgs(
+            **{
+                **dict(self),
                 "generator_gpus": gpus,
-                "model": self.model or os.environ.get("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
+                "model": self.model or env("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
                 "models": self.models
                 if self.models is not None
-                else [m.strip() for m in os.environ.get("MUSICGEN_MODELS", "").split(",") if m.strip()],
-                "redis_url": self.redis_url or os.environ.get("REDIS_URL") or None,
-                "storage_url": self.storage_url or os.environ.get("MUSICGEN_STORAGE_URL") or None,
-                "data_dir": os.path.abspath(self.data_dir or os.environ.get("MUSICGEN_DATA_DIR") or "data"),
-                "webhook_secret": self.webhook_secret or os.environ.get("MUSICGEN_WEBHOOK_SECRET", ""),
+                else [m.strip() for m in env("MUSICGEN_MODELS").split(",") if m.strip()],
+                "redis_url": self.redis_url or env("REDIS_URL") or None,
+                "storage_url": self.storage_url or env("MUSICGEN_STORAGE_URL") or None,
+                "data_dir": os.path.abspath(self.data_dir or env("MUSICGEN_DATA_DIR") or "data"),
+                "webhook_secret": self.webhook_secret or env("MUSICGEN_WEBHOOK_SECRET"),
                 "webhook_allow": allow,
-                "ui_dir": self.ui_dir or os.environ.get("MUSICGEN_UI_DIR") or str(DEFAULT_UI_DIR),
+                "ui_dir": self.ui_dir or env("MUSICGEN_UI_DIR") or str(DEFAULT_UI_DIR),
             }
         )
+
+
+class ResolvedArgs(AppArgs):
+    """AppArgs after `resolved()`: the default model and the data folder are known."""
+
+    model: str
+    data_dir: str
+
+
+def describe() -> str:
+    """Every arg of serve_config.yaml with its default, then every environment variable: what
+    `python -m deployments.service.settings` prints."""
+    rows = []
+    for name, field in AppArgs.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            rows += [(f"{name}.{k}", v) for k, v in default.model_dump().items()]
+        else:
+            rows.append((name, default))
+    width = max(len(name) for name, _ in rows)
+    lines = ["serve_config.yaml args and their defaults:"]
+    lines += [f"  {name:<{width}}  {'unset' if value is None else repr(value)}" for name, value in rows]
+    lines += ["", "environment (fills args that are unset):"]
+    lines += [f"  {name}: {meaning}" for name, meaning in ENV.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe())

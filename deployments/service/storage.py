@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from deployments.service.settings import env
+
 CHUNK = 256 * 1024  # what a streamed download reads at a time
 
 
@@ -192,7 +194,7 @@ def open_storage(location: str, area: str) -> Storage:
     if location.startswith("s3://"):
         url = urlparse(location)
         prefix = "/".join(p for p in (url.path.strip("/"), area) if p)
-        return S3Storage(url.netloc, prefix, endpoint_url=os.environ.get("MUSICGEN_S3_ENDPOINT_URL") or None)
+        return S3Storage(url.netloc, prefix, endpoint_url=env("MUSICGEN_S3_ENDPOINT_URL") or None)
     if "://" in location:
         raise ValueError(f"storage location {location!r}: use a folder path or s3://bucket/prefix")
     return LocalStorage(Path(location) / area)

@@ -4,7 +4,7 @@ Headers: `X-Musicgen-Timestamp` (unix seconds) and `X-Musicgen-Signature: sha256
 of "<timestamp>.<body>" under the service's MUSICGEN_WEBHOOK_SECRET (a receiver recomputes it and
 rejects stale timestamps). Body: {"id", "status", "result", "error", "finished_at"}.
 
-The script that ends a job queues its delivery in the job store (jobs.py: `mg:webhook:{id}`,
+The script that ends a job queues its delivery in the job store (store/webhooks.py: `mg:webhook:{id}`,
 `mg:webhooks`); a `WebhookDeliverer` on every ingress replica claims due deliveries and sends them.
 Delivery is at least once: a 2xx answer ends it; other answers and network errors are retried with
 exponential backoff, `attempts` times in all, then the delivery goes to the dead-letter list. A
@@ -32,8 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from deployments.service import settings
-from deployments.service.jobs import AsyncJobStore, WebhookDelivery
 from deployments.service.netguard import AddressPolicy, NotResolved, Refused, redact
+from deployments.service.store import AsyncJobStore, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def post(url: str, body: bytes, headers: dict[str, str], policy: AddressPolicy, 
         def connect(_addr, timeout, source_address, address=address):
             return socket.create_connection((address, dest.port), timeout, source_address)
 
-        conn._create_connection = connect
+        conn._create_connection = connect  # type: ignore[attr-defined]  # http.client's hook, not in its stubs
         try:
             conn.request("POST", dest.target, body=body, headers=headers)
             resp = conn.getresponse()
@@ -159,7 +159,7 @@ class WebhookDeliverer:
         delay = self.delay_after(d.attempt)
         log.info("webhook for job %s to %s: attempt %d of %d failed (%s); next in %.1f s",
                  d.job_id, where, d.attempt, self.attempts, error, delay)  # fmt: skip
-        await self.store.webhook_retry(d, error, time.time() + delay)
+        await self.store.webhook_retry(d, error, delay)
 
     async def _dead(self, d: WebhookDelivery, where: str, error: str) -> None:
         if await self.store.webhook_dead(d, error):

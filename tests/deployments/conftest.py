@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import pytest
 import redis
 
@@ -112,6 +115,37 @@ def client(server):
     return client
 
 
+class SkewedClock:
+    """The `time` module as a host whose clock is `offset_s` off Redis's sees it."""
+
+    def __init__(self, offset_s: float):
+        import time
+
+        self.offset_s, self._time = offset_s, time
+
+    def time(self) -> float:
+        return self._time.time() + self.offset_s
+
+    def __getattr__(self, name: str):  # monotonic, gmtime, strftime, ...: the real module's
+        return getattr(self._time, name)
+
+
+@pytest.fixture()
+def skew_clocks(monkeypatch):
+    """`skew_clocks(offset_s)`: from now on, every module of the service reads `time.time()` that far
+    off the real clock (and Redis's), as a host whose clock is wrong does; undone after the test."""
+    import sys
+    import time
+
+    def skew(offset_s: float) -> None:
+        for name, module in list(sys.modules.items()):
+            clock = getattr(module, "time", None)
+            if name.startswith("deployments.") and (clock is time or isinstance(clock, SkewedClock)):
+                monkeypatch.setattr(module, "time", SkewedClock(offset_s))
+
+    return skew
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_model_paths):
     from musicgen.pipelines import Pipeline
@@ -215,7 +249,7 @@ class RunningDeliverer:
         import asyncio
         import threading
 
-        from deployments.service.jobs import AsyncJobStore
+        from deployments.service.store import AsyncJobStore
         from deployments.service.webhooks import WebhookDeliverer
 
         self.loop = asyncio.new_event_loop()
@@ -251,4 +285,34 @@ def wait_until(condition, timeout: float = 20.0, what: str = "condition"):
         if value:
             return value
         time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+@contextlib.contextmanager
+def busy_worker(pool):
+    """Keep the one worker of `pool` busy until the block ends: jobs submitted inside wait in the queue
+    (an event, not a sleep: the test decides when the worker is free)."""
+    gate = threading.Event()
+    pool.submit(gate.wait, 60)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+async def eventually(condition, timeout: float = 20.0, what: str = "condition"):
+    """`wait_until` on an event loop: awaits `condition()` when it returns an awaitable, and lets the
+    loop run between tries."""
+    import asyncio
+    import inspect
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.02)
     raise AssertionError(f"{what} not met within {timeout} s")

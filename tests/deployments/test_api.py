@@ -20,12 +20,13 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from deployments.service.api import ApiConfig, Services, create_api
-from deployments.service.jobs import AsyncJobStore, JobStore, job_key
 from deployments.service.media import sniff_audio
 from deployments.service.netguard import AddressPolicy
 from deployments.service.redis_server import EmbeddedRedis, free_port
 from deployments.service.runner import JobRunner
 from deployments.service.storage import LocalStorage, S3Storage
+from deployments.service.store import AsyncJobStore, JobStore
+from deployments.service.store.schema import EXPIRING, job_key, upload_key
 from deployments.service.validator import SongValidator
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from tests.conftest import ROOT
@@ -35,6 +36,7 @@ from tests.deployments.conftest import (
     REFUSED_WEBHOOK_URLS,
     FakeDns,
     RunningDeliverer,
+    busy_worker,
     wait_until,
 )
 
@@ -245,12 +247,12 @@ def test_sse_streams_until_the_end(service):
 
 
 def test_cancel_queued_job(service, server, webhook_receiver):
-    service.pool.submit(time.sleep, 1.0)  # keep the single worker busy so that the next job waits
     service.dns.names["hooks.test"] = ["127.0.0.1"]  # the allow-listed internal receiver
-    job = service.post(
-        "/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("hooks.test")}
-    ).json()
-    r = service.post(f"/v1/songs/{job['id']}/cancel")
+    with busy_worker(service.pool):  # so that the job waits in the queue
+        job = service.post(
+            "/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("hooks.test")}
+        ).json()
+        r = service.post(f"/v1/songs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["error"]["code"] == "CANCELED"
     with RunningDeliverer(server.url, service.webhook_policy):  # as every ingress replica runs one
@@ -278,11 +280,11 @@ def test_a_name_public_at_submission_and_private_at_delivery_is_refused(service,
     """DNS rebinding: flip.test resolves to a public address when the song is submitted, to loopback
     when its webhook is due. The delivery checks again, refuses, and never connects."""
     service.dns.names["flip.test"] = [PUBLIC_IP]
-    service.pool.submit(time.sleep, 1.0)
-    r = service.post("/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("flip.test")})
-    assert r.status_code == 202, r.text
-    job_id = r.json()["id"]
-    assert service.post(f"/v1/songs/{job_id}/cancel").json()["status"] == "canceled"
+    with busy_worker(service.pool):
+        r = service.post("/v1/songs", json={**SONG, "webhook_url": webhook_receiver.url_for("flip.test")})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert service.post(f"/v1/songs/{job_id}/cancel").json()["status"] == "canceled"
     service.dns.names["flip.test"] = ["127.0.0.1"]
     with RunningDeliverer(server.url, service.webhook_policy):
         [letter] = wait_until(service.store.dead_webhooks, what="a dead letter")
@@ -303,9 +305,9 @@ def test_bad_submissions(service, change, status, code):
 
 
 def test_queue_full_and_unknown_ids(service):
-    service.pool.submit(time.sleep, 1.5)
-    ids = [service.post("/v1/songs", json=SONG).json()["id"] for _ in range(3)]
-    r = service.post("/v1/songs", json=SONG)
+    with busy_worker(service.pool):
+        ids = [service.post("/v1/songs", json=SONG).json()["id"] for _ in range(3)]
+        r = service.post("/v1/songs", json=SONG)
     assert (
         r.status_code == 429
         and r.json()["error"]["code"] == "QUEUE_FULL"
@@ -356,6 +358,33 @@ def test_uploads_sniff_content_and_limit_size(service, tmp_path):
     )
 
 
+def test_an_upload_deleted_by_retention_is_gone_with_its_record(service, server, tmp_path):
+    """When the sweep deletes an upload's file, its record goes too: GET answers 404 as for an upload
+    that never was, and no record is left behind."""
+    from deployments.service.retention import sweep_expired_files
+
+    path = tmp_path / "ref.wav"
+    sf.write(path, np.zeros((44100 * 2, 2)), 44100)
+    upload_id = service.post("/v1/uploads", content=path.read_bytes()).json()["id"]
+    assert service.get(f"/v1/uploads/{upload_id}").status_code == 200
+    client = redis.Redis.from_url(server.url)
+    client.zadd(EXPIRING, {f"uploads:{upload_id}": 0})  # its retention period is over
+    services = service.app.state.services
+
+    async def sweep():
+        store = AsyncJobStore.from_url(server.url)
+        try:
+            return await sweep_expired_files(store, services.results, services.uploads)
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(sweep()) == [("uploads", upload_id)] and not services.uploads.exists(upload_id)
+    gone, never = service.get(f"/v1/uploads/{upload_id}"), service.get("/v1/uploads/" + "0" * 32 + ".wav")
+    assert gone.status_code == never.status_code == 404
+    assert gone.json() == json.loads(never.text.replace("0" * 32 + ".wav", upload_id))
+    assert not client.exists(upload_key(upload_id))
+
+
 def test_store_down_is_503_and_nothing_accepted_is_lost(tmp_path, pipe):
     srv = EmbeddedRedis(tmp_path / "redis")
     srv.start()
@@ -383,9 +412,9 @@ def test_store_down_is_503_and_nothing_accepted_is_lost(tmp_path, pipe):
 
 
 def test_metrics_endpoint_reports_the_queue(service):
-    service.pool.submit(time.sleep, 1.0)
-    job_id = service.post("/v1/songs", json=SONG).json()["id"]
-    text = service.get("/metrics").text
+    with busy_worker(service.pool):
+        job_id = service.post("/v1/songs", json=SONG).json()["id"]
+        text = service.get("/metrics").text
     assert "musicgen_queue_depth 1.0" in text and "musicgen_jobs_running" in text
     assert "musicgen_event_listeners 0.0" in text
     wait_done(service, job_id)

@@ -17,10 +17,9 @@ from fastapi.testclient import TestClient
 
 from deployments.service.api import create_api
 from deployments.service.api.songs import quota_error
-from deployments.service.jobs import JobStore, QuotaExceeded, utc_day
-from deployments.service.keys import KeyStore
 from deployments.service.settings import Quotas
 from deployments.service.storage import LocalStorage
+from deployments.service.store import JobStore, KeyStore, QuotaExceeded, utc_day
 from tests.deployments.test_api import SONG, LiveApi, make_services, sse_events, wait_done
 
 SECONDS_PER_JOB = 45.0  # the queue's ETA per song, which Retry-After of the jobs-at-once quotas uses

@@ -8,7 +8,7 @@ import json
 import time
 
 from deployments.service.events import FANOUT_CHUNK, EventHub
-from deployments.service.jobs import JobEvent
+from deployments.service.store import JobEvent
 
 
 def _running_event(job_id: str, seq: int) -> JobEvent:

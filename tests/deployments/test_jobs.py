@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import pytest
-import redis
 
-from deployments.service.jobs import (
+from deployments.service.redis_server import EmbeddedRedis
+from deployments.service.store import (
+    AsyncJobStore,
+    JobState,
+    JobStore,
+    QueueFull,
+    StoreUnavailable,
+    event_order,
+)
+from deployments.service.store.schema import (
     DEAD_WEBHOOKS,
     EXPIRING,
     NOTIFY,
     RUNNING,
     WEBHOOKS,
-    AsyncJobStore,
-    JobState,
-    JobStore,
-    QueueFull,
-    event_order,
     events_key,
     job_key,
     webhook_key,
 )
-from deployments.service.redis_server import EmbeddedRedis
 
 
 @pytest.fixture()
@@ -143,31 +146,16 @@ def test_a_worker_gives_its_job_back(store):
     assert failed.state == JobState.FAILED and failed.error["code"] == "WORKER_LOST" and failed.attempts == 2
 
 
-class _SkewedClock:
-    """The `time` module as a host whose clock is `offset_s` off sees it."""
-
-    def __init__(self, offset_s: float):
-        self.offset_s = offset_s
-        self.monotonic = time.monotonic
-
-    def time(self) -> float:
-        return time.time() + self.offset_s
-
-    def __getattr__(self, name: str):  # gmtime, strftime, ...: the real module's
-        return getattr(time, name)
-
-
-def test_lease_deadlines_come_from_the_store_clock(store, client, monkeypatch):
+def test_lease_deadlines_come_from_the_store_clock(store, client, skew_clocks):
     """Deadlines are Redis TIME + lease_s, whatever the clocks of the worker and the reconciler say:
     a host an hour fast neither sets a lease an hour long nor expires a live one; a host an hour slow
     still sees an expired lease expire."""
-    from deployments.service import jobs
 
     def server_now() -> float:
         seconds, microseconds = client.time()
         return seconds + microseconds / 1e6
 
-    monkeypatch.setattr(jobs, "time", _SkewedClock(3600))
+    skew_clocks(3600)
     job, _ = store.create(PARAMS)
     token = store.claim(job.id, "w1")
     assert server_now() < client.zscore(RUNNING, job.id) <= server_now() + 0.2  # lease_s=0.2
@@ -175,7 +163,7 @@ def test_lease_deadlines_come_from_the_store_clock(store, client, monkeypatch):
     time.sleep(0.1)
     assert store.heartbeat(job.id, token=token)
     assert client.zscore(RUNNING, job.id) <= server_now() + 0.2
-    monkeypatch.setattr(jobs, "time", _SkewedClock(-3600))
+    skew_clocks(-3600)
     time.sleep(0.3)
     assert store.reconcile()["requeued"] == [job.id]
 
@@ -186,7 +174,7 @@ def test_files_come_due_with_their_records_and_are_claimed_once(client, monkeypa
     entries a sweeper claimed but never reported deleted come due again after SWEEP_CLAIM_S."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deployments.service import jobs
+    from deployments.service.store import retention
 
     store = JobStore(client, retention_s=1, lease_s=0.2, max_attempts=1)
     done, _ = store.create(PARAMS)
@@ -202,7 +190,7 @@ def test_files_come_due_with_their_records_and_are_claimed_once(client, monkeypa
     assert store.claim_due_files() == []  # not before the records expire
     time.sleep(1.3)
     assert [store.get(j.id) for j in (done, canceled, lost)] == [None] * 3
-    monkeypatch.setattr(jobs, "SWEEP_CLAIM_S", 0.5)
+    monkeypatch.setattr(retention, "SWEEP_CLAIM_S", 0.5)
     with ThreadPoolExecutor(4) as pool:
         claims = list(pool.map(lambda _: store.claim_due_files(limit=2), range(4)))
     got = [entry for claim in claims for entry in claim]
@@ -276,17 +264,52 @@ def test_cancel_is_one_step_and_announced_once(store):
 
 
 def test_generator_reports_expire(store, monkeypatch):
-    from deployments.service import jobs
+    from deployments.service.store import generators
 
     store.put_generator_status("a", {"loaded": True})
     store.put_generator_status("b", {"loaded": False})
     assert sorted(r["loaded"] for r in store.generator_statuses()) == [False, True]
-    monkeypatch.setattr(jobs, "GENERATOR_STATUS_TTL_S", -1)  # every report is now too old
+    monkeypatch.setattr(generators, "GENERATOR_STATUS_TTL_S", -1)  # every report is now too old
     assert store.generator_statuses() == []
     store.put_generator_status("c", {"loaded": False}, ttl_s=60)  # a report that says how long it holds
     assert [r["loaded"] for r in store.generator_statuses()] == [False]
     monkeypatch.undo()
     assert len(store.generator_statuses()) == 1  # and the stale ones were deleted
+
+
+def test_generator_reports_are_stamped_and_judged_in_redis_time(store, skew_clocks):
+    """Hosts an hour off Redis's clock: a slow host's fresh report is live; a fast host's report goes
+    stale once its ttl_s has passed in Redis time, whatever the reader's clock says."""
+    skew_clocks(-3600)
+    store.put_generator_status("slow", {"worker": "slow"})
+    skew_clocks(3600)
+    store.put_generator_status("fast", {"worker": "fast"}, ttl_s=0.3)
+    skew_clocks(0)
+    assert sorted(r["worker"] for r in store.generator_statuses()) == ["fast", "slow"]
+    time.sleep(0.4)
+    skew_clocks(-3600)
+    assert [r["worker"] for r in store.generator_statuses()] == ["slow"]
+    skew_clocks(3600)
+    assert [r["worker"] for r in store.generator_statuses()] == ["slow"]
+
+
+def test_a_report_renewed_while_the_reports_are_read_is_not_pruned(store, client, monkeypatch):
+    """A reader finds a stale report, and its replica renews it before the reader prunes: the renewed
+    report stays (only reports that were not renewed are pruned)."""
+    from deployments.service.store import generators
+    from deployments.service.store.schema import GENERATORS
+    from deployments.service.store.steps import reply
+
+    monkeypatch.setattr(generators, "GENERATOR_STATUS_TTL_S", 0.2)
+    store.put_generator_status("a", {"worker": "a"})
+    time.sleep(0.3)
+    steps = JobStore.generator_statuses.steps(store)  # the read, one step at a time
+    answer = store.driver.run(reply(next(steps)))
+    store.put_generator_status("a", {"worker": "a"})  # renewed between the reader's steps
+    with contextlib.suppress(StopIteration):
+        while True:
+            answer = store.driver.run(reply(steps.send(answer)))
+    assert client.hexists(GENERATORS, "a") and len(store.generator_statuses()) == 1
 
 
 def test_the_async_store_runs_the_same_protocol(server, store):
@@ -386,7 +409,7 @@ def test_a_webhook_claim_is_exclusive_until_its_lease_ends(server, store, client
     assert theirs.attempt == 2 and theirs.token != mine.token
     assert not store.webhook_delivered(mine)  # the late first replica records nothing
     assert client.exists(webhook_key(job.id))
-    assert other.webhook_retry(theirs, "answered 500", due=time.time() + 60)
+    assert other.webhook_retry(theirs, "answered 500", delay_s=60)
     assert (
         store.claim_webhooks(10) == [] and client.hget(webhook_key(job.id), "last_error") == b"answered 500"
     )
@@ -444,7 +467,7 @@ def test_jobs_survive_a_redis_restart(tmp_path):
     store = JobStore.from_url(srv.url)
     job, _ = store.create(PARAMS, idempotency_key="k")
     srv.stop()
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(StoreUnavailable):
         store.get(job.id)
     srv.start()
     try:

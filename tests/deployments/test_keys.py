@@ -14,19 +14,19 @@ import redis
 from fastapi.testclient import TestClient
 
 from deployments.service.api import ApiConfig, Services, create_api
-from deployments.service.jobs import AsyncJobStore
-from deployments.service.keys import (
+from deployments.service.keys import keys_from_env
+from deployments.service.redis_server import EmbeddedRedis
+from deployments.service.settings import Quotas
+from deployments.service.storage import LocalStorage
+from deployments.service.store import (
     SECRET,
+    AsyncJobStore,
     KeyStore,
     RateLimited,
     Unauthorized,
     digest,
-    keys_from_env,
     new_secret,
 )
-from deployments.service.redis_server import EmbeddedRedis
-from deployments.service.settings import Quotas
-from deployments.service.storage import LocalStorage
 from tests.conftest import ROOT
 
 DEFAULTS = Quotas(requests_per_minute=6, burst=2)

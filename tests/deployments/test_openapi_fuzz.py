@@ -19,9 +19,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from deployments.service.api import create_api
-from deployments.service.keys import KeyStore
 from deployments.service.settings import Quotas
 from deployments.service.storage import LocalStorage
+from deployments.service.store import KeyStore
 from tests.deployments.test_api import make_services
 
 EXAMPLES = int(os.environ.get("MUSICGEN_FUZZ_EXAMPLES", "25"))

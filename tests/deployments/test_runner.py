@@ -9,10 +9,10 @@ import pytest
 import redis
 import soundfile as sf
 
-from deployments.service.jobs import JobState, JobStore
 from deployments.service.params import SongParams
 from deployments.service.runner import JobRunner
 from deployments.service.storage import LocalStorage
+from deployments.service.store import JobState, JobStore, StoreUnavailable
 from musicgen.lyrics.frontend import LyricsFrontEnd
 from musicgen.registry import MODELS
 
@@ -81,8 +81,9 @@ def test_a_finished_job_queues_its_signed_webhook(runner, webhook_receiver, serv
     import asyncio
     import hmac
 
-    from deployments.service.jobs import AsyncJobStore, webhook_key
     from deployments.service.netguard import AddressPolicy
+    from deployments.service.store import AsyncJobStore
+    from deployments.service.store.schema import webhook_key
     from deployments.service.webhooks import WebhookDeliverer, sign
 
     job, _ = runner.store.create(params(webhook_url=webhook_receiver.url).to_dict())
@@ -233,7 +234,7 @@ def test_a_job_whose_outcome_cannot_be_recorded_does_not_strand_the_others(runne
 
     def blip_on_b(job_id, result, **kw):
         if job_id == b.id:
-            raise redis.ConnectionError("connection reset by peer")
+            raise StoreUnavailable("ConnectionError", "connection reset by peer")
         return real_complete(job_id, result, **kw)
 
     monkeypatch.setattr(runner.store, "complete", blip_on_b)
@@ -261,11 +262,11 @@ def test_a_job_the_store_cannot_take_back_either_lets_its_lease_expire(server, p
 
     def down_for_a(job_id, result, **kw):
         if job_id == a.id:
-            raise redis.TimeoutError("timed out")
+            raise StoreUnavailable("TimeoutError", "timed out")
         return real_complete(job_id, result, **kw)
 
     def release(job_id, **kw):
-        raise redis.ConnectionError("connection refused")
+        raise StoreUnavailable("ConnectionError", "connection refused")
 
     monkeypatch.setattr(store, "complete", down_for_a)
     monkeypatch.setattr(store, "release", release)
@@ -310,7 +311,7 @@ def test_a_worker_that_lost_its_lease_cannot_overwrite_its_successor(server, pip
     job, _ = store_a.create(params(num_takes=1).to_dict())
 
     def partitioned(job_id, **kw):
-        raise redis.ConnectionError("no route to host")
+        raise StoreUnavailable("ConnectionError", "no route to host")
 
     monkeypatch.setattr(store_a, "heartbeat", partitioned)
     encoding, resume = threading.Event(), threading.Event()

@@ -415,9 +415,10 @@ def test_a_generator_without_its_model_refuses_jobs_then_fails_its_health_check(
 
     import redis
 
-    from deployments.serve.app import LOAD_ERROR_REPORT_TTL_S, SongGenerator
-    from deployments.service.jobs import JobState, JobStore
+    from deployments.serve.app import SongGenerator
+    from deployments.service.generator import LOAD_ERROR_REPORT_TTL_S
     from deployments.service.settings import AppArgs
+    from deployments.service.store import JobState, JobStore
 
     redis.Redis.from_url(server.url).flushdb()
     store = JobStore.from_url(server.url)
@@ -440,7 +441,7 @@ def test_a_generator_without_its_model_refuses_jobs_then_fails_its_health_check(
                 generator.check_health()
             assert store.generator_statuses()[0]["error"]["code"] == "MODEL_NOT_LOADED"
         finally:
-            generator._reporter.cancel()
+            generator.worker.stop()
 
     asyncio.run(scenario())
 
@@ -453,8 +454,8 @@ def test_api_keys_through_ray_serve(service, tmp_path):
     from ray import serve
 
     from deployments.serve.app import app_args, build_app
-    from deployments.service.keys import KeyStore, new_secret
     from deployments.service.redis_server import EmbeddedRedis
+    from deployments.service.store import KeyStore, new_secret
 
     assert app_args({}).host == "127.0.0.1" and not app_args({}).auth_required
     with pytest.raises(pydantic.ValidationError, match="allow_insecure_public"):

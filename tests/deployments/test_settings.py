@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pydantic
 import pytest
 import yaml
 
-from deployments.service.settings import AppArgs, Quotas, is_loopback
+from deployments.service.settings import AppArgs, is_loopback
 from tests.conftest import ROOT
 
 
@@ -35,14 +37,16 @@ def test_auth_off_on_a_public_address_is_refused_unless_allowed(host):
 
 def test_serve_config_runs_locally_without_keys_and_requires_them_when_public():
     """serve_config.yaml as scripts/serve.sh uses it: loopback, so a newcomer needs no key; the same
-    args on 0.0.0.0 require keys; its quotas are valid."""
+    args on 0.0.0.0 require keys. It restates no default but the deployment's shape, which whoever
+    deploys it edits (replicas, auth): the defaults live in settings.py alone."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     host = config["http_options"]["host"]
     args = config["applications"][0]["args"]
     assert host == "127.0.0.1" and "host" not in args  # the host comes from http_options alone
     assert not AppArgs(**args, host=host).auth_required
     assert AppArgs(**args, host="0.0.0.0").auth_required
-    assert AppArgs(**args).quotas == Quotas(**args["quotas"])
+    restated = {k for k, v in args.items() if AppArgs.model_fields[k].default == v}
+    assert restated <= {"min_ingress", "min_generators", "max_generators", "auth"}, restated
     with pytest.raises(pydantic.ValidationError):
         AppArgs(**{**args, "auth": "off"}, host="0.0.0.0")
     with pytest.raises(pydantic.ValidationError):
@@ -90,3 +94,50 @@ def test_the_plan_names_are_the_samplers_everywhere():
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     (plan,) = [a for a in generate._actions if a.dest == "plan"]
     assert tuple(plan.choices) == PLANS
+
+
+def test_the_service_reads_its_environment_only_through_settings():
+    """settings.ENV lists every variable the service obeys: no other module of deployments/ reads the
+    environment, and every variable listed is read somewhere (here or by the library)."""
+    from deployments.service import settings
+
+    readers = [
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "deployments").rglob("*.py")
+        if p.name != "settings.py" and re.search(r"os\.environ|getenv\(", p.read_text())
+    ]
+    assert readers == []
+    code = "\n".join(p.read_text() for d in ("deployments", "musicgen") for p in (ROOT / d).rglob("*.py"))
+    code = code.replace((ROOT / "deployments/service/settings.py").read_text(), "")
+    settings_code = (ROOT / "deployments/service/settings.py").read_text()
+    for name in settings.ENV:
+        assert name in code or f'env("{name}")' in settings_code, f"{name} is declared but nothing reads it"
+    with pytest.raises(KeyError, match="not declared"):
+        settings.env("MUSICGEN_NOT_A_SETTING")
+
+
+def test_the_settings_listing_names_every_arg_with_its_default():
+    from deployments.service.settings import describe
+
+    text = describe()
+    for name in AppArgs.model_fields:
+        assert f"\n  {name}" in text
+    assert "  lease_s" in text and "30.0" in text and "quotas.songs_per_day" in text
+    assert "MUSICGEN_API_KEYS:" in text
+
+
+@pytest.mark.parametrize("timeout_s", [None, 600.0, 3600.0])
+def test_a_stopping_generator_gets_longer_than_a_song_may_run(timeout_s, tmp_path):
+    """Serve waits `graceful_shutdown_timeout_s` for a stopping generator's running batch, which may
+    take `generation_timeout_s` (then its takes are encoded and stored); killed sooner, its jobs would
+    start over elsewhere. build_app binds the deployments without a Ray cluster."""
+    from deployments.serve.app import build_app
+
+    raw = {"model": "tiny", "host": "127.0.0.1", "data_dir": str(tmp_path)}
+    if timeout_s is not None:
+        raw["generation_timeout_s"] = timeout_s
+    ingress = build_app(raw)._bound_deployment
+    args = ingress.init_args[2]
+    (generator,) = (app._bound_deployment for app in ingress.init_args[1].values())
+    grace_s = generator._deployment_config.graceful_shutdown_timeout_s
+    assert grace_s > args.generation_timeout_s == (timeout_s or 1800.0)

@@ -111,8 +111,8 @@ def test_files_are_deleted_when_their_records_expire(areas, server, tmp_path):
 
     import redis
 
-    from deployments.service.jobs import AsyncJobStore, JobStore
     from deployments.service.retention import sweep_expired_files
+    from deployments.service.store import AsyncJobStore, JobStore
 
     results, uploads = areas
     client = redis.Redis.from_url(server.url)

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from deployments.service.jobs import AsyncJobStore, JobStore, job_key, webhook_key
 from deployments.service.netguard import AddressPolicy
 from deployments.service.redis_server import free_port
+from deployments.service.store import AsyncJobStore, JobStore
+from deployments.service.store.schema import WEBHOOKS, job_key, webhook_key
 from deployments.service.webhooks import WebhookDeliverer, sign
 from tests.deployments.conftest import FakeDns, RunningDeliverer, WebhookReceiver, wait_until
 
@@ -86,6 +87,34 @@ def test_a_failed_delivery_is_retried_with_backoff_and_succeeds_when_the_receive
     finally:
         if receiver is not None:
             receiver.close()
+
+
+def test_deliveries_are_due_and_leased_in_redis_time(server, store, client, skew_clocks):
+    """Hosts whose clocks are an hour off Redis's: a job ended on a fast one is due now; a slow one
+    claims it, for a lease of Redis time + lease_s; a retry is due Redis time + its delay, and a fast
+    host does not take it early; the deliverer's backoff is counted from Redis time too."""
+
+    def redis_now() -> float:
+        seconds, microseconds = client.time()
+        return seconds + microseconds / 1e6
+
+    skew_clocks(3600)
+    job_id = ended_job(store, f"http://127.0.0.1:{free_port()}/hook")
+    assert abs(client.zscore(WEBHOOKS, job_id) - redis_now()) < 1
+    skew_clocks(-3600)
+    [d] = store.claim_webhooks(10, lease_s=30)
+    assert redis_now() < client.zscore(WEBHOOKS, job_id) <= redis_now() + 30
+    skew_clocks(3600)
+    assert store.webhook_retry(d, "answered 500", 60)
+    assert abs(client.zscore(WEBHOOKS, job_id) - (redis_now() + 60)) < 1
+    assert store.claim_webhooks(10) == []  # due in a minute of Redis time, whatever this host says
+    client.zadd(WEBHOOKS, {job_id: 0})
+
+    async def scenario(deliverer):
+        assert await deliverer.deliver_due() == 1  # nothing listens on the port: attempt 2 fails
+        return client.zscore(WEBHOOKS, job_id) - redis_now()
+
+    assert 19 < run(server, scenario, backoff_s=10) <= 20  # twice backoff_s after the second attempt
 
 
 def test_after_the_last_attempt_it_lands_in_the_dead_letters_and_logs_keep_secrets(

@@ -78,7 +78,7 @@ def app(server, tiny_model_paths, pace, tmp_path_factory):
 
 
 async def models() -> list[dict]:
-    """What the ingress answers for the tiny model (deployments/serve/app.py)."""
+    """What the ingress answers for the tiny model (deployments/service/readiness.py)."""
     from deployments.service.schemas import model_view
     from musicgen.registry import MODELS
 
@@ -428,7 +428,7 @@ def test_a_reference_clip_as_the_style(page, tmp_path):
 def test_jobs_made_elsewhere_appear_once_the_api_key_is_given(browser, keyed_app, server):
     import httpx
 
-    from deployments.service.keys import KeyStore
+    from deployments.service.store import KeyStore
 
     secret, _ = KeyStore.from_url(server.url).create("phone")
     made = httpx.post(keyed_app.base + "/v1/songs", headers={"Authorization": f"Bearer {secret}"},

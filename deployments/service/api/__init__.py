@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 
-import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,6 +28,7 @@ from deployments.service.api.edge import EdgeMiddleware
 from deployments.service.api.ui import mount_ui
 from deployments.service.errors import ServiceError
 from deployments.service.schemas import AUTH_ERRORS, COMMON_ERRORS
+from deployments.service.store import StoreUnavailable
 
 __all__ = ["ApiConfig", "Services", "create_api"]
 log = logging.getLogger(__name__)
@@ -98,10 +98,8 @@ def create_api(services: Services) -> FastAPI:
         err = ServiceError(code, str(exc.detail))
         return JSONResponse({"error": err.to_dict()}, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(redis.RedisError)
-    async def _store_down(_: Request, exc: redis.RedisError):
-        return error_response(
-            ServiceError("STORE_UNAVAILABLE", f"job store unavailable: {type(exc).__name__}")
-        )
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(_: Request, exc: StoreUnavailable):
+        return error_response(ServiceError("STORE_UNAVAILABLE", f"job store unavailable: {exc.kind}"))
 
     return app

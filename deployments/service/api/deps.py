@@ -18,12 +18,11 @@ from deployments.service import settings
 from deployments.service.api.views import sse_frame
 from deployments.service.errors import ServiceError
 from deployments.service.events import EventHub
-from deployments.service.jobs import AsyncJobStore
-from deployments.service.keys import SECRET, ApiKey, AsyncKeyStore, RateLimited, Unauthorized
 from deployments.service.media import TakeConverter
 from deployments.service.params import SongParams
 from deployments.service.schemas import SongCreate
 from deployments.service.storage import Storage
+from deployments.service.store import SECRET, ApiKey, AsyncJobStore, AsyncKeyStore, RateLimited, Unauthorized
 
 
 @dataclass(frozen=True)
@@ -67,17 +66,15 @@ class Services:
     audio_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="audio")
     )
-    hub: EventHub | None = None  # default: a hub on `store` rendering this API's views
-    keys: AsyncKeyStore | None = None  # default: on the store's connection pool
+    hub: EventHub = field(init=False)  # event fan-out on `store`, rendering this API's views
+    keys: AsyncKeyStore = field(init=False)  # on the store's connection pool
     converter: TakeConverter = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.keys is None:
-            self.keys = AsyncKeyStore.sharing(self.store)
-        if self.hub is None:
-            self.hub = EventHub(
-                self.store, functools.partial(sse_frame, seconds_per_job=self.config.seconds_per_job_estimate)
-            )
+        self.keys = AsyncKeyStore.sharing(self.store)
+        self.hub = EventHub(
+            self.store, functools.partial(sse_frame, seconds_per_job=self.config.seconds_per_job_estimate)
+        )
         self.converter = TakeConverter(self.results)
 
 
@@ -118,7 +115,7 @@ class Caller:
 
     def owns(self, owner: str | None) -> bool:
         """May see a job or upload of `owner`; others' answer as missing ones do (404)."""
-        return self.sees_all or owner == self.key.id
+        return self.key is None or self.key.admin or owner == self.key.id
 
 
 # Declares the bearer scheme in the OpenAPI spec; the checks (and their error bodies) are ours.

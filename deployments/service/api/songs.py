@@ -23,9 +23,9 @@ from deployments.service.api.deps import (
 )
 from deployments.service.api.views import job_view
 from deployments.service.errors import ServiceError
-from deployments.service.jobs import AsyncJobStore, JobState, QueueFull, QuotaExceeded, SongJob, event_order
 from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
 from deployments.service.schemas import JOB_ID_PATTERN, JobView, SongCreate, error_responses
+from deployments.service.store import AsyncJobStore, JobState, QueueFull, QuotaExceeded, SongJob, event_order
 
 router = APIRouter(prefix="/v1/songs", tags=["songs"])
 JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -204,17 +204,20 @@ async def events(
             yield b"retry: 2000\n\n"
             # what was sent last: (event order, queue position, status); an event comes again only
             # when its job moved in the queue
-            sent = (event_order(last_event_id), None, None) if last_event_id else None
+            sent: tuple[tuple[int, int], int | None, JobState | None] | None = (
+                (event_order(last_event_id), None, None) if last_event_id else None
+            )
             for i, update in enumerate(backlog):
-                yield update.frame(base, full=i == 0 or update.job.state != sent[2])
+                yield update.frame(base, full=sent is None or i == 0 or update.job.state != sent[2])
                 sent = event_order(update.event.id), update.position, update.job.state
                 if update.final:
                     return
             while True:
-                update = await listener.next(keepalive)
-                if update is None:
+                received = await listener.next(keepalive)
+                if received is None:
                     yield b": keep-alive\n\n"
                     continue
+                update = received
                 order = event_order(update.event.id)
                 if sent is not None and (
                     order < sent[0] or (order == sent[0] and update.position == sent[1])
@@ -250,7 +253,7 @@ async def audio(
     if job.state != JobState.SUCCEEDED:
         raise ServiceError("NOT_FOUND", f"song {job_id} has no audio yet (status {job.state.value})",
                            recovery="wait until the job has succeeded")  # fmt: skip
-    takes = {t["n"]: t for t in job.result["takes"]}
+    takes = {t["n"]: t for t in (job.result or {}).get("takes", [])}
     if n not in takes:
         raise ServiceError("NOT_FOUND", f"song {job_id} has takes {sorted(takes)}, not {n}")
     results = services.results
@@ -285,9 +288,8 @@ async def _read_off_loop(chunks: Iterator[bytes], pool) -> AsyncIterator[bytes]:
     """A blocking iterator read on a thread pool, a chunk at a time (Starlette's own way for sync
     iterators goes through anyio, whose every hop walks all the loop's tasks)."""
     loop = asyncio.get_running_loop()
-    done = object()
     try:
-        while (chunk := await loop.run_in_executor(pool, next, chunks, done)) is not done:
+        while (chunk := await loop.run_in_executor(pool, next, chunks, None)) is not None:
             yield chunk
     finally:
         close = getattr(chunks, "close", None)

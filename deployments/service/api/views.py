@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from deployments.service.jobs import JobState, SongJob
 from deployments.service.params import SongParams
 from deployments.service.schemas import JobView, TakeView
 from deployments.service.settings import SECONDS_PER_JOB_ESTIMATE
+from deployments.service.store import JobState, SongJob
 
 
 def job_view(

@@ -1,0 +1,73 @@
+"""Whether the service can take songs, and the models list GET /v1/models serves, from what the
+generator replicas say of themselves in the job store (asking a replica instead would wait behind the
+songs it is generating). A report is the dict a `GeneratorWorker` puts there: loaded, model, error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from deployments.service.store import AsyncJobStore
+
+READY_CACHE_S = 1.0  # submissions and /readyz read the generators' reports at most this often
+
+
+def model_state(model: str, reports: list[dict], *, scales_to_zero: bool) -> tuple[bool, str]:
+    """(ready, why) of one served model, from the reports of its generators. Ready when one has the
+    model loaded, or when none has reported and the deployment may be scaled to zero (the first
+    song starts a generator); a failed load is told with its recovery hint."""
+    loaded = [r for r in reports if r.get("loaded")]
+    failed = [r["error"] for r in reports if r.get("error")]
+    if loaded:
+        return True, f"serving {model} on {len(loaded)} generator(s)"
+    if failed:
+        return False, f"{model}: {failed[0]['message']}; {failed[0]['recovery']}"
+    if scales_to_zero:
+        return True, f"{model} scaled to zero: the first song starts a generator, which loads the model first"
+    return False, f"{model}: no generator has reported yet: the model is loading"
+
+
+class Readiness:
+    """`ready` (cached for `cache_s`: every submission asks) and `models`, as the API's Services take
+    them, over the served models' generator reports."""
+
+    def __init__(
+        self,
+        store: AsyncJobStore,
+        served_models: list[str],
+        *,
+        scales_to_zero: bool,  # min_generators == 0: a model without generators is not a failure
+        cache_s: float = READY_CACHE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store, self.served_models, self.scales_to_zero = store, list(served_models), scales_to_zero
+        self.cache_s, self.clock = cache_s, clock
+        self._cache: tuple[float, tuple[bool, str]] | None = None
+
+    async def states(self) -> dict[str, tuple[bool, str]]:
+        """Each served model's (ready, why), read now."""
+        reports = await self.store.generator_statuses()
+        return {
+            m: model_state(m, [r for r in reports if r.get("model") == m], scales_to_zero=self.scales_to_zero)
+            for m in self.served_models
+        }
+
+    async def ready(self) -> tuple[bool, str]:
+        """Ready when every served model is; why, model by model."""
+        now = self.clock()
+        if self._cache is not None and now - self._cache[0] < self.cache_s:
+            return self._cache[1]
+        states = (await self.states()).values()
+        answer = all(ok for ok, _ in states), "; ".join(why for _, why in states)
+        self._cache = now, answer
+        return answer
+
+    async def models(self) -> list[dict]:
+        """GET /v1/models: each served model's registry entry with its state (never cached)."""
+        from deployments.service.schemas import model_view
+        from musicgen.pipelines import MAX_TAKES
+        from musicgen.registry import MODELS
+
+        states = await self.states()
+        return [model_view(MODELS[m], *states[m], MAX_TAKES) for m in self.served_models]

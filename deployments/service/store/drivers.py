@@ -1,0 +1,150 @@
+"""The two drivers of the protocol's steps (steps.py): `SyncDriver` on a blocking redis.Redis (the GPU
+worker's threads, the `musicgen keys` command) and `AsyncDriver` on redis.asyncio (the ingress's event
+loop). Both register the Lua scripts once and turn every Redis error into `StoreUnavailable`, so no
+caller depends on redis-py's exceptions."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+from redis.backoff import ExponentialBackoff
+
+from deployments.service.store.records import JobEvent
+from deployments.service.store.schema import NOTIFY
+from deployments.service.store.scripts import SCRIPTS
+from deployments.service.store.steps import Call, Pipeline, Script, Step, Steps
+
+R = TypeVar("R")
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer: Redis is unreachable or timed out (or refused the command, as a
+    server that is out of memory or still loading its data does). `kind` names the Redis error."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+    @classmethod
+    def wrapping(cls, exc: redis.RedisError) -> StoreUnavailable:
+        return cls(type(exc).__name__, str(exc))
+
+
+def client_options(retry_class: Callable[..., Any]) -> dict[str, Any]:
+    # A store read that takes seconds is an outage: fail fast with STORE_UNAVAILABLE. A pooled
+    # connection that a Redis restart closed is retried on a new one (three tries, 50-500 ms apart).
+    return {
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+class SyncDriver:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+
+    @classmethod
+    def from_url(cls, url: str) -> SyncDriver:
+        from redis.retry import Retry
+
+        return cls(redis.Redis.from_url(url, **client_options(Retry)))
+
+    def run(self, steps: Steps[R]) -> R:
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(self._run_step(step))
+        except StopIteration as done:
+            result: R = done.value
+            return result
+        except redis.RedisError as exc:
+            steps.close()
+            raise StoreUnavailable.wrapping(exc) from exc
+
+    def _run_step(self, step: Step) -> Any:
+        if isinstance(step, Script):
+            return self._scripts[step.name](keys=step.keys, args=step.args)
+        if isinstance(step, Pipeline):
+            pipe = self.client.pipeline(transaction=False)
+            for call in step.calls:
+                getattr(pipe, call.method)(*call.args, **call.kwargs)
+            return pipe.execute()
+        return getattr(self.client, step.method)(*step.args, **step.kwargs)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncDriver:
+    """Use it from one event loop only."""
+
+    def __init__(self, client: redis.asyncio.Redis):
+        self.client = client
+        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+
+    @classmethod
+    def from_url(cls, url: str, *, max_connections: int = 32) -> AsyncDriver:
+        from redis.asyncio.retry import Retry
+
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=5, **client_options(Retry)
+        )
+        return cls(redis.asyncio.Redis(connection_pool=pool))
+
+    async def run(self, steps: Steps[R]) -> R:
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._run_step(step))
+        except StopIteration as done:
+            result: R = done.value
+            return result
+        except redis.RedisError as exc:
+            steps.close()
+            raise StoreUnavailable.wrapping(exc) from exc
+
+    async def _run_step(self, step: Step) -> Any:
+        if isinstance(step, Script):
+            return await self._scripts[step.name](keys=step.keys, args=step.args)
+        if isinstance(step, Pipeline):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for call in step.calls:
+                    getattr(pipe, call.method)(*call.args, **call.kwargs)
+                return await pipe.execute()
+        assert isinstance(step, Call)
+        return await getattr(self.client, step.method)(*step.args, **step.kwargs)
+
+    @contextlib.asynccontextmanager
+    async def notifications(self) -> AsyncIterator[AsyncIterator[JobEvent]]:
+        """The events of every job, as they happen, over one pub/sub connection."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(NOTIFY)
+        except redis.RedisError as exc:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise StoreUnavailable.wrapping(exc) from exc
+
+        async def events() -> AsyncIterator[JobEvent]:
+            while True:
+                try:
+                    message = await pubsub.get_message(timeout=1.0)
+                except redis.RedisError as exc:
+                    raise StoreUnavailable.wrapping(exc) from exc
+                if message is not None and message["type"] == "message":
+                    yield JobEvent.from_notification(message["data"])
+
+        try:
+            yield events()
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

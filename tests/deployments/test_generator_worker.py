@@ -1,0 +1,138 @@
+"""A generator replica's work (deployments/service/generator.py) on a plain event loop, the embedded
+Redis and the tiny model: the failed load's refusals and health checks, its successor's batches. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.service.generator import LOAD_ERROR_REPORT_TTL_S, GeneratorWorker
+from deployments.service.readiness import Readiness
+from deployments.service.settings import AppArgs
+from deployments.service.storage import LocalStorage
+from deployments.service.store import AsyncJobStore, JobState, JobStore
+from musicgen.errors import ModelNotAvailable
+from tests.deployments.conftest import eventually
+from tests.deployments.test_runner import params
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Weights:
+    """The model's loader: the weights are missing until `pull()` (then: the tiny pipeline)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.pulled, self.loads = pipe, False, 0
+
+    def __call__(self, args: AppArgs, model: str):
+        self.loads += 1
+        if not self.pulled:
+            raise ModelNotAvailable(f"{model} is not downloaded")
+        return self.pipe
+
+    def pull(self) -> None:
+        self.pulled = True
+
+
+@pytest.fixture()
+def store(client):
+    return JobStore(client, lease_s=5)
+
+
+def worker(args, store, tmp_path, name, weights, clock, finished=None) -> GeneratorWorker:
+    return GeneratorWorker(
+        args, store, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"), model="tiny",
+        worker=name, load=weights, clock=clock, on_finish=None if finished is None else finished.append,
+    )  # fmt: skip
+
+
+def test_a_model_that_did_not_load_is_refused_reported_and_retried_by_the_next_replica(
+    server, store, client, pipe, tmp_path
+):
+    """The replica stays up without its model: it reports why (for LOAD_ERROR_REPORT_TTL_S), fails
+    the jobs sent to it with MODEL_NOT_LOADED (not those another worker has), passes its health
+    checks until `model_retry_s` after the failed load, then fails them, reporting again. The replica
+    that replaces it loads the model and serves."""
+    args = AppArgs(model="tiny", data_dir=str(tmp_path), model_retry_s=60).resolved()
+    weights, clock = Weights(pipe), Clock()
+
+    async def main():
+        readiness = Readiness(AsyncJobStore.from_url(server.url), ["tiny"], scales_to_zero=False, cache_s=0)
+        first = worker(args, store, tmp_path, "host:1", weights, clock)
+        try:
+            (report,) = store.generator_statuses()
+            assert report["loaded"] is False and report["error"]["code"] == "MODEL_NOT_LOADED"
+            assert report["ttl_s"] == LOAD_ERROR_REPORT_TTL_S
+            ok, why = await readiness.ready()
+            assert (
+                not ok
+                and why == "tiny: tiny is not downloaded; download the weights with `musicgen models pull`"
+            )
+
+            job, _ = store.create(params().to_dict())
+            theirs, _ = store.create(params().to_dict())
+            assert store.claim(theirs.id, "host:9") is not None
+            assert await asyncio.gather(first.run(job.id), first.run(theirs.id)) == ["failed", None]
+            refused = store.get(job.id)
+            assert refused.state == JobState.FAILED and refused.error == report["error"]
+            assert store.get(theirs.id).state == JobState.RUNNING
+
+            first.check_health()  # Serve's check right after __init__: a start, not a failure
+            clock.now = 59.9
+            first.check_health()
+            clock.now = 60.0
+            client.hdel("mg:generators", "host:1")
+            with pytest.raises(RuntimeError, match="model tiny not loaded: tiny is not downloaded"):
+                first.check_health()
+            assert [r["worker"] for r in store.generator_statuses()] == ["host:1"]  # told why again
+        finally:
+            first.stop()
+
+        weights.pull()  # `musicgen models pull`; Serve starts a replacement
+        second = worker(args, store, tmp_path, "host:2", weights, clock)
+        try:
+            assert weights.loads == 2 and second.status()["loaded"] is True
+            ok, why = await readiness.ready()
+            assert ok and why == "serving tiny on 1 generator(s)"  # beside host:1's last report
+            clock.now = 1e6
+            second.check_health()
+        finally:
+            second.stop()
+            await readiness.store.aclose()
+
+    asyncio.run(main())
+
+
+def test_jobs_sent_together_run_as_one_batch_and_are_recorded(server, store, pipe, tmp_path):
+    """The worker's batcher hands the runner the jobs queued while it was free; their takes are
+    encoded and stored in the background (run returns 'running'), and each finished job is handed
+    to `on_finish`."""
+    args = AppArgs(model="tiny", data_dir=str(tmp_path), max_batch_size=4, batch_wait_s=0.2).resolved()
+    weights, finished = Weights(pipe), []
+    weights.pull()
+
+    async def main():
+        generator = worker(args, store, tmp_path, "host:3", weights, Clock(), finished)
+        try:
+            jobs = [store.create(params(num_takes=1, seed=s).to_dict())[0].id for s in (1, 2)]
+            states = await asyncio.gather(*(generator.run(j) for j in jobs))
+            assert set(states) <= {"running", "succeeded"} and generator.batcher.batches == 1
+            await eventually(lambda: len(finished) == 2, 60, "both jobs recorded")
+            generator.drain(30)
+        finally:
+            generator.stop()
+        return jobs
+
+    jobs = asyncio.run(main())
+    done = [store.get(j) for j in jobs]
+    assert [d.state for d in done] == [JobState.SUCCEEDED] * 2
+    assert [d.result["timings"]["batch_requests"] for d in done] == [2, 2]
+    assert sorted(j.id for j in finished) == sorted(jobs)
+    assert store.generator_statuses()[0]["loaded"] is True

@@ -1,0 +1,116 @@
+"""Readiness and the models list (deployments/service/readiness.py) from generator reports in the
+embedded Redis, as the generator replicas write them: no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.service.readiness import Readiness, model_state
+from deployments.service.store import AsyncJobStore, JobStore
+from tests.deployments.conftest import wait_until
+
+NOT_LOADED = {"code": "MODEL_NOT_LOADED", "message": "diffrhythm-1.2-base is not downloaded",
+              "recovery": "run `musicgen models pull diffrhythm-1.2-base`"}  # fmt: skip
+
+
+def loaded(model: str, worker: str = "w1") -> dict:
+    return {"loaded": True, "model": model, "error": None, "worker": worker}
+
+
+def failed(model: str, worker: str = "w2") -> dict:
+    return {"loaded": False, "model": model, "error": NOT_LOADED, "worker": worker}
+
+
+@pytest.mark.parametrize(
+    "reports, scales_to_zero, ready, why",
+    [
+        ([], False, False, "m: no generator has reported yet: the model is loading"),
+        ([], True, True, "m scaled to zero: the first song starts a generator, which loads the model first"),
+        ([failed("m")], True, False, "m: diffrhythm-1.2-base is not downloaded; run `musicgen models pull"),
+        ([failed("m"), loaded("m")], False, True, "serving m on 1 generator(s)"),  # its successor loaded it
+        ([loaded("m"), loaded("m", "w3")], False, True, "serving m on 2 generator(s)"),
+    ],
+)  # fmt: skip
+def test_a_models_state_from_its_generators_reports(reports, scales_to_zero, ready, why):
+    ok, reason = model_state("m", reports, scales_to_zero=scales_to_zero)
+    assert ok is ready and reason.startswith(why)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ready_follows_the_reports_of_every_served_model_a_second_late_at_most(server, client):
+    """Loading, then one model loaded, then both; a replica whose model failed to load makes the
+    service not ready until another reports it loaded. Answers are cached for `cache_s`."""
+    reports = JobStore(client)
+    clock = Clock()
+
+    async def main():
+        store = AsyncJobStore.from_url(server.url)
+        readiness = Readiness(store, ["tiny", "tiny-2"], scales_to_zero=False, clock=clock)
+        assert await readiness.ready() == (
+            False,
+            "tiny: no generator has reported yet: the model is loading; "
+            "tiny-2: no generator has reported yet: the model is loading",
+        )
+        await asyncio.to_thread(reports.put_generator_status, "a:1", loaded("tiny", "a:1"))
+        assert (await readiness.ready())[0] is False  # cached
+        clock.now += 0.5
+        assert "tiny: no generator" in (await readiness.ready())[1]  # still cached
+        clock.now += 0.5
+        ok, why = await readiness.ready()
+        assert not ok and why.startswith("serving tiny on 1 generator(s); tiny-2: no generator")
+        await asyncio.to_thread(reports.put_generator_status, "b:2", failed("tiny-2", "b:2"), ttl_s=120)
+        clock.now += 1
+        ok, why = await readiness.ready()
+        assert not ok and why.endswith(
+            "tiny-2: diffrhythm-1.2-base is not downloaded; " + NOT_LOADED["recovery"]
+        )
+        await asyncio.to_thread(reports.put_generator_status, "c:3", loaded("tiny-2", "c:3"))
+        clock.now += 1
+        assert await readiness.ready() == (
+            True,
+            "serving tiny on 1 generator(s); serving tiny-2 on 1 generator(s)",
+        )
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_dead_generators_report_stops_counting_after_its_ttl(server, client):
+    JobStore(client).put_generator_status("a:1", loaded("tiny", "a:1"), ttl_s=0.2)  # then it dies
+
+    async def main():
+        store = AsyncJobStore.from_url(server.url)
+        readiness = Readiness(store, ["tiny"], scales_to_zero=False, cache_s=0)
+        assert (await readiness.ready())[0] is True
+        await asyncio.sleep(0.3)
+        assert await readiness.ready() == (False, "tiny: no generator has reported yet: the model is loading")
+        await store.aclose()
+
+    asyncio.run(main())
+    wait_until(lambda: not client.hlen("mg:generators"), 5, "the stale report pruned")
+
+
+def test_the_models_list_names_every_served_model_with_its_state(server, client):
+    JobStore(client).put_generator_status("a:1", loaded("tiny", "a:1"))
+
+    async def main():
+        store = AsyncJobStore.from_url(server.url)
+        readiness = Readiness(store, ["tiny", "tiny-2"], scales_to_zero=True)
+        models = await readiness.models()
+        await store.aclose()
+        return models
+
+    models = asyncio.run(main())
+    assert [(m["name"], m["loaded"]) for m in models] == [("tiny", True), ("tiny-2", True)]
+    assert models[0]["status"] == "serving tiny on 1 generator(s)" and "scaled to zero" in models[1]["status"]
+    assert (models[1]["min_seconds"], models[1]["max_seconds"], models[1]["max_takes"]) == (4, 60, 4)
+    assert models[0]["sample_rate"] == 44100 and models[1]["sample_rate"] == 48000
