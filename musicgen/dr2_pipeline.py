@@ -25,13 +25,27 @@ import torch
 from musicgen import hub
 from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
 from musicgen.model.bigvgan import BigVGAN, decode_chunked, fake_stereo
-from musicgen.model.device import resolve_device, resolve_dtype
-from musicgen.model.dr2_dit import DR2DiT
+from musicgen.model.dr2_dit import COND_DIM, DR2DiT, time_features
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks
 from musicgen.model.loading import load_bigvgan, load_dr2
 from musicgen.model.style import StyleEncoder, check_prompt
 from musicgen.pipeline import MAX_TAKES, BatchedGeneration, Progress, SongResult, encode_style
 from musicgen.registry import DR2_FILES, MULAN_REPO, ModelSpec, get_model_spec
+from musicgen.runtime.device import resolve_device, resolve_dtype
+from musicgen.runtime.plans import ExecutionPlan, apply_execution, resolve_execution
+
+
+def _compile_probe(dit: DR2DiT, device: torch.device):
+    """A short forward through the DiT's blocks: what proves a compile at load (see
+    musicgen.runtime.compile.compile_or_fall_back)."""
+
+    @torch.inference_mode()
+    def probe():
+        tokens = torch.zeros(1, 8, dtype=torch.long, device=device)
+        dit(dit.text_embed(tokens), time_features(torch.zeros(1, 8, device=device)),
+            torch.arange(8, device=device)[None], torch.zeros(1, COND_DIM, device=device))  # fmt: skip
+
+    return probe
 
 
 @dataclass
@@ -51,19 +65,22 @@ class _Item:
 
 class DR2Pipeline(BatchedGeneration):
     def __init__(self, spec: ModelSpec, dit: DR2DiT, decoder: BigVGAN, style_encoder: StyleEncoder | None,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, plan: ExecutionPlan | None = None):  # fmt: skip
         self.spec, self.dit, self.decoder, self.style_encoder = spec, dit, decoder, style_encoder
         self.device = device
+        self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device, "dr2")
         self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
 
     @classmethod
     def from_pretrained(
         cls, name: str, *, device: str = "auto", dtype: str = "auto", download: bool = True,
-        with_style_encoder: bool = True,
+        with_style_encoder: bool = True, plan: str = "auto", compile: str = "auto",
     ) -> DR2Pipeline:  # fmt: skip
+        """`plan` and `compile` as for DiffRhythm 1, with DiffRhythm 2's meanings (musicgen/runtime/plans.py)."""
         spec = get_model_spec(name)
         dev = resolve_device(device)
         dt = resolve_dtype(dev, dtype)
+        execution = resolve_execution("dr2", dev, dt, plan=plan, compile=compile)
         if spec.untrained:
             from musicgen.tiny import ensure_tiny_dr2
 
@@ -75,13 +92,14 @@ class DR2Pipeline(BatchedGeneration):
             files = [hub.hub_file(spec.repo_id, f, download=download, pull_target=name) for f in DR2_FILES]
             folder, mulan_source = Path(files[0]).parent, MULAN_REPO
         dit = load_dr2(folder, device=dev, dtype=dt)
+        apply_execution(dit, execution, _compile_probe(dit, dev))
         decoder = load_bigvgan(folder, device=dev, dtype=dt)
         style = (
             StyleEncoder.from_pretrained(mulan_source, dev, cache_dir=hub.cache_dir(), download=download)
             if with_style_encoder
             else None
         )
-        return cls(spec, dit, decoder, style, dev)
+        return cls(spec, dit, decoder, style, dev, execution.plan)
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -155,7 +173,8 @@ class DR2Pipeline(BatchedGeneration):
             return keep if keep != alive else None
 
         t1 = time.perf_counter()
-        streams = sample_blocks(self.dit, text, style, noise, settings, prune=prune)
+        streams = sample_blocks(self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched,
+                                cuda_graph=self.plan.cuda_graph)  # fmt: skip
         self._sync()
         sampling_s = time.perf_counter() - t1
         outs: list = []

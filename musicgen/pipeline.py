@@ -18,10 +18,9 @@ import torch
 from musicgen import hub
 from musicgen.audio import read_audio, resample
 from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
-from musicgen.model.device import resolve_device, resolve_dtype
 from musicgen.model.dit import COND_DIM, DiT
 from musicgen.model.loading import load_dit, load_vae
-from musicgen.model.sampler import ExecutionPlan, SamplerSettings, SongConditions, sample_many, take_noise
+from musicgen.model.sampler import SamplerSettings, SongConditions, sample_many, take_noise
 from musicgen.model.style import StyleEncoder, load_negative_style
 from musicgen.model.vae import SongVAE, peak_normalize, posterior_sample
 from musicgen.registry import (
@@ -33,38 +32,29 @@ from musicgen.registry import (
     ModelSpec,
     get_model_spec,
 )
+from musicgen.runtime.device import resolve_device, resolve_dtype
+from musicgen.runtime.plans import ExecutionPlan, apply_execution, resolve_execution
 
 log = logging.getLogger(__name__)
 
 
-def _compile_or_fall_back(dit: DiT, device: torch.device, *, required: bool) -> None:
-    """Compile the DiT's blocks and prove it on a short input now, not in a user's first song: a
-    machine without a working compiler toolchain (Triton, a C compiler) then runs eagerly with a
-    warning when compiling was only `auto`, and refuses to load when it was asked for (`on`)."""
-    dit.compile_blocks()
-    frames = 32
-    try:
-        with torch.inference_mode():
-            pre = dit.prepare(
-                torch.zeros(1, frames, dit.cfg.mel_dim, device=device),
-                dit.null_text_embedding(frames, device),
-                torch.zeros(1, COND_DIM, device=device),
-                torch.zeros(1, device=device),
-                torch.ones(1, device=device) if dit.duration_time_embed is not None else None,
-            )
-            dit.velocity(
-                torch.zeros(1, frames, dit.cfg.mel_dim, device=device), torch.tensor(0.5, device=device), pre
-            )
-    except Exception as exc:
-        dit.uncompile_blocks()
-        if required:
-            raise ModelNotAvailable(
-                f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}",
-                recovery="install a C compiler (and Triton on CUDA) or set compile to auto or off",
-            ) from None
-        log.warning(
-            "torch.compile failed (%s: %s): running the DiT eagerly", type(exc).__name__, str(exc)[:300]
+def _compile_probe(dit: DiT, device: torch.device):
+    """A short forward through the DiT's blocks: what proves a compile at load (see
+    musicgen.runtime.compile.compile_or_fall_back)."""
+
+    @torch.inference_mode()
+    def probe():
+        frames = 32
+        pre = dit.prepare(
+            torch.zeros(1, frames, dit.cfg.mel_dim, device=device),
+            dit.null_text_embedding(frames, device),
+            torch.zeros(1, COND_DIM, device=device),
+            torch.zeros(1, device=device),
+            torch.ones(1, device=device) if dit.duration_time_embed is not None else None,
         )
+        dit.velocity(torch.zeros(1, frames, dit.cfg.mel_dim, device=device), torch.tensor(0.5, device=device), pre)
+
+    return probe
 
 
 MAX_TAKES = 4
@@ -270,25 +260,19 @@ class SongPipeline(BatchedGeneration):
         """The pipeline of model `name`: this class for DiffRhythm 1, `DR2Pipeline` for DiffRhythm 2 (the
         same interface). `plan`: how a sampling step's rows run (see `ExecutionPlan`: auto, batched, sequential,
         parallel, graphs). `compile`: `torch.compile` the DiT's blocks: on, off, or auto = on CUDA only, where it
-        is measured faster (a probe compiles at load, the first song once more with dynamic shapes;
-        see `_compile_or_fall_back`)."""
-        if compile not in ("auto", "on", "off"):
-            raise InvalidParameter(f"unknown compile setting {compile!r}", recovery="use auto, on or off")
+        is measured faster (a probe compiles at load, the first song once more with dynamic shapes).
+        What each value means per model family: musicgen/runtime/plans.py."""
         spec = get_model_spec(name)
-        if spec.family == "dr2":  # the same interface; eager (plan and compile are DiffRhythm 1's)
+        if spec.family == "dr2":  # the same interface
             from musicgen.dr2_pipeline import DR2Pipeline
 
             return DR2Pipeline.from_pretrained(
-                name, device=device, dtype=dtype, download=download, with_style_encoder=with_style_encoder
-            )
+                name, device=device, dtype=dtype, download=download, with_style_encoder=with_style_encoder,
+                plan=plan, compile=compile,
+            )  # fmt: skip
         dev = resolve_device(device)
         dt = resolve_dtype(dev, dtype)
-        try:
-            execution = ExecutionPlan.resolve(plan, dev)
-        except ValueError as exc:
-            raise InvalidParameter(
-                str(exc), recovery="use plan auto, batched, sequential, parallel (CPU) or graphs (CUDA)"
-            ) from None
+        execution = resolve_execution("dr1", dev, dt, plan=plan, compile=compile)
         if spec.untrained:
             from musicgen.tiny import ensure_tiny_model
 
@@ -303,20 +287,15 @@ class SongPipeline(BatchedGeneration):
             mulan_source = MULAN_REPO
             negative_path = hub.asset_path("negative_style_vocal.npy", download=download)
         negative = load_negative_style(negative_path)
-        compiling = compile == "on" or (compile == "auto" and dev.type == "cuda")
-        # oneDNN's packed weights (CPU) are not combined with torch.compile: measured one or the other
-        dit = load_dit(
-            dit_path, spec.dit, device=dev, dtype=dt, model_name=name, pack=False if compiling else None
-        )
-        if compiling:
-            _compile_or_fall_back(dit, dev, required=compile == "on")
+        dit = load_dit(dit_path, spec.dit, device=dev, dtype=dt, model_name=name)
+        apply_execution(dit, execution, _compile_probe(dit, dev))
         vae = load_vae(vae_path, device=dev)
         style = (
             StyleEncoder.from_pretrained(mulan_source, dev, cache_dir=hub.cache_dir(), download=download)
             if with_style_encoder
             else None
         )
-        return cls(spec, dit, vae, style, negative, dev, execution)
+        return cls(spec, dit, vae, style, negative, dev, execution.plan)
 
     # -------------------------------------------------------------------------------------------
     # stages
