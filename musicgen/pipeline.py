@@ -52,7 +52,9 @@ def _compile_probe(dit: DiT, device: torch.device):
             torch.zeros(1, device=device),
             torch.ones(1, device=device) if dit.duration_time_embed is not None else None,
         )
-        dit.velocity(torch.zeros(1, frames, dit.cfg.mel_dim, device=device), torch.tensor(0.5, device=device), pre)
+        dit.velocity(
+            torch.zeros(1, frames, dit.cfg.mel_dim, device=device), torch.tensor(0.5, device=device), pre
+        )
 
     return probe
 

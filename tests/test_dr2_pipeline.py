@@ -56,6 +56,21 @@ def test_seeds_are_reproducible_and_batched_requests_equal_requests_alone(pipe, 
     assert torch.equal(pipe.generate(a).latents, alone[0].latents)  # the same seed, the same song
 
 
+def test_plan_and_compile_are_honoured(pipe, front):
+    """DiffRhythm 2 takes the same plan and compile settings: auto is batched (both guidance branches in
+    one forward), sequential gives the same song, and the plans it has not (parallel; graphs off CUDA)
+    and unknown values are refused with a recovery hint."""
+    assert pipe.plan.batched and not pipe.plan.cuda_graph  # auto
+    for bad in ({"plan": "parallel"}, {"plan": "graphs"}, {"plan": "fastest"}, {"compile": "yes"}):
+        with pytest.raises(InvalidParameter) as err:
+            SongPipeline.from_pretrained("tiny-2", device="cpu", **bad)
+        assert err.value.recovery
+    sequential = SongPipeline.from_pretrained("tiny-2", device="cpu", plan="sequential", compile="off")
+    assert not sequential.plan.batched
+    req = request(front, seed=3)
+    assert torch.allclose(sequential.generate(req).latents, pipe.generate(req).latents, atol=1e-5, rtol=0)
+
+
 def test_cancel_mid_song_leaves_the_batch_to_the_others(pipe, front):
     seen = []
 

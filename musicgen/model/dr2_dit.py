@@ -242,7 +242,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: BlockCache | None, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = (t.view(b, n, -1, self.head_dim).transpose(1, 2) for t in self.project_qkv(x))  # (b, h, n, e)
+        q, k, v = (
+            t.view(b, n, -1, self.head_dim).transpose(1, 2) for t in self.project_qkv(x)
+        )  # (b, h, n, e)
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)

@@ -49,6 +49,8 @@ def compile_or_fall_back(
                 f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}",
                 recovery="install a C compiler (and Triton on CUDA) or set compile to auto or off",
             ) from None
-        log.warning("torch.compile failed (%s: %s): running the DiT eagerly", type(exc).__name__, str(exc)[:300])
+        log.warning(
+            "torch.compile failed (%s: %s): running the DiT eagerly", type(exc).__name__, str(exc)[:300]
+        )
         return False
     return True

@@ -82,7 +82,11 @@ class ExecutionPlan:
         if family not in FAMILIES:
             raise ValueError(f"unknown model family {family!r}")
         if name == "auto":
-            name = {"cpu": "parallel", "cuda": "graphs"}.get(device.type, "batched") if family == "dr1" else "batched"
+            name = (
+                {"cpu": "parallel", "cuda": "graphs"}.get(device.type, "batched")
+                if family == "dr1"
+                else "batched"
+            )
         if name == "graphs" and device.type != "cuda":
             raise ValueError("the 'graphs' plan needs a CUDA device")
         if name == "parallel" and family == "dr2":
@@ -141,7 +145,9 @@ def compiled_parts(model: nn.Module, family: str) -> list[nn.Module]:
     return list(model.transformer_blocks)
 
 
-def apply_execution(model: nn.Module, execution: Execution, probe: Callable[[], object] | None = None) -> None:
+def apply_execution(
+    model: nn.Module, execution: Execution, probe: Callable[[], object] | None = None
+) -> None:
     """Put a loaded model in the state `execution` says: fused or packed projections, then compiled
     parts, proven by `probe` (a short forward the pipeline gives; see `compile_or_fall_back`)."""
     if execution.pack:

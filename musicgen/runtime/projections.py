@@ -156,7 +156,12 @@ class PackedAttention(_Packed, FusedAttention):
 
     def dense_weights(self) -> dict[str, torch.Tensor]:
         q, k, v = self.qkv_packed.to_dense().split(self.heads * self.head_dim)
-        return {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v, "o_proj.weight": self.o_packed.to_dense()}
+        return {
+            "q_proj.weight": q,
+            "k_proj.weight": k,
+            "v_proj.weight": v,
+            "o_proj.weight": self.o_packed.to_dense(),
+        }
 
     def project_qkv(self, x):
         return packed_linear(x, self.qkv_packed).split(x.shape[-1], dim=-1)

@@ -11,8 +11,6 @@ import torch
 from musicgen.errors import GenerationCanceled
 from musicgen.model.dit import DiT, DiTConfig
 from musicgen.model.sampler import (
-    ExecutionPlan,
-    RowWorkers,
     SamplerSettings,
     SongConditions,
     sample,
@@ -20,6 +18,9 @@ from musicgen.model.sampler import (
     sample_reference,
     take_noise,
 )
+from musicgen.runtime.plans import ExecutionPlan
+from musicgen.runtime.projections import fuse, unfuse
+from musicgen.runtime.workers import RowWorkers
 
 FRAMES = 96
 CFG = DiTConfig(dim=64, depth=2, heads=4, ff_mult=2, conv_layers=1, max_frames=256, duration_embed=True)
@@ -239,14 +240,14 @@ def test_sequential_parallel_and_batched_plans_agree(model, fused):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the parallel plan then runs two rows at a time, one thread each
     if fused:
-        model.fuse_projections()
+        fuse(model)
     try:
         runs = {
             name: sample_many(model, conds, noises, settings, callbacks, plan=ExecutionPlan.resolve(name, torch.device("cpu")))
             for name in ("batched", "sequential", "parallel")
         }  # fmt: skip
     finally:
-        model.unfuse_projections()
+        unfuse(model)
         torch.set_num_threads(threads)
     assert isinstance(runs["batched"][2], GenerationCanceled)
     for name in ("sequential", "parallel"):
