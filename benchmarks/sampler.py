@@ -17,7 +17,7 @@ Rows, each adding one change to the row above (the model's weights never change)
   fused projections   q/k/v in one matrix multiply, gate/up in one
   device plan         (GPU) the plan `auto` picks there: one batch, a CUDA graph per step on CUDA
   rows back to back   (CPU) each row (guidance branch, take) its own forward, all threads each
-  packed weights      (CPU, fp32) the projections' weights packed for oneDNN (`DiT.pack_weights`)
+  packed weights      (CPU, fp32) the projections' weights packed for oneDNN (`runtime.projections.pack`)
   oneDNN post-ops     (CPU, fp32) SiLU, gate x up and the residual additions inside the packed
                       matrix multiplies
   rows in parallel    (CPU) the plan `auto` picks there: the rows' forwards at the same time on
