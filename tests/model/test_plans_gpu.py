@@ -40,7 +40,9 @@ def _cases(family: str):
         for plan in PLANS[family, device]:
             for compile in ("off", "on") if device == "cuda" else ("off",):
                 marks = _CUDA if device == "cuda" else []
-                yield pytest.param(device, plan, compile, marks=marks, id=f"{device}-{plan}-compile_{compile}")
+                yield pytest.param(
+                    device, plan, compile, marks=marks, id=f"{device}-{plan}-compile_{compile}"
+                )
 
 
 @pytest.fixture
