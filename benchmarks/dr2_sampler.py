@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.variants import DR2AttentionWithoutMask, swap_attention  # noqa: E402
+from musicgen.model import dr2_dit  # noqa: E402
 from musicgen.model.dr2_dit import DR2Config, DR2DiT, time_features  # noqa: E402
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks  # noqa: E402
 
@@ -96,8 +98,7 @@ def official_loop(model: DR2DiT, text, style, noise, settings: BlockSamplerSetti
 
 
 def set_mask(model: DR2DiT, on: bool) -> None:
-    for block in model.transformer_blocks:
-        block.self_attn.official_mask = on
+    swap_attention(model, dr2_dit.Attention if on else DR2AttentionWithoutMask)
 
 
 def cache_bytes(cfg: DR2Config, text_tokens: int, frames: int, bytes_per: int) -> int:

@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from musicgen.model.bigvgan import BigVGAN, DecoderConfig, decode_chunked  # noqa: E402
-from musicgen.model.device import resolve_device, resolve_dtype  # noqa: E402
 from musicgen.model.dr2_dit import DR2Config, DR2DiT  # noqa: E402
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks  # noqa: E402
+from musicgen.runtime.device import resolve_device, resolve_dtype  # noqa: E402
 
 
 def sync(device) -> None:

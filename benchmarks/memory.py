@@ -39,9 +39,9 @@ def measure(frames: int, rows: int, model: str, cpu_default: bool) -> dict:
     import torch
 
     from musicgen.model.dit import DiT
-    from musicgen.model.loading import use_fast_paths
-    from musicgen.model.sampler import _velocity_by_row
-    from musicgen.registry import MODELS
+    from musicgen.registry import DR1, MODELS
+    from musicgen.runtime.plans import apply_execution, resolve_execution
+    from musicgen.runtime.workers import velocity_by_row
 
     torch.set_grad_enabled(False)
     cfg = MODELS[model].dit
@@ -49,7 +49,7 @@ def measure(frames: int, rows: int, model: str, cpu_default: bool) -> dict:
     dit = DiT(cfg).eval()
     params = sum(p.numel() for p in dit.parameters())
     if cpu_default:
-        use_fast_paths(dit)
+        apply_execution(dit, resolve_execution(DR1, torch.device("cpu"), torch.float32))
     after_build = rss_mib()
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, cfg.text_num_embeds, (rows, frames), generator=g)
@@ -58,7 +58,7 @@ def measure(frames: int, rows: int, model: str, cpu_default: bool) -> dict:
     t0 = time.perf_counter()
     x = torch.randn(rows, frames, cfg.mel_dim, generator=g)
     if cpu_default:
-        _velocity_by_row(dit, x, torch.tensor(0.5), pre, parallel=True)
+        velocity_by_row(dit, x, torch.tensor(0.5), pre, parallel=True)
     else:
         dit.velocity(x, torch.tensor(0.5), pre)
     seconds = time.perf_counter() - t0

@@ -17,7 +17,7 @@ Rows, each adding one change to the row above (the model's weights never change)
   fused projections   q/k/v in one matrix multiply, gate/up in one
   device plan         (GPU) the plan `auto` picks there: one batch, a CUDA graph per step on CUDA
   rows back to back   (CPU) each row (guidance branch, take) its own forward, all threads each
-  packed weights      (CPU, fp32) the projections' weights packed for oneDNN (`DiT.pack_weights`)
+  packed weights      (CPU, fp32) the projections' weights packed for oneDNN (`runtime.projections.pack`)
   oneDNN post-ops     (CPU, fp32) SiLU, gate x up and the residual additions inside the packed
                       matrix multiplies
   rows in parallel    (CPU) the plan `auto` picks there: the rows' forwards at the same time on
@@ -34,16 +34,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from musicgen.model.device import resolve_device, resolve_dtype
-from musicgen.model.dit import DiT, DiTConfig, packing_available
-from musicgen.model.sampler import (
-    ExecutionPlan,
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.variants import (  # noqa: E402
+    AdditiveMaskAttention,
+    TransposedConvPositionEmbedding,
+    set_post_ops,
+    swap_attention,
+)
+from musicgen.model.dit import Attention, ConvPositionEmbedding, DiT, DiTConfig  # noqa: E402
+from musicgen.model.sampler import (  # noqa: E402
     SamplerSettings,
     SongConditions,
     sample,
@@ -51,7 +59,11 @@ from musicgen.model.sampler import (
     sample_reference,
     take_noise,
 )
-from musicgen.registry import MODELS
+from musicgen.registry import DR1, MODELS  # noqa: E402
+from musicgen.runtime.compile import compile_modules  # noqa: E402
+from musicgen.runtime.device import resolve_device, resolve_dtype  # noqa: E402
+from musicgen.runtime.plans import ExecutionPlan  # noqa: E402
+from musicgen.runtime.projections import fuse, pack, packing_available, unfuse, unpack  # noqa: E402
 
 
 def build(cfg: DiTConfig, device, dtype) -> DiT:
@@ -106,18 +118,22 @@ def set_state(
     packed: bool = False,
     post_ops: bool = False,
 ) -> None:
-    if model.packed and not packed:
-        model.unpack_weights()
-    model.input_embed.conv_pos_embed.contiguous = contiguous
-    for block in model.transformer_blocks:
-        block.self_attn.additive_mask = mask
-        block.self_attn.post_ops = block.mlp.post_ops = post_ops
-    if fused and not model.fused:
-        model.fuse_projections()
-    elif not fused and model.fused:
-        model.unfuse_projections()
+    """The model as one row runs it: the runtime's projections (musicgen/runtime/projections.py) and the
+    official code's layouts (benchmarks/variants.py) swapped in or out."""
+    unpack(model)
+    model.input_embed.conv_pos_embed.__class__ = (
+        ConvPositionEmbedding if contiguous else TransposedConvPositionEmbedding
+    )
+    swap_attention(model, Attention)  # no mask, unfused, before fusing or not
+    if fused:
+        fuse(model)
+    else:
+        unfuse(model)
+        if mask:
+            swap_attention(model, AdditiveMaskAttention)
     if packed:
-        model.pack_weights()
+        pack(model)
+        set_post_ops(model, post_ops)
 
 
 def main() -> None:
@@ -154,7 +170,7 @@ def main() -> None:
     noise = take_noise([0], args.frames, 64)
     torch.set_grad_enabled(False)
     batched = ExecutionPlan(batched=True)
-    auto = ExecutionPlan.resolve("auto", device)
+    auto = ExecutionPlan.resolve("auto", device, DR1)
     print(
         f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) dtype={dtype} "
         f"dim={cfg.dim} depth={cfg.depth} heads={cfg.heads} convnext={cfg.conv_layers} frames={args.frames} "
@@ -186,7 +202,7 @@ def main() -> None:
             lambda: sample(model, cond, noise, settings, plan=batched), []),
     ]  # fmt: skip
     if device.type == "cpu":  # the CPU's plan, packing and post-ops, one row each; auto last
-        sequential = ExecutionPlan.resolve("sequential", device)
+        sequential = ExecutionPlan.resolve("sequential", device, DR1)
         rows.append(Row("+ rows back to back (sequential)", lambda m: set_state(m, contiguous=True, fused=True),
                         lambda: sample(model, cond, noise, settings, plan=sequential), []))  # fmt: skip
         packed = dtype == torch.float32 and packing_available()
@@ -218,7 +234,7 @@ def main() -> None:
                            lambda: sample(model, cond, noise, settings, plan=auto), [])  # fmt: skip
         unfused_row = Row("  torch.compile, projections unfused", lambda m: set_state(m, contiguous=True, fused=False),
                           lambda: sample(model, cond, noise, settings, plan=auto), [])  # fmt: skip
-        model.compile_blocks()
+        compile_modules(model.transformer_blocks)
         try:
             for row in (unfused_row, compiled_row):  # compiled last: the state the next tables use
                 row.setup(model)
@@ -334,13 +350,13 @@ def main() -> None:
 def service_path(model: DiT, cfg: DiTConfig, args, device) -> None:
     """What the service does: compile as `compile: auto` does (with its start-up probe), then songs of
     each length under the `auto` plan, twice: the first song of a length includes any compiling."""
-    from musicgen.model.loading import use_fast_paths
-    from musicgen.pipelines.dr1 import _compile_or_fall_back
+    from musicgen.pipelines.dr1 import _compile_probe
+    from musicgen.runtime.plans import apply_execution, resolve_execution
 
-    use_fast_paths(model)  # what load_dit does on this device: fused and packed on the CPU
-    t0 = time.perf_counter()
-    if device.type == "cuda":
-        _compile_or_fall_back(model, device, required=False)
+    t0 = (
+        time.perf_counter()
+    )  # what the pipeline does after loading: fused and packed on the CPU, compiled on CUDA
+    apply_execution(model, resolve_execution(DR1, device, model.dtype), _compile_probe(model, device))
     print(f"start-up compile probe: {time.perf_counter() - t0:.1f} s")
     settings = SamplerSettings(steps=args.steps, cfg_strength=4.0)
     print(f"{'frames':>6} | {'first song s':>12} | {'second song s':>13}")
@@ -374,13 +390,13 @@ def check_plans(model: DiT, cfg: DiTConfig, args, device) -> None:
         return sample_many(model, conds, noises, settings, [None, leave_at_2, None], plan=plan)
 
     plans = ["batched", "sequential"] + (["graphs"] if device.type == "cuda" else ["parallel"])
-    base = run(ExecutionPlan.resolve("batched", device))
+    base = run(ExecutionPlan.resolve("batched", device, DR1))
     print(f"{'plan':<22} | {'max |diff| vs batched eager':>27} | canceled request")
     for compiled in (False, True):
         if compiled:
-            model.compile_blocks()
+            compile_modules(model.transformer_blocks)
         for name in plans:
-            out = run(ExecutionPlan.resolve(name, device))
+            out = run(ExecutionPlan.resolve(name, device, DR1))
             diff = max(
                 (a - b).abs().max().item()
                 for a, b in zip(out, base, strict=True)

@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sampler import build, conditions, timed  # noqa: E402  (benchmarks/sampler.py)
 
-from musicgen.model.device import resolve_device, resolve_dtype  # noqa: E402
 from musicgen.model.dit import DiTConfig  # noqa: E402
-from musicgen.model.loading import use_fast_paths  # noqa: E402
-from musicgen.model.sampler import ExecutionPlan, SamplerSettings, sample_many, take_noise  # noqa: E402
-from musicgen.model.vae import FRAMES_PER_SECOND, LATENT_CHANNELS, SongVAE, _windows  # noqa: E402  # noqa: E402
-from musicgen.registry import DIFFRHYTHM_1B  # noqa: E402
+from musicgen.model.sampler import SamplerSettings, sample_many, take_noise  # noqa: E402
+from musicgen.model.vae import FRAMES_PER_SECOND, LATENT_CHANNELS, SongVAE, _windows  # noqa: E402
+from musicgen.registry import DIFFRHYTHM_1B, DR1  # noqa: E402
+from musicgen.runtime.device import resolve_device, resolve_dtype  # noqa: E402
+from musicgen.runtime.plans import apply_execution, resolve_execution  # noqa: E402
 
 STRIDES = (2, 4, 4, 8, 8)
 MULTIPLES = (1, 2, 4, 8, 16)
@@ -144,16 +144,15 @@ def main() -> None:
     cfg = DiTConfig(**{**DIFFRHYTHM_1B, "dim": args.dim, "depth": args.depth},
                     max_frames=max(args.frames), duration_embed=True)  # fmt: skip
     model = build(cfg, device, dtype)
-    use_fast_paths(model)
-    t0 = time.perf_counter()
-    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-        from musicgen.pipelines.dr1 import _compile_or_fall_back
+    from musicgen.pipelines.dr1 import _compile_probe
 
-        _compile_or_fall_back(model, device, required=args.compile == "on")
+    execution = resolve_execution(DR1, device, dtype, compile=args.compile)  # as the service resolves it
+    t0 = time.perf_counter()
+    apply_execution(model, execution, _compile_probe(model, device))
     compile_s = time.perf_counter() - t0
     torch.manual_seed(0)
     vae = SongVAE(OobleckSizedDecoder(args.vae_channels).to(device).eval(), device)
-    plan = ExecutionPlan.resolve("auto", device)
+    plan = execution.plan
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"

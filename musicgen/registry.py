@@ -71,6 +71,19 @@ class LyricsRules:
     encoder: str  # "module:function" of (front end, lyrics, spec, seconds) -> LyricsFrames
 
 
+@dataclass(frozen=True)
+class ExecutionRules:
+    """How a family's models may run: the plans and compile settings mean this for it
+    (musicgen/runtime/plans.py applies the rules; its table says what each plan does)."""
+
+    plans: tuple[str, ...]  # the plans it has besides auto
+    auto_plan: tuple[tuple[str, str], ...]  # (device type, plan) that auto picks; other devices: batched
+    experimental_plans: tuple[str, ...] = ()  # offered, but not proven equal to eager (a warning says so)
+    compile_auto: tuple[str, ...] = ()  # device types where compile auto is on (measured faster there)
+    compile_target: str | None = None  # what compile compiles of each transformer block (None: all of it)
+    fast_paths: bool = False  # fused projections and packed weights on the CPU
+
+
 @dataclass(frozen=True, eq=False)
 class ModelFamily:
     """What the models of one family share. One subclass (its rules) and one instance (its numbers) per
@@ -83,6 +96,7 @@ class ModelFamily:
     defaults: Defaults
     limits: Limits
     edits: bool  # can regenerate segments of an existing song
+    execution: ExecutionRules
     assets: tuple[str, ...]  # data files of the official repository it needs (names in hub.ASSETS)
     tiny_builder: str  # "module:function" building the tiny model's files under a folder: (root) -> paths
 
@@ -147,6 +161,11 @@ DR1 = DiffRhythm1(
     lyrics=LyricsRules(timed=True, encoder="musicgen.lyrics.timed:encode_timed"),
     defaults=Defaults.of(SamplerSettings), limits=Limits(SamplerSettings.MIN_STEPS, FRAMES_PER_SECOND, SAMPLE_RATE),
     edits=True, assets=("negative_style_vocal.npy",),  # the null branch's style
+    # auto: rows in parallel on the CPU, batched with a CUDA graph on CUDA (measured: runtime/plans.py)
+    execution=ExecutionRules(
+        plans=("batched", "sequential", "parallel", "graphs"), auto_plan=(("cpu", "parallel"), ("cuda", "graphs")),
+        compile_auto=("cuda",), fast_paths=True,
+    ),
     tiny_builder="musicgen.tiny:ensure_tiny_model",
 )  # fmt: skip
 DR2 = DiffRhythm2(
@@ -155,6 +174,12 @@ DR2 = DiffRhythm2(
     defaults=Defaults.of(BlockSamplerSettings),
     limits=Limits(BlockSamplerSettings.MIN_STEPS, DR2_FRAMES_PER_SECOND, DR2_SAMPLE_RATE),
     edits=False, assets=(),  # the official code has no edit mode; the null branch's style is zeros
+    # one forward over both guidance branches; the attention writes the key/value cache, so only the
+    # blocks' MLPs compile; nothing measured faster yet, so compile auto is off
+    execution=ExecutionRules(
+        plans=("batched", "sequential", "graphs"), auto_plan=(), experimental_plans=("graphs",),
+        compile_target="mlp",
+    ),
     tiny_builder="musicgen.tiny:ensure_tiny_dr2",
 )  # fmt: skip
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (DR1, DR2)}

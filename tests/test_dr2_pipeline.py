@@ -54,6 +54,21 @@ def test_seeds_are_reproducible_and_batched_requests_equal_requests_alone(pipe, 
     assert torch.equal(pipe.generate(a).latents, alone[0].latents)  # the same seed, the same song
 
 
+def test_plan_and_compile_are_honoured(pipe, front):
+    """DiffRhythm 2 takes the same plan and compile settings: auto is batched (both guidance branches in
+    one forward), sequential gives the same song, and the plans it has not (parallel; graphs off CUDA)
+    and unknown values are refused with a recovery hint."""
+    assert pipe.plan.batched and not pipe.plan.cuda_graph  # auto
+    for bad in ({"plan": "parallel"}, {"plan": "graphs"}, {"plan": "fastest"}, {"compile": "yes"}):
+        with pytest.raises(InvalidParameter) as err:
+            Pipeline.from_pretrained("tiny-2", device="cpu", **bad)
+        assert err.value.recovery
+    sequential = Pipeline.from_pretrained("tiny-2", device="cpu", plan="sequential", compile="off")
+    assert not sequential.plan.batched
+    req = request(front, seed=3)
+    assert torch.allclose(sequential.generate(req).latents, pipe.generate(req).latents, atol=1e-5, rtol=0)
+
+
 def test_cancel_mid_song_leaves_the_batch_to_the_others(pipe, front):
     seen = []
 
@@ -85,12 +100,9 @@ def test_a_request_without_steps_samples_the_official_default(pipe, front):
     assert [p.total for p in events if p.stage == "sampling"][-1] == 2 * 15  # grid points: 15 steps a block
 
 
-def test_execution_settings_of_diffrhythm_1_are_not_silently_ignored(caplog):
-    with caplog.at_level("WARNING", logger="musicgen.pipelines.dr2"):
-        pipe = Pipeline.from_pretrained("tiny-2", device="cpu", with_style_encoder=False, plan="batched")
-    assert isinstance(pipe, DR2Pipeline) and "plan=batched" in caplog.text and "eagerly" in caplog.text
-    with pytest.raises(InvalidParameter, match="compile"):
-        Pipeline.from_pretrained("tiny-2", device="cpu", compile="yes")
+def test_from_pretrained_on_the_base_returns_this_family_with_its_plan():
+    pipe = Pipeline.from_pretrained("tiny-2", device="cpu", with_style_encoder=False, plan="sequential")
+    assert isinstance(pipe, DR2Pipeline) and not pipe.plan.batched
 
 
 def test_lyrics_rules_tags_timestamps_and_errors(front):

@@ -14,6 +14,9 @@ start/duration embeddings, RoPE tables) and `velocity()` runs one ODE step on to
 Precision: RoPE tables, sinusoidal timestep features and RMSNorm statistics are always fp32, whatever
 the weights' dtype (the official fp16 run rounds its RoPE phases to fp16, which drifts at long
 positions).
+
+How the network runs (fused or packed projections, compiled blocks, plans, CUDA graphs) is not here:
+see musicgen/runtime/.
 """
 
 from __future__ import annotations
@@ -169,15 +172,11 @@ class ConvPositionEmbedding(nn.Module):
             nn.Mish(),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d)
         # The convolution works on (b, d, n); transposed back, its output is a (b, n, d) view with
         # frame-major strides, and `conv_pos_embed(h) + h` would carry that layout through the whole
-        # residual stream, so that every linear layer copies its input at batch > 1. Made contiguous
-        # here (a benchmark can turn this off to measure it).
-        self.contiguous = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, n, d)
-        out = self.conv1d(x.transpose(1, 2)).transpose(1, 2)
-        return out.contiguous() if self.contiguous else out
+        # residual stream, so that every linear layer copies its input at batch > 1: made contiguous.
+        return self.conv1d(x.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 class InputEmbedding(nn.Module):
@@ -266,6 +265,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    """Llama self-attention. `forward` is a template over `project_qkv`, `attend` and `project_out`,
+    which a subclass may replace (the runtime swaps in fused or packed projections, see
+    musicgen/runtime/projections.py; benchmarks swap in the official code's masked attention)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.heads, self.head_dim, self.causal = cfg.heads, cfg.head_dim, cfg.causal
@@ -274,71 +277,59 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
-        self.qkv: torch.Tensor | None = None  # (3d, d) fused weight; see fuse_projections
-        # The official v1.2 code passes an all-ones attention mask, which transformers turns into an
-        # all-zero additive float mask: the same numbers, on a slower attention kernel. Off here; the
-        # benchmark turns it on to time the official computation as it runs.
-        self.additive_mask = False
-        self.qkv_packed: torch.Tensor | None = None  # see DiT.pack_weights
-        self.o_packed: torch.Tensor | None = None
-        # With packed weights, the residual addition runs inside oneDNN's matrix multiply (a post-op).
-        # The benchmark turns this off to measure it.
-        self.post_ops = True
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (b, n, d) -> q, k, v, each (b, n, d)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (b, h, n, hd) -> (b, h, n, hd). The official v1.2 code passes an all-ones attention
+        mask, which transformers turns into an all-zero additive float mask: the same numbers, on a
+        slower attention kernel; here no mask."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and q.shape[2] > 1)
+
+    def project_out(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """residual + o_proj(out) (residual None: o_proj(out) alone)."""
+        out = self.o_proj(out)
+        return out if residual is None else residual + out
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """residual + attention(x) (residual None: attention alone)."""
-        b, n, d = x.shape
+        b, n, _ = x.shape
 
         def heads(t):  # (b, n, d) -> (b, h, n, hd)
             return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-        if self.qkv_packed is not None:
-            q, k, v = _packed_linear(x, self.qkv_packed).split(d, dim=-1)
-        elif self.qkv is not None:
-            q, k, v = F.linear(x, self.qkv).split(d, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project_qkv(x)
         q, k, v = apply_rope(heads(q), *rope), apply_rope(heads(k), *rope), heads(v)
-        mask = x.new_zeros(b, 1, n, n) if self.additive_mask and not self.causal else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and n > 1)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        if self.o_packed is not None and self.post_ops:
-            return _packed_linear(out, self.o_packed, add=residual)
-        out = _packed_linear(out, self.o_packed) if self.o_packed is not None else self.o_proj(out)
-        return out if residual is None else residual + out
+        out = self.attend(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.project_out(out, residual)
 
 
 class MLP(nn.Module):
+    """SwiGLU. `forward` is a template over `project_in` and `project_out` (see `Attention`)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.gate_up: torch.Tensor | None = None  # (2 hidden, dim) fused weight; see fuse_projections
-        self.gate_packed: torch.Tensor | None = None  # see DiT.pack_weights
-        self.up_packed: torch.Tensor | None = None
-        self.down_packed: torch.Tensor | None = None
-        # With packed weights, SiLU, the gate x up product and the residual addition run inside
-        # oneDNN's matrix multiplies (post-ops). The benchmark turns this off to measure it.
-        self.post_ops = True
+
+    def project_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, n, dim) -> gate, up, each (b, n, hidden)."""
+        return self.gate_proj(x), self.up_proj(x)
+
+    def project_out(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """residual + down_proj(h) (residual None: down_proj(h) alone)."""
+        out = self.down_proj(h)
+        return out if residual is None else residual + out
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual + down(silu(gate(x)) * up(x)) (residual None: the MLP alone)."""
-        if self.down_packed is not None and self.post_ops:
-            gate = _packed_linear(x, self.gate_packed, activation="swish")
-            return _packed_linear(_packed_linear(x, self.up_packed, mul=gate), self.down_packed, add=residual)
-        if self.down_packed is not None:
-            h = F.silu(_packed_linear(x, self.gate_packed)) * _packed_linear(x, self.up_packed)
-            out = _packed_linear(h, self.down_packed)
-        else:
-            if self.gate_up is not None:
-                gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
-            out = self.down_proj(F.silu(gate) * up)
-        return out if residual is None else residual + out
+        gate, up = self.project_in(x)
+        return self.project_out(F.silu(gate) * up, residual)
 
 
 class DecoderBlock(nn.Module):
@@ -365,52 +356,6 @@ class AdaLayerNormFinal(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x (b, n, d), c (b, cond)
         scale, shift = self.linear(F.silu(c)).chunk(2, dim=1)
         return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
-
-
-def packing_available() -> bool:
-    """oneDNN's packed-weight linear (what torch.compile's CPU freezing uses) is in this PyTorch build."""
-    ops = torch.ops.mkldnn
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_reorder_linear_weight")
-        and hasattr(ops, "_linear_pointwise")
-    )
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """A (out, in) fp32 weight reordered once into oneDNN's blocked layout (an opaque mkldnn tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 2048)
-
-
-def _packed_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    *,
-    activation: str = "none",
-    mul: torch.Tensor | None = None,
-    add: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x @ packed.T through oneDNN, followed by at most one post-op that runs inside the matrix multiply
-    (on the product while it is still in cache): an activation ("swish" is SiLU), or the product with
-    `mul`, or the sum with `add` (same shape as the output; None: nothing added)."""
-    linear = torch.ops.mkldnn._linear_pointwise
-    x = x.contiguous()
-    if mul is not None:
-        return linear.binary(x, mul.contiguous(), packed, None, "mul")
-    if add is not None:
-        return linear.binary(x, add.contiguous(), packed, None, "add")
-    return linear(x, packed, None, activation, [], "")
-
-
-def _fuse_linears(*linears: nn.Linear) -> torch.Tensor:
-    """Concatenate the weights of bias-free linears (rows) and make each weight a view of the result."""
-    fused = torch.cat([lin.weight.detach() for lin in linears])
-    start = 0
-    for lin in linears:
-        rows = lin.weight.shape[0]
-        lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=lin.weight.requires_grad)
-        start += rows
-    return fused
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,135 +421,7 @@ class DiT(nn.Module):
         # length: keep the last few, keyed by (length, dtype, device). Not part of the state dict.
         self._null_text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.null_text_cache_size = 4
-        self._fused = False
-        self._packed = False
-        self._repack_after_load = False
-        self.register_load_state_dict_pre_hook(lambda module, *_: module._before_load())
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
-        self._register_state_dict_hook(DiT._packed_state_dict)
-
-    def _before_load(self) -> None:
-        self._repack_after_load = self._packed
-        if self._packed:  # loading copies into the official parameters: give them their shapes back
-            self.unpack_weights()
-
-    def _after_load(self) -> None:
-        self._null_text_cache.clear()
-        if self._fused:  # loading may have replaced the parameters (assign=True): fuse the new ones
-            self.fuse_projections()
-        if self._repack_after_load:
-            self._repack_after_load = False
-            self.pack_weights()
-
-    def _apply(self, fn, recurse=True):
-        # .to()/.half()/.cuda() convert each parameter on its own, which would leave the fused
-        # weights behind: fuse the converted parameters again. Packed weights are CPU fp32 only:
-        # they are unpacked first (pack again explicitly if still wanted).
-        if getattr(self, "_packed", False):
-            self.unpack_weights()
-        out = super()._apply(fn, recurse)
-        if getattr(self, "_fused", False):
-            self.fuse_projections()
-        return out
-
-    @property
-    def packed(self) -> bool:
-        return self._packed
-
-    def pack_weights(self) -> None:
-        """CPU, fp32: the blocks' projection weights (q/k/v fused first) reordered once into oneDNN's blocked
-        layout, and their matrix multiplies run through oneDNN instead of MKL (with SiLU, the gate x up
-        product and the residual additions as post-ops: see `MLP`, `Attention`): measured 1.1-1.2x per
-        song, post-ops another 1.03-1.07x, on the project's 2-core AMD CPU, with the same numbers to
-        fp32 rounding. The dense copies are freed (the official parameters become empty
-        placeholders), so weights are not held twice;
-        `state_dict()` gives the official tensors back, loading unpacks and packs again, and `.to()`
-        unpacks."""
-        if self._packed:
-            return
-        if not packing_available():
-            raise RuntimeError("this PyTorch build has no oneDNN packed linear")
-        if self.proj_out.weight.device.type != "cpu" or self.dtype != torch.float32:
-            raise RuntimeError("packed weights are for fp32 on the CPU")
-        if not self._fused:
-            self.fuse_projections()
-        empty = torch.empty(0)
-        for block in self.transformer_blocks:
-            attn, mlp = block.self_attn, block.mlp
-            attn.qkv_packed, attn.o_packed = _pack(attn.qkv), _pack(attn.o_proj.weight)
-            # gate and up stay two matrix multiplies here: SiLU runs inside the first, and the
-            # product inside the second (post-ops)
-            mlp.gate_packed, mlp.up_packed = _pack(mlp.gate_proj.weight), _pack(mlp.up_proj.weight)
-            mlp.down_packed = _pack(mlp.down_proj.weight)
-            attn.qkv = mlp.gate_up = None
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                        mlp.down_proj):  # fmt: skip
-                lin.weight.data = empty
-        self._packed = True
-
-    def _dense_block_weights(self, block: DecoderBlock) -> dict[str, torch.Tensor]:
-        """The official weights of a packed block, as dense tensors (names relative to the block)."""
-        attn, mlp = block.self_attn, block.mlp
-        q, k, v = attn.qkv_packed.to_dense().split(self.cfg.dim)
-        return {"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v,
-                "self_attn.o_proj.weight": attn.o_packed.to_dense(),
-                "mlp.gate_proj.weight": mlp.gate_packed.to_dense(), "mlp.up_proj.weight": mlp.up_packed.to_dense(),
-                "mlp.down_proj.weight": mlp.down_packed.to_dense()}  # fmt: skip
-
-    @staticmethod
-    def _packed_state_dict(module: DiT, state: dict, prefix: str, _meta) -> None:
-        if not module._packed:
-            return
-        for i, block in enumerate(module.transformer_blocks):
-            for name, tensor in module._dense_block_weights(block).items():
-                state[f"{prefix}transformer_blocks.{i}.{name}"] = tensor
-
-    def unpack_weights(self) -> None:
-        """Back to dense official parameters (fused again if they were)."""
-        if not self._packed:
-            return
-        for block in self.transformer_blocks:
-            dense = self._dense_block_weights(block)
-            for name, tensor in dense.items():
-                module_name, _ = name.rsplit(".", 1)
-                block.get_submodule(module_name).weight.data = tensor.contiguous()
-            attn, mlp = block.self_attn, block.mlp
-            attn.qkv_packed = attn.o_packed = mlp.gate_packed = mlp.up_packed = mlp.down_packed = None
-        self._packed = False
-        if self._fused:
-            self.fuse_projections()
-
-    def fuse_projections(self) -> None:
-        """q/k/v of every attention as one weight and gate/up of every MLP as one: one matrix multiply
-        instead of three and two. The official parameters remain, as views into the fused weights, so
-        the state dict, strict loading and saving are unchanged and no weight is held twice."""
-        for block in self.transformer_blocks:
-            attn, mlp = block.self_attn, block.mlp
-            attn.qkv = _fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-            mlp.gate_up = _fuse_linears(mlp.gate_proj, mlp.up_proj)
-        self._fused = True
-
-    def unfuse_projections(self) -> None:
-        """Back to one matrix multiply per official projection (benchmarks measure the difference)."""
-        self.unpack_weights()
-        for block in self.transformer_blocks:
-            block.self_attn.qkv = block.mlp.gate_up = None
-        self._fused = False
-
-    @property
-    def fused(self) -> bool:
-        return self._fused
-
-    def compile_blocks(self, **options) -> None:
-        """`torch.compile` each transformer block (the blocks share one compiled graph: their
-        parameters are graph inputs). Compilation happens at the first forward of each new shape."""
-        for block in self.transformer_blocks:
-            block.compile(**options)
-
-    def uncompile_blocks(self) -> None:
-        """Back to eager blocks (after `compile_blocks`)."""
-        for block in self.transformer_blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile sets
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._null_text_cache.clear())
 
     @property
     def dtype(self) -> torch.dtype:

@@ -215,6 +215,9 @@ class BlockCache:
 
 
 class Attention(nn.Module):
+    """`forward` is a template over `project_qkv`, `attend` and `project_out`, which a subclass may
+    replace (a benchmark swaps in attention without the official mask)."""
+
     def __init__(self, cfg: DR2Config):
         super().__init__()
         d, self.heads, self.head_dim = cfg.dim, cfg.heads, cfg.head_dim
@@ -224,30 +227,38 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
-        self.official_mask = True
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (b, n, d) -> q, k, v, each (b, n, d)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (b, h, n, e), k and v (b, h, m, e) -> (b, h, n, e). The official call passes an all-True
+        boolean mask: full attention either way, but SDPA may not take its fastest kernel with it."""
+        b, _, n, _ = q.shape
+        mask = torch.ones(b, 1, n, k.shape[-2], dtype=torch.bool, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(out)
 
     def forward(self, x, cos, sin, cache: BlockCache | None, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # (b, h, n, e)
-        k = self.k_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (
+            t.view(b, n, -1, self.head_dim).transpose(1, 2) for t in self.project_qkv(x)
+        )  # (b, h, n, e)
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # the official call passes an all-True boolean mask: full attention either way; without it SDPA
-        # may take its fastest kernel (`official_mask = False`)
-        mask = (
-            torch.ones(b, 1, n, k.shape[-2], dtype=torch.bool, device=x.device)
-            if self.official_mask
-            else None
-        )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).contiguous().reshape(b, n, -1))
+        out = self.attend(q, k, v)
+        return self.project_out(out.transpose(1, 2).contiguous().reshape(b, n, -1))
 
 
 class MLP(nn.Module):
+    """`forward` is a template over `project_in` and `project_out`."""
+
     def __init__(self, cfg: DR2Config):
         super().__init__()
         hidden = cfg.dim * cfg.ff_mult
@@ -255,8 +266,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
 
+    def project_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_proj(x), self.up_proj(x)
+
+    def project_out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project_in(x)
+        return self.project_out(F.silu(gate) * up)
 
 
 class Block(nn.Module):

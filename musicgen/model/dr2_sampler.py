@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from musicgen.model.dr2_dit import BlockCache, DR2DiT, time_features
+from musicgen.runtime.graphs import GraphedCall
 
 EOS_MSE = 0.05
 # (block index, step index, t, x (b, bs, c), guided velocity (b, bs, c)) after every Euler step's velocity
@@ -103,7 +104,10 @@ def sample_blocks(
     kernel launches. On an H200 (benchmarks/dr2_throughput.py --graphs, bf16, random weights) it
     sampled 2.4-2.7x faster, but its latents were 2.1-3.7 (max abs) away from the eager path's, which
     used the concatenating cache: the autoregressive growth of bf16 rounding or a bug, not told apart
-    yet (no fp32 comparison on a GPU was made). Not used by the pipeline until that is settled."""
+    (no fp32 comparison on a GPU was made). That run's capture read the step's position ids from a
+    tensor freed after the step; they are now an input of the graph, and the new capture has not
+    been measured on a GPU. The pipeline runs it only under the `graphs` plan, which warns that it is
+    experimental (tests/model/test_plans_gpu.py compares it with eager where CUDA is present)."""
     if cuda_graph:
         buffered_cache = batch_branches = True
     device, dtype = text.device, next(model.parameters()).dtype
@@ -152,7 +156,7 @@ def sample_blocks(
     for blk in range(blocks):
         done = stream_out.shape[1]
         x = noise[alive, blk].to(device, dtype)
-        graph = None  # (graph, static x, static features, static output) of this block's step
+        graph = None  # this block's step as a CUDA graph (GraphedCall)
         for k in range(settings.steps - 1):
             keep = prune(blk, k, list(alive)) if prune is not None else None
             if keep is not None and keep != alive:
@@ -171,13 +175,14 @@ def sample_blocks(
             t = grid[k]
             features = time_features(t.expand(n, bs))
             if cuda_graph and joint and device.type == "cuda":
-                if graph is None:
-                    graph = _capture_step(model, call, x, features, positions, streams[0])
-                g, static_x, static_features, static_out = graph
-                static_x.copy_(x)
-                static_features.copy_(features)
-                g.replay()
-                v, v_null = static_out.clone().chunk(2)
+                if graph is None:  # in step mode the cache only writes the call's keys and values into
+                    # the same slots, so warming up and capturing change nothing that counts; the
+                    # positions are an input too (this step's tensor is freed after it)
+                    graph = GraphedCall(
+                        lambda x_, f_, p_: call(model.latent_embed(x_), f_, p_, streams[0]),
+                        x, features, positions, warm_up=True,
+                    )  # fmt: skip
+                v, v_null = graph(x, features, positions).clone().chunk(2)
             elif joint:
                 embedded = model.latent_embed(x)
                 v, v_null = call(embedded, features, positions, streams[0]).chunk(2)
@@ -213,23 +218,3 @@ def sample_blocks(
     for pos, r in enumerate(alive):
         results[r] = stream_out[pos, : ends[r] if ends[r] is not None else stream_out.shape[1]]
     return results
-
-
-def _capture_step(model, call, x, features, positions, stream):
-    """A CUDA graph of one guided step (latent embedding and the joint call) on static inputs. In step
-    mode the cache only writes the call's keys and values into the same slots, so warming up and
-    capturing change nothing that counts."""
-    static_x, static_features = x.clone(), features.clone()
-
-    def step():
-        return call(model.latent_embed(static_x), static_features, positions, stream)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture (allocator, kernels' lazy initialisation)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = step()
-    return g, static_x, static_features, static_out

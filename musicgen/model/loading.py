@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from musicgen.errors import CheckpointMismatch
-from musicgen.model.dit import DiT, DiTConfig, packing_available
+from musicgen.model.dit import DiT, DiTConfig
 from musicgen.model.vae import SongVAE
 
 PREFIX = "transformer."
@@ -51,14 +51,9 @@ def load_dit(
     device: torch.device,
     dtype: torch.dtype,
     model_name: str = "",
-    fuse: bool | None = None,
-    pack: bool | None = None,
 ) -> DiT:
-    """`fuse`: run q/k/v and gate/up as one matrix multiply each (`DiT.fuse_projections`); None picks
-    by device: on the CPU, not on CUDA, where `benchmarks/sampler.py` measured it slower (0.94x eager,
-    0.99x compiled, at DiffRhythm's size in bf16: the split outputs are strided, which takes RoPE and
-    the SwiGLU product off their vectorised kernels). `pack`: oneDNN packed weights
-    (`DiT.pack_weights`); None: on the CPU in fp32 where this PyTorch has them."""
+    """The DiT of an official `cfm_model.pt`, loaded strictly, on `device` in `dtype`, eager (fused or
+    packed projections and compiling are the runtime's: see musicgen/runtime/plans.py)."""
     state = read_dit_state_dict(path)
     has_duration = any(k.startswith("duration_time_embed.") for k in state)
     if has_duration != cfg.duration_embed:
@@ -76,23 +71,7 @@ def load_dit(
         raise CheckpointMismatch(
             f"{Path(path).name} does not fit {model_name or 'the model'}: {' '.join(first)}"
         ) from None
-    model = model.to(device=device, dtype=dtype).eval()
-    use_fast_paths(model, fuse=fuse, pack=pack)
-    return model
-
-
-def use_fast_paths(model: DiT, *, fuse: bool | None = None, pack: bool | None = None) -> None:
-    """Fused projections and packed weights for the device the model is on (see `load_dit`); the
-    parameters and the state dict are unchanged."""
-    device = model.proj_out.weight.device
-    if fuse if fuse is not None else device.type == "cpu":
-        model.fuse_projections()
-    if (
-        pack
-        if pack is not None
-        else (device.type == "cpu" and model.dtype == torch.float32 and packing_available())
-    ):
-        model.pack_weights()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def save_dit_checkpoint(model: DiT, path: str | Path) -> Path:

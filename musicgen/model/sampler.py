@@ -12,20 +12,21 @@ negative style), organised so that the numbers stay the same while the work shri
   all-filler lyric embedding is shared by every request of the same length;
 - each take gets its own reproducible noise, drawn on the CPU from `torch.Generator(seed + i)`, so a
   take does not depend on the device, on the batch it ran in or on how many takes were asked for.
+
+How a step's rows run (batched, one by one, on worker threads, as a CUDA graph) is the execution
+plan's (musicgen/runtime/plans.py); every plan computes the same numbers, to fp32 rounding.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from musicgen.model.dit import Conditioning, DiT
+from musicgen.model.dit import DiT
+from musicgen.runtime.plans import ExecutionPlan, StepRunner
 
 # Called after every Euler step with (steps done, total steps); raising from it stops sampling
 # before the next step (that is how a running job is canceled).
@@ -70,147 +71,6 @@ class SongConditions:
     @property
     def frames(self) -> int:
         return self.text.shape[1]
-
-
-PLANS = ("auto", "batched", "sequential", "parallel", "graphs")
-
-
-@dataclass(frozen=True)
-class ExecutionPlan:
-    """How one Euler step's rows (both guidance branches, every take, every request) run.
-
-    batched: one forward over all rows. On a GPU that is what fills the device. On a CPU it is slower
-        than the same rows one by one (measured with `benchmarks/sampler.py`: a batch-2 step costs more
-        than two batch-1 steps on this project's 2-core reference machine), so there rows run as
-        forwards of their own. The numbers are the same either way, to fp32 rounding.
-    parallel: (with batched False) the rows' forwards run at the same time on worker threads, the
-        intra-op threads split evenly among them (2 cores, 2 rows: one core each), instead of back
-        to back with all threads each: fewer synchronisations per operation and each core on its own
-        data. On the 2-core reference machine one pair of rows measured 1.06-1.09x, a whole song
-        1.00-1.05x (medians of `benchmarks/sampler.py` runs).
-    cuda_graph: the batched step is captured once as a CUDA graph and replayed for the other steps
-        (CUDA only); the capture is dropped when the batch changes (a request leaves it).
-    """
-
-    batched: bool = True
-    cuda_graph: bool = False
-    parallel: bool = False
-
-    @classmethod
-    def resolve(cls, name: str, device: torch.device) -> ExecutionPlan:
-        """`auto`: rows in parallel on the CPU, batched with a CUDA graph on CUDA, batched elsewhere (MPS)."""
-        if name not in PLANS:
-            raise ValueError(f"unknown execution plan {name!r}; use one of {', '.join(PLANS)}")
-        if name == "auto":
-            name = {"cpu": "parallel", "cuda": "graphs"}.get(device.type, "batched")
-        if name == "graphs" and device.type != "cuda":
-            raise ValueError("the 'graphs' plan needs a CUDA device")
-        if name == "parallel" and device.type != "cpu":
-            raise ValueError("the 'parallel' plan is for the CPU (it splits the CPU's threads)")
-        return cls(
-            batched=name in ("batched", "graphs"), cuda_graph=name == "graphs", parallel=name == "parallel"
-        )
-
-
-class _GraphedStep:
-    """One velocity call over fixed tensors, captured as a CUDA graph; replaying it reads new inputs
-    copied into the captured ones. `pre` must stay alive and unchanged while the graph is used."""
-
-    def __init__(self, model: DiT, rows_in: torch.Tensor, t: torch.Tensor, pre: Conditioning):
-        self.x, self.t = rows_in.clone(), t.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = model.velocity(self.x, self.t, pre).float()
-
-    def __call__(self, rows_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(rows_in)
-        self.t.copy_(t)
-        self.graph.replay()
-        return self.out
-
-
-class RowWorkers:
-    """Worker threads that split `threads` intra-op threads among themselves (as evenly as they go:
-    3 threads over 2 workers are 2 and 1).
-
-    PyTorch's intra-op thread count belongs to the thread that runs an operation (the OpenMP setting
-    of that thread), set on a thread's first use from a process-wide value. Each worker makes that
-    first use and then sets its own count; the process-wide value is put back at once, so the calling
-    thread and threads started later keep theirs. One set per (workers, threads), kept for the process
-    (a forked child starts its own: threads do not survive a fork).
-    """
-
-    _pools: dict[tuple[int, int], RowWorkers] = {}
-    _lock = threading.Lock()
-
-    def __init__(self, workers: int, threads: int):
-        if not 1 <= workers <= threads:
-            raise ValueError(f"{workers} workers cannot share {threads} threads")
-        self.workers, self.threads = workers, threads
-        shares = [threads // workers + (i < threads % workers) for i in range(workers)]
-        ready = threading.Barrier(workers + 1)
-        process_wide = torch.get_num_threads()
-
-        def setup():
-            torch.get_num_threads()  # this thread's first use: takes the process-wide count now...
-            torch.set_num_threads(shares.pop())  # ...and then its own
-            ready.wait(timeout=60)
-
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="musicgen-rows", initializer=setup)
-        started = [self._executor.submit(lambda: None) for _ in range(workers)]
-        ready.wait(timeout=60)  # every worker exists and has set its count (a broken start raises)
-        torch.set_num_threads(process_wide)
-        for f in started:
-            f.result()
-
-    @classmethod
-    def get(cls, workers: int, threads: int) -> RowWorkers:
-        """The process's workers for (workers, threads), started on first use."""
-        with cls._lock:
-            pool = cls._pools.get((workers, threads))
-            if pool is None:
-                pool = cls._pools[(workers, threads)] = cls(workers, threads)
-            return pool
-
-    def map(self, fn: Callable, items: list) -> list:
-        """fn over items on the workers (at most `workers` at a time), in inference mode, in order."""
-
-        def call(item):
-            with torch.inference_mode():
-                return fn(item)
-
-        return list(self._executor.map(call, items))
-
-
-def _forget_workers_after_fork() -> None:
-    RowWorkers._pools = {}
-    RowWorkers._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_workers_after_fork)
-
-
-def _velocity_by_row(
-    model: DiT, rows_in: torch.Tensor, t: torch.Tensor, pre: Conditioning, parallel: bool = False
-) -> torch.Tensor:
-    """The batched velocity computed one row at a time, each row with its own group's conditioning
-    (views, no copies). parallel: the rows run on `RowWorkers`, as many at a time as there are
-    intra-op threads (at most), each with its share of them; rows left over after the last full round
-    run here, with all threads."""
-    g = pre.groups
-    rows = pre.rows if pre.rows is not None else (rows_in.shape[0] // g,) * g
-    conds = [pre.group(j) for j in range(g)]
-    group_of = [j for j, count in enumerate(rows) for _ in range(count)]  # of each row
-
-    def one(i: int) -> torch.Tensor:
-        return model.velocity(rows_in[i : i + 1], t, conds[group_of[i]]).float()
-
-    n_rows, threads = len(group_of), torch.get_num_threads()
-    workers = min(n_rows, threads) if parallel else 1
-    together = n_rows - n_rows % workers if workers > 1 else 0
-    out = RowWorkers.get(workers, threads).map(one, range(together)) if together else []
-    out += [one(i) for i in range(together, n_rows)]
-    return torch.cat(out)
 
 
 def take_noise(seeds: list[int], frames: int, channels: int) -> torch.Tensor:
@@ -280,7 +140,8 @@ def sample_many(
     keeps its own guidance strength. When a request's `on_step` raises (canceled, timed out), the
     request leaves the batch before the next step and its slot in the result holds the exception;
     the others go on. Returns per request the latents (k_r, n, 64) in fp32, or that exception.
-    `plan` says how each step's rows run (default: `ExecutionPlan.resolve("auto", device)`).
+    `plan` says how each step's rows run (default: one batched forward; the pipeline passes the plan
+    resolved for its device, musicgen/runtime/plans.py).
     """
     r_count = len(conds)
     if not r_count or not len(noises) == len(settings) == r_count:
@@ -293,7 +154,7 @@ def sample_many(
             raise ValueError(f"noise {tuple(noise.shape)} does not fit {n} frames")
     callbacks = list(on_step) if on_step is not None else [None] * r_count
     device = next(model.parameters()).device
-    plan = plan if plan is not None else ExecutionPlan.resolve("auto", device)
+    plan = plan if plan is not None else ExecutionPlan()
     guided = any(s.uses_guidance for s in settings)
 
     # Work in an order where requests sharing a null group are adjacent, so that the null rows are
@@ -346,18 +207,10 @@ def sample_many(
     cfg = guidance(active)
     results: list[torch.Tensor | BaseException | None] = [None] * r_count
     t = settings[0].time_grid().to(device)
-    graphed: _GraphedStep | None = None
+    velocity = StepRunner(model, plan)  # how each step's rows run
     for i in range(steps):
         rows_in = torch.cat((x, x)) if guided else x
-        if not plan.batched:
-            v = _velocity_by_row(model, rows_in, t[i], pre, parallel=plan.parallel)
-        elif graphed is not None:
-            v = graphed(rows_in, t[i])
-        elif plan.cuda_graph and i > 0:  # step 0 ran eagerly: kernels chosen, lazy state made
-            graphed = _GraphedStep(model, rows_in, t[i], pre)
-            v = graphed(rows_in, t[i])
-        else:
-            v = model.velocity(rows_in, t[i], pre).float()
+        v = velocity(i, rows_in, t[i], pre)
         if guided:
             k = x.shape[0]
             pred, null = v[:k], v[k:]
@@ -383,7 +236,7 @@ def sample_many(
             groups, rows = layout(active)
             pre = pre.select([old_groups.index(g) for g in groups], rows)
             cfg = guidance(active)
-            graphed = None  # captured for the old batch; the next step captures the new one
+            velocity.batch_changed()  # a CUDA graph captured for the old batch is captured again
 
     offset = 0
     for r in active:

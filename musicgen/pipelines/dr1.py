@@ -17,14 +17,15 @@ import torch
 from musicgen import hub
 from musicgen.audio import read_audio, resample
 from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
-from musicgen.model.device import resolve_device, resolve_dtype
 from musicgen.model.dit import COND_DIM, DiT
 from musicgen.model.loading import load_dit, load_vae
-from musicgen.model.sampler import ExecutionPlan, SamplerSettings, SongConditions, sample_many, take_noise
+from musicgen.model.sampler import SamplerSettings, SongConditions, sample_many, take_noise
 from musicgen.model.style import StyleEncoder, load_negative_style
 from musicgen.model.vae import LATENT_HOP, SAMPLE_RATE, SongVAE, peak_normalize, posterior_sample
 from musicgen.pipelines.base import MAX_SEED, MAX_TAKES, Pipeline, Progress, SongResult
 from musicgen.registry import MULAN_REPO, ModelSpec
+from musicgen.runtime.device import resolve_device, resolve_dtype
+from musicgen.runtime.plans import ExecutionPlan, apply_execution, resolve_execution
 
 if TYPE_CHECKING:
     from musicgen.pipelines.base import EditSpec, ProgressCallback, SongRequest
@@ -32,34 +33,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _compile_or_fall_back(dit: DiT, device: torch.device, *, required: bool) -> None:
-    """Compile the DiT's blocks and prove it on a short input now, not in a user's first song: a
-    machine without a working compiler toolchain (Triton, a C compiler) then runs eagerly with a
-    warning when compiling was only `auto`, and refuses to load when it was asked for (`on`)."""
-    dit.compile_blocks()
-    frames = 32
-    try:
-        with torch.inference_mode():
-            pre = dit.prepare(
-                torch.zeros(1, frames, dit.cfg.mel_dim, device=device),
-                dit.null_text_embedding(frames, device),
-                torch.zeros(1, COND_DIM, device=device),
-                torch.zeros(1, device=device),
-                torch.ones(1, device=device) if dit.duration_time_embed is not None else None,
-            )
-            dit.velocity(
-                torch.zeros(1, frames, dit.cfg.mel_dim, device=device), torch.tensor(0.5, device=device), pre
-            )
-    except Exception as exc:
-        dit.uncompile_blocks()
-        if required:
-            raise ModelNotAvailable(
-                f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}",
-                recovery="install a C compiler (and Triton on CUDA) or set compile to auto or off",
-            ) from None
-        log.warning(
-            "torch.compile failed (%s: %s): running the DiT eagerly", type(exc).__name__, str(exc)[:300]
+def _compile_probe(dit: DiT, device: torch.device):
+    """A short forward through the DiT's blocks: what proves a compile at load (see
+    musicgen.runtime.compile.compile_or_fall_back)."""
+
+    @torch.inference_mode()
+    def probe():
+        frames = 32
+        pre = dit.prepare(
+            torch.zeros(1, frames, dit.cfg.mel_dim, device=device),
+            dit.null_text_embedding(frames, device),
+            torch.zeros(1, COND_DIM, device=device),
+            torch.zeros(1, device=device),
+            torch.ones(1, device=device) if dit.duration_time_embed is not None else None,
         )
+        dit.velocity(
+            torch.zeros(1, frames, dit.cfg.mel_dim, device=device), torch.tensor(0.5, device=device), pre
+        )
+
+    return probe
 
 
 def edit_mask(segments, frames: int, max_frames: int) -> torch.Tensor:
@@ -106,7 +98,7 @@ class DR1Pipeline(Pipeline):
         self.spec, self.dit, self.vae, self.style_encoder = spec, dit, vae, style_encoder
         self.negative_style = negative_style
         self.device = device
-        self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device)
+        self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device, spec.family)
 
     # -------------------------------------------------------------------------------------------
     # loading
@@ -116,17 +108,12 @@ class DR1Pipeline(Pipeline):
         cls, spec: ModelSpec, *, device: str, dtype: str, download: bool, with_style_encoder: bool,
         plan: str, compile: str,
     ) -> DR1Pipeline:  # fmt: skip
-        """See `Pipeline.from_pretrained`. `compile` auto is on CUDA only, where it is measured faster (a
-        probe compiles at load, the first song once more with dynamic shapes; see
-        `_compile_or_fall_back`)."""
+        """See `Pipeline.from_pretrained`; what `plan` and `compile` mean for DiffRhythm 1:
+        musicgen/runtime/plans.py (compile auto is on CUDA only, where it is measured faster: a probe
+        compiles at load, the first song once more with dynamic shapes)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dev, dtype)
-        try:
-            execution = ExecutionPlan.resolve(plan, dev)
-        except ValueError as exc:
-            raise InvalidParameter(
-                str(exc), recovery="use plan auto, batched, sequential, parallel (CPU) or graphs (CUDA)"
-            ) from None
+        execution = resolve_execution(spec.family, dev, dt, plan=plan, compile=compile)
         if spec.untrained:
             paths = spec.family.build_tiny(hub.cache_dir() / spec.name)
             dit_path, vae_path, mulan_source = paths["dit"], paths["vae"], str(paths["mulan"])
@@ -141,20 +128,15 @@ class DR1Pipeline(Pipeline):
             (negative_file,) = spec.family.assets  # the null branch's style
             negative_path = hub.asset_path(negative_file, download=download)
         negative = load_negative_style(negative_path)
-        compiling = compile == "on" or (compile == "auto" and dev.type == "cuda")
-        # oneDNN's packed weights (CPU) are not combined with torch.compile: measured one or the other
-        dit = load_dit(
-            dit_path, spec.dit, device=dev, dtype=dt, model_name=spec.name, pack=False if compiling else None
-        )
-        if compiling:
-            _compile_or_fall_back(dit, dev, required=compile == "on")
+        dit = load_dit(dit_path, spec.dit, device=dev, dtype=dt, model_name=spec.name)
+        apply_execution(dit, execution, _compile_probe(dit, dev))
         vae = load_vae(vae_path, device=dev)
         style = (
             StyleEncoder.from_pretrained(mulan_source, dev, cache_dir=hub.cache_dir(), download=download)
             if with_style_encoder
             else None
         )
-        return cls(spec, dit, vae, style, negative, dev, execution)
+        return cls(spec, dit, vae, style, negative, dev, execution.plan)
 
     # -------------------------------------------------------------------------------------------
     # stages

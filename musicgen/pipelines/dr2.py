@@ -16,7 +16,6 @@ Choices (the official script's behaviour where it is not a bug, see musicgen/mod
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +25,27 @@ import torch
 from musicgen import hub
 from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
 from musicgen.model.bigvgan import BigVGAN, decode_chunked, fake_stereo
-from musicgen.model.device import resolve_device, resolve_dtype
-from musicgen.model.dr2_dit import DR2DiT
+from musicgen.model.dr2_dit import COND_DIM, DR2DiT, time_features
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks
 from musicgen.model.loading import load_bigvgan, load_dr2
 from musicgen.model.style import StyleEncoder, check_prompt
 from musicgen.pipelines.base import MAX_TAKES, Pipeline, Progress, ProgressCallback, SongRequest, SongResult
 from musicgen.registry import MULAN_REPO, ModelSpec
+from musicgen.runtime.device import resolve_device, resolve_dtype
+from musicgen.runtime.plans import ExecutionPlan, apply_execution, resolve_execution
 
-log = logging.getLogger(__name__)
+
+def _compile_probe(dit: DR2DiT, device: torch.device):
+    """A short forward through the DiT's blocks: what proves a compile at load (see
+    musicgen.runtime.compile.compile_or_fall_back)."""
+
+    @torch.inference_mode()
+    def probe():
+        tokens = torch.zeros(1, 8, dtype=torch.long, device=device)
+        dit(dit.text_embed(tokens), time_features(torch.zeros(1, 8, device=device)),
+            torch.arange(8, device=device)[None], torch.zeros(1, COND_DIM, device=device))  # fmt: skip
+
+    return probe
 
 
 @dataclass
@@ -54,9 +65,10 @@ class _Item:
 
 class DR2Pipeline(Pipeline):
     def __init__(self, spec: ModelSpec, dit: DR2DiT, decoder: BigVGAN, style_encoder: StyleEncoder | None,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, plan: ExecutionPlan | None = None):  # fmt: skip
         self.spec, self.dit, self.decoder, self.style_encoder = spec, dit, decoder, style_encoder
         self.device = device
+        self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device, spec.family)
         self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
 
     @classmethod
@@ -64,15 +76,11 @@ class DR2Pipeline(Pipeline):
         cls, spec: ModelSpec, *, device: str, dtype: str, download: bool, with_style_encoder: bool,
         plan: str, compile: str,
     ) -> DR2Pipeline:  # fmt: skip
-        """See `Pipeline.from_pretrained`. The block sampler runs eagerly: `plan` and `compile` are
-        DiffRhythm 1's, and a warning says so when they ask for anything but the default."""
-        if plan != "auto" or compile == "on":
-            log.warning(
-                "%s runs its block sampler eagerly: plan=%s and compile=%s apply to DiffRhythm 1 only",
-                spec.name, plan, compile,
-            )  # fmt: skip
+        """See `Pipeline.from_pretrained`; what `plan` and `compile` mean for DiffRhythm 2:
+        musicgen/runtime/plans.py."""
         dev = resolve_device(device)
         dt = resolve_dtype(dev, dtype)
+        execution = resolve_execution(spec.family, dev, dt, plan=plan, compile=compile)
         if spec.untrained:
             paths = spec.family.build_tiny(hub.cache_dir() / spec.name)
             folder, mulan_source = paths["folder"], str(paths["mulan"])
@@ -83,13 +91,14 @@ class DR2Pipeline(Pipeline):
                      for repo, f in spec.files["checkpoint"]]  # fmt: skip
             folder, mulan_source = Path(files[0]).parent, MULAN_REPO
         dit = load_dr2(folder, device=dev, dtype=dt)
+        apply_execution(dit, execution, _compile_probe(dit, dev))
         decoder = load_bigvgan(folder, device=dev, dtype=dt)
         style = (
             StyleEncoder.from_pretrained(mulan_source, dev, cache_dir=hub.cache_dir(), download=download)
             if with_style_encoder
             else None
         )
-        return cls(spec, dit, decoder, style, dev)
+        return cls(spec, dit, decoder, style, dev, execution.plan)
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -161,7 +170,8 @@ class DR2Pipeline(Pipeline):
             return keep if keep != alive else None
 
         t1 = time.perf_counter()
-        streams = sample_blocks(self.dit, text, style, noise, settings, prune=prune)
+        streams = sample_blocks(self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched,
+                                cuda_graph=self.plan.cuda_graph)  # fmt: skip
         self._sync()
         sampling_s = time.perf_counter() - t1
         outs: list[SongResult | Exception] = []

@@ -88,7 +88,7 @@ def test_the_plan_names_are_the_samplers_everywhere():
     import typing
 
     from musicgen.cli import build_parser
-    from musicgen.model.sampler import PLANS
+    from musicgen.runtime.plans import PLANS
 
     assert typing.get_args(AppArgs.model_fields["plan"].annotation) == PLANS
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]

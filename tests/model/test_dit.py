@@ -12,7 +12,8 @@ import torch
 from musicgen.model.dit import DiT, DiTConfig
 from musicgen.model.loading import load_dit
 from musicgen.model.sampler import SamplerSettings, SongConditions, sample, take_noise
-from musicgen.registry import MODELS
+from musicgen.registry import DR1, MODELS
+from musicgen.runtime.plans import apply_execution, resolve_execution
 
 CASES = {
     "base": dict(max_frames=2048, duration_embed=False),
@@ -25,7 +26,9 @@ def load_case(shared_dir, name):
     cfg = DiTConfig.from_official_json(
         json.loads((root / "tiny_config.json").read_text())["model"], **CASES[name]
     )
-    model = load_dit(root / f"{name}_cfm_model.pt", cfg, device=torch.device("cpu"), dtype=torch.float32)
+    cpu = torch.device("cpu")
+    model = load_dit(root / f"{name}_cfm_model.pt", cfg, device=cpu, dtype=torch.float32)
+    apply_execution(model, resolve_execution(DR1, cpu, torch.float32))  # as the pipeline runs it
     io = {k: torch.from_numpy(v) for k, v in np.load(root / f"{name}_io.npz").items()}
     return model, io
 

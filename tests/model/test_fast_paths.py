@@ -1,5 +1,5 @@
-"""The DiT's fast paths compute the official numbers: fused projections over the official parameters,
-a contiguous residual stream, compiled blocks."""
+"""The DiT's fast paths (musicgen/runtime/projections.py, compile.py) compute the official numbers:
+fused projections over the official parameters, a contiguous residual stream, compiled blocks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,18 @@ import shutil
 import pytest
 import torch
 
-from musicgen.model.dit import DiT, packing_available
+from benchmarks.variants import (
+    AdditiveMaskAttention,
+    TransposedConvPositionEmbedding,
+    set_post_ops,
+    swap_attention,
+)
+from musicgen.model.dit import DiT
 from musicgen.model.loading import load_dit, save_dit_checkpoint
-from musicgen.registry import TINY_DIT
+from musicgen.registry import DR1, TINY_DIT
+from musicgen.runtime.compile import compile_modules
+from musicgen.runtime.plans import apply_execution, resolve_execution
+from musicgen.runtime.projections import fuse, is_fused, is_packed, pack, packing_available, unfuse
 
 CPU = torch.device("cpu")
 
@@ -37,14 +46,22 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _load_for_cpu(path, *, compile: str = "off") -> DiT:
+    """As the pipeline loads a DiT for the CPU in fp32: loaded, then the runtime's fast paths."""
+    model = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32)
+    apply_execution(model, resolve_execution(DR1, CPU, torch.float32, compile=compile))
+    return model
+
+
 def test_loaded_models_run_fused_projections_over_the_official_parameters(tmp_path):
     """q/k/v and gate/up run as one matrix multiply each; the official parameters are views into the
     fused weights (no weight held twice), the state dict is the official one, and the numbers are the
     unfused ones."""
     model = _random_dit()
     path = save_dit_checkpoint(model, tmp_path / "cfm_model.pt")
-    loaded = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32, pack=False)
-    assert loaded.fused and not model.fused
+    loaded = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32)
+    fuse(loaded)
+    assert is_fused(loaded) and not is_fused(model)
     assert list(loaded.state_dict()) == list(model.state_dict())
     for block in loaded.transformer_blocks:
         attn, mlp = block.self_attn, block.mlp
@@ -55,13 +72,13 @@ def test_loaded_models_run_fused_projections_over_the_official_parameters(tmp_pa
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert torch.allclose(_velocity(loaded), _velocity(model), atol=1e-6, rtol=0)
-    loaded.unfuse_projections()
+    unfuse(loaded)
     assert torch.equal(_velocity(loaded), _velocity(model))
 
 
 def test_fused_weights_follow_dtype_changes_and_new_weights(tmp_path):
     model = _random_dit()
-    model.fuse_projections()
+    fuse(model)
     model.double()  # .to() converts each parameter on its own: the fused weights are rebuilt
     attn = model.transformer_blocks[0].self_attn
     assert attn.qkv.dtype == torch.float64 and _storage(attn.q_proj.weight) == _storage(attn.qkv)
@@ -88,7 +105,7 @@ def test_the_residual_stream_is_contiguous():
     model = _random_dit()
     h = torch.randn(2, 48, TINY_DIT.dim)
     assert model.input_embed.conv_pos_embed(h).is_contiguous()
-    model.input_embed.conv_pos_embed.contiguous = False
+    model.input_embed.conv_pos_embed.__class__ = TransposedConvPositionEmbedding  # the benchmark's variant
     assert not model.input_embed.conv_pos_embed(h).is_contiguous()
 
 
@@ -96,11 +113,11 @@ def test_the_residual_stream_is_contiguous():
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler for torch.compile"
 )
 def test_compiled_blocks_equal_eager():
-    """`compile_blocks` (the `compile` setting): the same numbers as eager, to fp32 precision."""
+    """Compiled blocks (the `compile` setting): the same numbers as eager, to fp32 precision."""
     model = _random_dit()
-    model.fuse_projections()
+    fuse(model)
     eager = _velocity(model)
-    model.compile_blocks()
+    compile_modules(model.transformer_blocks)
     try:
         compiled = _velocity(model)
     finally:
@@ -109,18 +126,21 @@ def test_compiled_blocks_equal_eager():
 
 
 def test_the_official_additive_mask_changes_speed_not_numbers():
-    """The official v1.2 code's all-zero additive mask (the benchmark's reference turns it on)."""
+    """The official v1.2 code's all-zero additive mask (the benchmark's reference swaps it in)."""
     model = _random_dit()
     plain = _velocity(model)
-    for block in model.transformer_blocks:
-        block.self_attn.additive_mask = True
+    swap_attention(model, AdditiveMaskAttention)
     assert torch.allclose(_velocity(model), plain, atol=1e-6, rtol=0)
 
 
-def test_fusing_is_chosen_by_device_unless_asked(tmp_path):
+def test_fusing_is_chosen_by_device(tmp_path):
     path = save_dit_checkpoint(_random_dit(), tmp_path / "cfm_model.pt")
-    assert load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32).fused  # auto: fused on the CPU
-    assert not load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32, fuse=False, pack=False).fused
+    assert is_fused(_load_for_cpu(path))  # fused on the CPU
+    assert not is_fused(load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32))  # loading alone: eager
+    cuda = resolve_execution(DR1, torch.device("cuda"), torch.bfloat16, compile="off")
+    assert not cuda.fuse and not cuda.pack  # measured slower there
+    compiling = resolve_execution(DR1, CPU, torch.float32, compile="on")
+    assert compiling.fuse and not compiling.pack  # packed weights are not combined with compiling
 
 
 def _failing_backend(gm, example_inputs):
@@ -131,22 +151,20 @@ def test_a_compile_that_fails_runs_eagerly_or_refuses_to_load(monkeypatch, caplo
     """compile=auto on a machine whose toolchain fails: a warning and eager blocks (the numbers are
     the eager ones); compile=on: the model does not load, with a recovery hint."""
     from musicgen.errors import ModelNotAvailable
-    from musicgen.pipelines.dr1 import _compile_or_fall_back
+    from musicgen.pipelines.dr1 import _compile_probe
+    from musicgen.runtime.compile import compile_or_fall_back, is_compiled
 
-    def compile_with_a_broken_toolchain(self, **options):
-        for block in self.transformer_blocks:
-            block.compile(backend=_failing_backend)
-
-    monkeypatch.setattr(DiT, "compile_blocks", compile_with_a_broken_toolchain)
     model = _random_dit()
     eager = _velocity(model)
+    blocks, probe = list(model.transformer_blocks), _compile_probe(model, CPU)
     try:
-        with caplog.at_level("WARNING", logger="musicgen.pipelines.dr1"):
-            _compile_or_fall_back(model, CPU, required=False)
+        with caplog.at_level("WARNING", logger="musicgen.runtime.compile"):
+            assert not compile_or_fall_back(blocks, probe, required=False, backend=_failing_backend)
         assert "running the DiT eagerly" in caplog.text
+        assert not any(is_compiled(b) for b in blocks)
         assert torch.equal(_velocity(model), eager)
         with pytest.raises(ModelNotAvailable) as err:
-            _compile_or_fall_back(model, CPU, required=True)
+            compile_or_fall_back(blocks, probe, required=True, backend=_failing_backend)
         assert "C compiler" in err.value.recovery
     finally:
         torch._dynamo.reset()
@@ -163,37 +181,33 @@ def test_packed_weights_compute_the_official_numbers_and_keep_the_official_state
     reference = _velocity(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     path = save_dit_checkpoint(model, tmp_path / "cfm_model.pt")
-    loaded = load_dit(path, TINY_DIT, device=CPU, dtype=torch.float32)
-    assert loaded.packed and loaded.fused
+    loaded = _load_for_cpu(path)
+    assert is_packed(loaded) and is_fused(loaded)
     attn = loaded.transformer_blocks[0].self_attn
-    assert attn.q_proj.weight.numel() == 0 and attn.qkv is None  # not held twice
+    assert attn.q_proj.weight.numel() == 0 and not hasattr(attn, "qkv")  # not held twice
     assert torch.allclose(_velocity(loaded), reference, atol=1e-5, rtol=0)
     # SiLU, gate x up and the residual additions as oneDNN post-ops (the default) or on their own
-    for block in loaded.transformer_blocks:
-        block.self_attn.post_ops = block.mlp.post_ops = False
+    set_post_ops(loaded, False)
     assert torch.allclose(_velocity(loaded), reference, atol=1e-5, rtol=0)
-    for block in loaded.transformer_blocks:
-        block.self_attn.post_ops = block.mlp.post_ops = True
+    set_post_ops(loaded, True)
     got = loaded.state_dict()
     assert list(got) == list(state)
     assert all(torch.equal(got[k], v) for k, v in state.items())
-    again = load_dit(
-        save_dit_checkpoint(loaded, tmp_path / "again.pt"), TINY_DIT, device=CPU, dtype=torch.float32
-    )
+    again = _load_for_cpu(save_dit_checkpoint(loaded, tmp_path / "again.pt"))
     assert torch.equal(_velocity(again), _velocity(loaded))
 
 
 @needs_packing
 def test_packed_models_load_new_weights_and_unpack_on_conversion():
     model = _random_dit()
-    model.pack_weights()
+    pack(model)
     other = _random_dit(seed=1)
     model.load_state_dict(other.state_dict())  # unpacked for loading, packed again after
-    assert model.packed
+    assert is_packed(model)
     assert torch.allclose(_velocity(model), _velocity(other), atol=1e-5, rtol=0)
     model.double()  # packed weights are fp32 CPU only: a conversion unpacks
-    assert not model.packed and model.transformer_blocks[0].self_attn.qkv.dtype == torch.float64
+    assert not is_packed(model) and model.transformer_blocks[0].self_attn.qkv.dtype == torch.float64
     model.float()
     assert torch.allclose(_velocity(model), _velocity(other), atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="fp32 on the CPU"):
-        model.to(torch.bfloat16).pack_weights()
+        pack(model.to(torch.bfloat16))

@@ -11,8 +11,6 @@ import torch
 from musicgen.errors import GenerationCanceled
 from musicgen.model.dit import DiT, DiTConfig
 from musicgen.model.sampler import (
-    ExecutionPlan,
-    RowWorkers,
     SamplerSettings,
     SongConditions,
     sample,
@@ -20,6 +18,10 @@ from musicgen.model.sampler import (
     sample_reference,
     take_noise,
 )
+from musicgen.registry import DR1
+from musicgen.runtime.plans import ExecutionPlan
+from musicgen.runtime.projections import fuse, unfuse
+from musicgen.runtime.workers import RowWorkers
 
 FRAMES = 96
 CFG = DiTConfig(dim=64, depth=2, heads=4, ff_mult=2, conv_layers=1, max_frames=256, duration_embed=True)
@@ -239,14 +241,14 @@ def test_sequential_parallel_and_batched_plans_agree(model, fused):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the parallel plan then runs two rows at a time, one thread each
     if fused:
-        model.fuse_projections()
+        fuse(model)
     try:
         runs = {
-            name: sample_many(model, conds, noises, settings, callbacks, plan=ExecutionPlan.resolve(name, torch.device("cpu")))
+            name: sample_many(model, conds, noises, settings, callbacks, plan=ExecutionPlan.resolve(name, torch.device("cpu"), DR1))
             for name in ("batched", "sequential", "parallel")
         }  # fmt: skip
     finally:
-        model.unfuse_projections()
+        unfuse(model)
         torch.set_num_threads(threads)
     assert isinstance(runs["batched"][2], GenerationCanceled)
     for name in ("sequential", "parallel"):
@@ -317,14 +319,14 @@ def test_a_forked_child_starts_its_own_row_workers():
 
 def test_execution_plan_rule():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert ExecutionPlan.resolve("auto", cpu) == ExecutionPlan(batched=False, parallel=True)
-    assert ExecutionPlan.resolve("sequential", cpu) == ExecutionPlan(batched=False)
-    assert ExecutionPlan.resolve("auto", cuda) == ExecutionPlan(batched=True, cuda_graph=True)
-    assert ExecutionPlan.resolve("auto", mps) == ExecutionPlan(batched=True)
-    assert ExecutionPlan.resolve("batched", cpu) == ExecutionPlan(batched=True)
+    assert ExecutionPlan.resolve("auto", cpu, DR1) == ExecutionPlan(batched=False, parallel=True)
+    assert ExecutionPlan.resolve("sequential", cpu, DR1) == ExecutionPlan(batched=False)
+    assert ExecutionPlan.resolve("auto", cuda, DR1) == ExecutionPlan(batched=True, cuda_graph=True)
+    assert ExecutionPlan.resolve("auto", mps, DR1) == ExecutionPlan(batched=True)
+    assert ExecutionPlan.resolve("batched", cpu, DR1) == ExecutionPlan(batched=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        ExecutionPlan.resolve("graphs", cpu)
+        ExecutionPlan.resolve("graphs", cpu, DR1)
     with pytest.raises(ValueError, match="for the CPU"):
-        ExecutionPlan.resolve("parallel", cuda)
+        ExecutionPlan.resolve("parallel", cuda, DR1)
     with pytest.raises(ValueError, match="unknown execution plan"):
-        ExecutionPlan.resolve("fastest", cpu)
+        ExecutionPlan.resolve("fastest", cpu, DR1)

@@ -1,6 +1,6 @@
 """Device detection and the dtype policy: bf16 where the accelerator supports it, fp32 on the CPU.
 
-RoPE tables, timestep features and normalisation statistics are fp32 in every policy (see dit.py).
+RoPE tables, timestep features and normalisation statistics are fp32 in every policy (see musicgen/model/dit.py).
 """
 
 from __future__ import annotations
