@@ -86,7 +86,8 @@ class GeneratorWorker:
             log.error("model %s not loaded: %s", model, exc)
             self.report_now()  # before any job is refused: /readyz then tells why
             return
-        pipeline.max_batch_takes = args.max_batch_takes
+        if args.max_batch_takes is not None:
+            pipeline.max_batch_takes = args.max_batch_takes
         pipeline.fault_oom_takes = args.fault_oom_takes
         self.runner = JobRunner(
             store, pipeline, results, uploads, worker, on_finish=on_finish,

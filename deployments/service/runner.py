@@ -21,6 +21,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,7 +128,8 @@ class JobRunner:
         ref = local[p.reference_audio_id] if p.reference_audio_id else None
         edit = None
         if p.edit_source_id:
-            edit = EditSpec(local[p.edit_source_id], tuple(tuple(s) for s in p.edit_segments or ()))
+            segments = tuple((float(a), float(b)) for a, b in p.edit_segments or ())
+            edit = EditSpec(local[p.edit_source_id], segments)
         return SongRequest(
             tokens=torch.tensor(p.tokens, dtype=torch.long), song_duration=p.song_duration,
             style_prompt=p.style_prompt, reference_audio=ref, seed=p.seed, num_takes=p.num_takes,
@@ -154,7 +156,11 @@ class JobRunner:
                 if token is None:
                     continue
                 leases[job_id] = _Lease(self.store, job_id, token).start()
-                claimed.append((i, job_id, SongParams.from_dict(self.store.get(job_id).params)))
+                job = self.store.get(job_id)
+                if job is None:  # deleted right after the claim (its retention ran out): nothing to run
+                    leases.pop(job_id).stop()
+                    continue
+                claimed.append((i, job_id, SongParams.from_dict(job.params)))
             if not claimed:
                 return states
             t0 = time.perf_counter()
@@ -170,7 +176,9 @@ class JobRunner:
 
     def _generate(self, claimed, leases) -> dict[str, SongResult | Exception]:
         deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
-        requests, reports, outcomes = [], [], {}
+        requests: list[SongRequest] = []
+        reports: list[Callable[[Progress], None]] = []
+        outcomes: dict[str, SongResult | Exception] = {}
         with contextlib.ExitStack() as files:  # local copies of uploads, for the time of the batch
             for _, job_id, params in claimed:
                 try:

@@ -138,7 +138,8 @@ class AppArgs(BaseModel):
     model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=64)
     batch_wait_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
-    max_batch_takes: int = Field(8, ge=1)  # takes sampled together at most (GPU memory)
+    # takes sampled together at most (GPU memory); unset: the pipeline's own (musicgen.pipelines.Pipeline)
+    max_batch_takes: int | None = Field(None, ge=1)
     fault_oom_takes: int | None = Field(None, ge=0)  # testing aid: simulate OOM above this many takes
     webhook_secret: str | None = Field(None, repr=False)
     cors_origins: list[str] = []  # browser origins allowed to call the API from other sites ("*" = any)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,7 +172,7 @@ class Pipeline:
         return out
 
     def generate_many(
-        self, reqs: list[SongRequest], progress: list[ProgressCallback | None] | None = None
+        self, reqs: Sequence[SongRequest], progress: Sequence[ProgressCallback | None] | None = None
     ) -> list[SongResult | Exception]:
         """Generate several songs; compatible requests run as one sampler batch (and one decoder batch).
         Returns per request its result or the exception that ended it, so that one bad, canceled or
