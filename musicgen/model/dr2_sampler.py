@@ -107,7 +107,7 @@ def sample_blocks(
     (no fp32 comparison on a GPU was made). That run's capture read the step's position ids from a
     tensor freed after the step; they are now an input of the graph, and the new capture has not
     been measured on a GPU. The pipeline runs it only under the `graphs` plan, which warns that it is
-    experimental (tests/model/test_plans_gpu.py compares it with eager where CUDA is present)."""
+    experimental (tests/musicgen/runtime/test_plans.py compares it with eager where CUDA is present)."""
     if cuda_graph:
         buffered_cache = batch_branches = True
     device, dtype = text.device, next(model.parameters()).dtype

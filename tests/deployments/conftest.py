@@ -11,7 +11,7 @@ import redis
 from deployments.service.redis_server import EmbeddedRedis
 
 # Submissions the API refuses, as (change to a valid 8 s song, HTTP status, error code): checked on
-# the API alone (test_api) and through the Ray Serve proxy (test_serve_app).
+# the API alone (service/api/test_api.py) and through the Ray Serve proxy (serve/test_app.py).
 BAD_SUBMISSIONS = [
     ({"lyrics": "[00:75.00]bad"}, 422, "INVALID_LYRICS"),
     ({"lyrics": "la\n" * 400}, 422, "INVALID_LYRICS"),  # 401 lines
@@ -316,3 +316,17 @@ async def eventually(condition, timeout: float = 20.0, what: str = "condition"):
             return value
         await asyncio.sleep(0.02)
     raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def params(**kw):
+    """The SongParams of a short song for the tiny model (the validator's output), with `kw` changed."""
+    from deployments.service.params import SongParams
+    from musicgen.lyrics.frontend import LyricsFrontEnd
+    from musicgen.registry import MODELS
+
+    fe = LyricsFrontEnd.from_assets()
+    frames = fe.encode("[00:01.00]Hello there\n[00:03.00]good night", MODELS["tiny"], 8)
+    base = dict(model="tiny", duration_s=8, lrc=frames.lrc, tokens=frames.tokens.tolist(),
+                song_duration=frames.song_duration, seed=4, num_takes=2, steps=3, output_format="flac",
+                style_prompt="calm piano")  # fmt: skip
+    return SongParams(**{**base, **kw})

@@ -16,7 +16,7 @@ import redis
 
 from deployments.service.storage import LocalStorage
 from tests.conftest import ROOT
-from tests.deployments.test_api import LiveApi, make_services
+from tests.deployments.service.api.conftest import LiveApi, make_services
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -22,7 +22,7 @@ from deployments.service.api import create_api
 from deployments.service.settings import Quotas
 from deployments.service.storage import LocalStorage
 from deployments.service.store import KeyStore
-from tests.deployments.test_api import make_services
+from tests.deployments.service.api.conftest import make_services
 
 EXAMPLES = int(os.environ.get("MUSICGEN_FUZZ_EXAMPLES", "25"))
 

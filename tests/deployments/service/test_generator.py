@@ -13,8 +13,7 @@ from deployments.service.settings import AppArgs
 from deployments.service.storage import LocalStorage
 from deployments.service.store import AsyncJobStore, JobState, JobStore
 from musicgen.errors import ModelNotAvailable
-from tests.deployments.conftest import eventually
-from tests.deployments.test_runner import params
+from tests.deployments.conftest import eventually, params
 
 
 class Clock:

@@ -20,7 +20,7 @@ from deployments.service.api.songs import quota_error
 from deployments.service.settings import Quotas
 from deployments.service.storage import LocalStorage
 from deployments.service.store import JobStore, KeyStore, QuotaExceeded, utc_day
-from tests.deployments.test_api import SONG, LiveApi, make_services, sse_events, wait_done
+from tests.deployments.service.api.conftest import SONG, LiveApi, make_services, sse_events, wait_done
 
 SECONDS_PER_JOB = 45.0  # the queue's ETA per song, which Retry-After of the jobs-at-once quotas uses
 QUOTAS = Quotas(requests_per_minute=600, burst=200)  # the service's defaults in these tests

@@ -14,10 +14,7 @@ from fastapi.testclient import TestClient
 
 from deployments.service.api import create_api
 from deployments.service.storage import LocalStorage
-from tests.deployments import test_api
-from tests.deployments.test_api import SONG, make_services
-
-service = test_api.service  # the fixture: the API on a real Redis with the tiny model
+from tests.deployments.service.api.conftest import SONG, make_services
 
 
 def _error(r, status: int, code: str) -> dict:

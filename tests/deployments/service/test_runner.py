@@ -9,12 +9,10 @@ import pytest
 import redis
 import soundfile as sf
 
-from deployments.service.params import SongParams
 from deployments.service.runner import JobRunner
 from deployments.service.storage import LocalStorage
 from deployments.service.store import JobState, JobStore, StoreUnavailable
-from musicgen.lyrics.frontend import LyricsFrontEnd
-from musicgen.registry import MODELS
+from tests.deployments.conftest import params
 
 
 @pytest.fixture()
@@ -25,15 +23,6 @@ def runner(server, pipe, tmp_path):
     return JobRunner(
         store, pipe, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"), "w1"
     )
-
-
-def params(**kw) -> SongParams:
-    fe = LyricsFrontEnd.from_assets()
-    frames = fe.encode("[00:01.00]Hello there\n[00:03.00]good night", MODELS["tiny"], 8)
-    base = dict(model="tiny", duration_s=8, lrc=frames.lrc, tokens=frames.tokens.tolist(),
-                song_duration=frames.song_duration, seed=4, num_takes=2, steps=3, output_format="flac",
-                style_prompt="calm piano")  # fmt: skip
-    return SongParams(**{**base, **kw})
 
 
 def test_success_stores_takes_and_records_once(runner):

@@ -3,7 +3,7 @@ the RayService's serve config goes through Ray Serve's own schema and equals ser
 HTTP host aside), the launcher configs through Ray's cluster-launcher schema, the compose file names
 the images the Dockerfile builds, and the Dockerfile takes its Python dependencies from pyproject.toml.
 (The Grafana dashboard's metric names are checked against a running app in
-tests/deployments/test_serve_app.py.)"""
+tests/deployments/serve/test_app.py.)"""
 
 from __future__ import annotations
 
