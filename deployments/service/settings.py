@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.service.netguard import parse_allow
+from musicgen import env as musicgen_env
 
 # -- defaults (each named once; AppArgs, the job store, the wire schemas and the API read them here) --
 LEASE_S = 30.0  # a worker renews its job's lease every lease/3 s; a lost worker's job is re-queued after it
@@ -64,7 +65,6 @@ ENV = {
     "MUSICGEN_S3_ENDPOINT_URL": "the S3 endpoint of a non-AWS service (MinIO, R2, ...); AWS_* credentials",
     "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
     "MUSICGEN_MODELS": "more models served beside it, comma-separated (e.g. diffrhythm-2): a generator each",
-    "MUSICGEN_CACHE_DIR": "weights cache (default ./models/cache)",
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
     "MUSICGEN_GENERATOR_GPUS": "GPUs per generator replica (generator_gpus), e.g. 1 on a cluster that scales GPU nodes from 0",
     "MUSICGEN_API_KEYS": "keys registered at start: name:role:secret entries (secrets from `musicgen keys secret`)",
@@ -249,6 +249,8 @@ def describe() -> str:
     lines += [f"  {name:<{width}}  {'unset' if value is None else repr(value)}" for name, value in rows]
     lines += ["", "environment (fills args that are unset):"]
     lines += [f"  {name}: {meaning}" for name, meaning in ENV.items()]
+    lines += ["", "environment of the library the service runs (musicgen/env.py):"]
+    lines += [f"  {var.name}: {var.meaning} (unset: {var.default})" for var in musicgen_env.ALL]
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import redis
 import redis.asyncio
@@ -293,8 +293,22 @@ class JobOps:
         return bool((yield Call("ping")))
 
 
+class StoreOptions(TypedDict, total=False):
+    """What a job store may be given besides its client (each defaults to the service's setting)."""
+
+    retention_s: int  # finished jobs, their events and files are kept this long
+    lease_s: float  # a worker's lease on its job (renewed every lease_s / 3)
+    max_attempts: int  # runs of a job whose worker is lost before it fails with WORKER_LOST
+
+
 class _Settings:
-    def _configure(self, retention_s: int, lease_s: float, max_attempts: int) -> None:
+    def _configure(
+        self,
+        *,
+        retention_s: int = settings.RETENTION_S,
+        lease_s: float = settings.LEASE_S,
+        max_attempts: int = settings.MAX_ATTEMPTS,
+    ) -> None:
         self.retention_s, self.lease_s, self.max_attempts = retention_s, lease_s, max_attempts
         self._last_progress: dict[str, float] = {}
 
@@ -302,20 +316,13 @@ class _Settings:
 class JobStore(JobOps, UploadOps, RetentionOps, WebhookOps, GeneratorOps, _Settings, OnSync):
     """The protocol on a blocking client: for the GPU worker, whose jobs run on threads."""
 
-    def __init__(
-        self,
-        client: redis.Redis | SyncDriver,
-        *,
-        retention_s: int = settings.RETENTION_S,
-        lease_s: float = settings.LEASE_S,
-        max_attempts: int = settings.MAX_ATTEMPTS,
-    ):
+    def __init__(self, client: redis.Redis | SyncDriver, **options: Unpack[StoreOptions]):
         self.driver: SyncDriver = client if isinstance(client, SyncDriver) else SyncDriver(client)
-        self._configure(retention_s, lease_s, max_attempts)
+        self._configure(**options)
 
     @classmethod
-    def from_url(cls, url: str, **kw: Any) -> JobStore:
-        return cls(SyncDriver.from_url(url), **kw)
+    def from_url(cls, url: str, **options: Unpack[StoreOptions]) -> JobStore:
+        return cls(SyncDriver.from_url(url), **options)
 
     def close(self) -> None:
         self.driver.close()
@@ -325,20 +332,15 @@ class AsyncJobStore(JobOps, UploadOps, RetentionOps, WebhookOps, GeneratorOps, _
     """The protocol on `redis.asyncio`: for the ingress's event loop. Every method returns an
     awaitable of what JobStore's returns. Use it from one event loop only."""
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis | AsyncDriver,
-        *,
-        retention_s: int = settings.RETENTION_S,
-        lease_s: float = settings.LEASE_S,
-        max_attempts: int = settings.MAX_ATTEMPTS,
-    ):
+    def __init__(self, client: redis.asyncio.Redis | AsyncDriver, **options: Unpack[StoreOptions]):
         self.driver: AsyncDriver = client if isinstance(client, AsyncDriver) else AsyncDriver(client)
-        self._configure(retention_s, lease_s, max_attempts)
+        self._configure(**options)
 
     @classmethod
-    def from_url(cls, url: str, *, max_connections: int = 32, **kw: Any) -> AsyncJobStore:
-        return cls(AsyncDriver.from_url(url, max_connections=max_connections), **kw)
+    def from_url(
+        cls, url: str, *, max_connections: int = 32, **options: Unpack[StoreOptions]
+    ) -> AsyncJobStore:
+        return cls(AsyncDriver.from_url(url, max_connections=max_connections), **options)
 
     @contextlib.asynccontextmanager
     async def notifications(self) -> AsyncIterator[AsyncIterator[JobEvent]]:

@@ -123,7 +123,7 @@ def test_the_settings_listing_names_every_arg_with_its_default():
     for name in AppArgs.model_fields:
         assert f"\n  {name}" in text
     assert "  lease_s" in text and "30.0" in text and "quotas.songs_per_day" in text
-    assert "MUSICGEN_API_KEYS:" in text
+    assert "MUSICGEN_API_KEYS:" in text and "MUSICGEN_CACHE_DIR:" in text  # the library's too
 
 
 @pytest.mark.parametrize("timeout_s", [None, 600.0, 3600.0])
