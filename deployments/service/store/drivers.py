@@ -6,7 +6,7 @@ caller depends on redis-py's exceptions."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import redis
@@ -46,6 +46,24 @@ def client_options(retry_class: Callable[..., Any]) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _unavailable(steps: Steps[Any]) -> Iterator[None]:
+    """A Redis error while the steps run: the steps are closed and the caller gets StoreUnavailable."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        steps.close()
+        raise StoreUnavailable.wrapping(exc) from exc
+
+
+def _advance(steps: Steps[R], reply: Any) -> tuple[bool, Any]:
+    """Send the last step's reply in (None at the start): (True, the next step) or (False, the result)."""
+    try:
+        return True, steps.send(reply)
+    except StopIteration as done:
+        return False, done.value
+
+
 class SyncDriver:
     def __init__(self, client: redis.Redis):
         self.client = client
@@ -58,16 +76,12 @@ class SyncDriver:
         return cls(redis.Redis.from_url(url, **client_options(Retry)))
 
     def run(self, steps: Steps[R]) -> R:
-        try:
-            step = next(steps)
-            while True:
-                step = steps.send(self._run_step(step))
-        except StopIteration as done:
-            result: R = done.value
+        with _unavailable(steps):
+            more, value = _advance(steps, None)
+            while more:
+                more, value = _advance(steps, self._run_step(value))
+            result: R = value  # the steps' return value
             return result
-        except redis.RedisError as exc:
-            steps.close()
-            raise StoreUnavailable.wrapping(exc) from exc
 
     def _run_step(self, step: Step) -> Any:
         if isinstance(step, Script):
@@ -100,16 +114,12 @@ class AsyncDriver:
         return cls(redis.asyncio.Redis(connection_pool=pool))
 
     async def run(self, steps: Steps[R]) -> R:
-        try:
-            step = next(steps)
-            while True:
-                step = steps.send(await self._run_step(step))
-        except StopIteration as done:
-            result: R = done.value
+        with _unavailable(steps):
+            more, value = _advance(steps, None)
+            while more:
+                more, value = _advance(steps, await self._run_step(value))
+            result: R = value
             return result
-        except redis.RedisError as exc:
-            steps.close()
-            raise StoreUnavailable.wrapping(exc) from exc
 
     async def _run_step(self, step: Step) -> Any:
         if isinstance(step, Script):
