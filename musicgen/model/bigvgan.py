@@ -39,7 +39,7 @@ class DecoderConfig:
     snake_logscale: bool = True
     use_tanh_at_final: bool = True  # the official defaults when the keys are absent
     use_bias_at_final: bool = True
-    sampling_rate: int = 48_000
+    sampling_rate: int = 48_000  # Hz of the audio: decoder.json must give it
 
     @classmethod
     def from_json(cls, raw: dict) -> DecoderConfig:
@@ -49,6 +49,10 @@ class DecoderConfig:
             raise ValueError(f"resblock {raw['resblock']!r} is not supported (the release uses '1')")
         if raw.get("activation", "snakebeta") not in ("snake", "snakebeta"):
             raise ValueError(f"activation {raw['activation']!r} is not snake or snakebeta")
+        rate = raw.get("sampling_rate")
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+            # the official script writes its audio at this rate: there is no default to fall back on
+            raise ValueError(f"sampling_rate must be a positive whole number of Hz, got {rate!r}")
         keys = {f for f in cls.__dataclass_fields__}
         args = {k: v for k, v in raw.items() if k in keys}
         for k in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes"):

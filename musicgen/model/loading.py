@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from musicgen.errors import CheckpointMismatch
+from musicgen.errors import CheckpointMismatch, ModelNotAvailable
 from musicgen.model.dit import DiT, DiTConfig
 from musicgen.model.vae import SongVAE
 
@@ -20,6 +20,9 @@ PREFIX = "transformer."
 DIT_FILE = "cfm_model.pt"  # a DiffRhythm 1 DiT
 VAE_FILE = "vae_model.pt"  # the DiffRhythm 1 VAE (TorchScript)
 DR2_DIT_FILES = ("model.json", "model.safetensors")  # the DiffRhythm 2 DiT: its configuration and weights
+# where a DiffRhythm 2 DiT's configuration is looked for, in order: the official file, then the name some
+# third-party loaders fetch it under
+DR2_CONFIG_FILES = (DR2_DIT_FILES[0], "config.json")
 DR2_DECODER_FILES = ("decoder.json", "decoder.bin")  # its BigVGAN decoder: configuration and weights
 DR2_FILES = DR2_DIT_FILES + DR2_DECODER_FILES
 
@@ -128,16 +131,70 @@ def _assign_strictly(build, state: dict[str, torch.Tensor], weights: str, config
     return model
 
 
+def dr2_config_file(folder: Path) -> Path:
+    """The DiT configuration in `folder`: model.json, else config.json."""
+    for name in DR2_CONFIG_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelNotAvailable(
+        f"{folder} has neither {' nor '.join(DR2_CONFIG_FILES)}: no DiffRhythm 2 configuration to read"
+    )
+
+
+def check_dr2_weights(cfg, state: dict[str, torch.Tensor], weights: str, config: str) -> None:
+    """What the tensors of a DiT checkpoint (keys without `transformer.`) say about the configuration,
+    checked against it: a CheckpointMismatch names the field, its value in `config` and what the weights
+    say. Keys that are absent are left to strict loading; `block_size` leaves no trace in the weights."""
+
+    def refuse(field: str, value, found: str):
+        raise CheckpointMismatch(
+            f"{weights} does not fit {config}: {field} is {value} in {config}, but {found}",
+            details={"field": field, "config": value, "file": config},
+        )
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        return tuple(state[key].shape) if key in state else None
+
+    proj_2 = shape("input_embed.proj_2.weight")  # (dim, 512)
+    if proj_2 is not None and proj_2[0] != cfg.dim:
+        refuse("dim", cfg.dim, f"the input projection of the weights is {proj_2[0]} wide")
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
+    if blocks and len(blocks) != cfg.depth:
+        refuse("depth", cfg.depth, f"the weights have {len(blocks)} transformer blocks")
+    q_norm = shape("transformer_blocks.0.self_attn.q_norm.weight")  # (head size,)
+    if q_norm is not None and q_norm[0] != cfg.head_dim:
+        whole = q_norm[0] and cfg.dim % q_norm[0] == 0
+        heads = str(cfg.dim // q_norm[0]) if whole else "no whole number of"
+        refuse("heads", cfg.heads, f"the weights' q/k norms are {q_norm[0]} wide (head size dim / heads), "
+               f"so dim {cfg.dim} makes {heads} heads")  # fmt: skip
+    gate = shape("transformer_blocks.0.mlp.gate_proj.weight")  # (dim * ff_mult, dim)
+    if gate is not None and gate[0] != cfg.dim * cfg.ff_mult:
+        refuse(
+            "ff_mult",
+            cfg.ff_mult,
+            f"the weights' MLP is {gate[0]} wide ({gate[0] / cfg.dim:g} x dim {cfg.dim})",
+        )
+    latent = shape("latent_embed.0.weight")  # (512, mel_dim)
+    if latent is not None and latent[1] != cfg.mel_dim:
+        refuse("mel_dim", cfg.mel_dim, f"the weights' latent embedding takes {latent[1]} channels")
+    table = shape("text_embed.text_embed.weight")  # (text_num_embeds + 1, 512): row 0 is the filler
+    if table is not None and table[0] != cfg.text_num_embeds + 1:
+        refuse("text_num_embeds", cfg.text_num_embeds,
+               f"the weights' text embedding has {table[0]} rows ({table[0] - 1} tokens and the filler)")  # fmt: skip
+
+
 def load_dr2(folder: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32):
-    """A DiffRhythm 2 DiT from `model.json` (its configuration, as the official loader reads it) and
-    `model.safetensors` (keys `transformer.*`), loaded strictly."""
+    """A DiffRhythm 2 DiT from its configuration (`model.json`, as the official loader reads it, else
+    `config.json`) and `model.safetensors` (keys `transformer.*`): what the weights say about the
+    configuration is checked first (`check_dr2_weights`), then they are loaded strictly."""
     from safetensors.torch import load_file
 
     from musicgen.model.dr2_dit import DR2Config, DR2DiT
 
     folder = Path(folder)
-    config, weights = DR2_DIT_FILES
-    cfg = _read_config(DR2Config, folder / config)
+    config_path = dr2_config_file(folder)
+    config, weights = config_path.name, DR2_DIT_FILES[1]
+    cfg = _read_config(DR2Config, config_path)
     try:
         state = load_file(str(folder / weights))
     except Exception as exc:
@@ -148,6 +205,7 @@ def load_dr2(folder: str | Path, *, device: torch.device, dtype: torch.dtype = t
     if stray:
         raise CheckpointMismatch(f"{weights}: keys outside '{PREFIX}': {stray[:3]}")
     state = {k[len(PREFIX) :]: v for k, v in state.items()}
+    check_dr2_weights(cfg, state, weights, config)
     return _assign_strictly(lambda: DR2DiT(cfg), state, weights, config).to(device=device, dtype=dtype).eval()
 
 
