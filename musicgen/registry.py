@@ -24,7 +24,10 @@ from musicgen.model.loading import DIT_FILE, DR2_DIT_FILES, DR2_FILES, VAE_FILE
 from musicgen.model.sampler import SamplerSettings
 from musicgen.model.vae import FRAMES_PER_SECOND, SAMPLE_RATE
 
-# DiffRhythm 2: 5 latent frames a second, decoded by BigVGAN to 48 kHz (9600 samples a frame)
+# DiffRhythm 2: 5 latent frames a second, decoded by BigVGAN to 48 kHz (9600 samples a frame). The
+# sample rate is what the model card says, for help texts and limits before a model is loaded; a loaded
+# pipeline's audio is at its decoder.json's sampling_rate (DR2Pipeline.sample_rate), and a decoder whose
+# rate does not make these 5 frames a second is refused (musicgen.pipelines.dr2.check_decoder_rate).
 DR2_FRAMES_PER_SECOND = 5
 DR2_SAMPLE_RATE = 48_000
 DR2_REPO = "ASLP-lab/DiffRhythm2"
@@ -62,7 +65,7 @@ class Defaults:
 class Limits:
     min_steps: int  # sampling steps at the least
     frames_per_second: float  # latent frames per second of audio
-    sample_rate: int  # of the audio the pipeline returns
+    sample_rate: int  # of the audio, as the model card says (a loaded DiffRhythm 2 uses decoder.json's)
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ class ModelSpec:
 
     @property
     def sample_rate(self) -> int:
+        """The audio's rate as the model card gives it (a result's own `sample_rate` is what it is)."""
         return self.family.limits.sample_rate
 
     def check_duration(self, seconds: float) -> None:

@@ -228,16 +228,14 @@ def save_dr2(model, folder: str | Path) -> Path:
 
 def load_bigvgan(folder: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32):
     """The DiffRhythm 2 decoder from `decoder.json` and `decoder.bin` (`{"generator": state dict}` with
-    weight-norm pairs, as the official Generator reads it), strictly; the weight norm fused."""
+    weight-norm pairs, as the official Generator reads it), strictly; the weight norm fused. Its audio
+    is at the file's `sampling_rate`, `hop` samples a latent frame (whether that fits the DiT's latent
+    rate is the pipeline's to check)."""
     from musicgen.model.bigvgan import BigVGAN, DecoderConfig, fuse_weight_norm
 
     folder = Path(folder)
     config, weights = DR2_DECODER_FILES
     cfg = _read_config(DecoderConfig, folder / config)
-    if cfg.hop != 9600:
-        raise CheckpointMismatch(
-            f"{config}: upsampling rates multiply to {cfg.hop}, not 9600 samples per frame"
-        )
     try:
         ckpt = torch.load(folder / weights, map_location="cpu", weights_only=True)
     except Exception as exc:

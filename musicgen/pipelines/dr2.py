@@ -7,6 +7,8 @@ Choices (the official script's behaviour where it is not a bug, see musicgen/mod
 - the duration is int(seconds * 5) frames, sampled in whole 10-frame blocks as the official code does,
   decoded whole (the official chunk layout) and then cut to the requested length (the official script
   returns the whole last block: a 95 s request gave 96 s);
+- the audio is at decoder.json's sampling_rate, `hop` samples (the product of its upsample_rates) a
+  latent frame; a decoder whose rate over hop is not the DiT's 5 frames a second is refused at load;
 - stereo is the official fake stereo (right = 0.8 x left, 10 ms later) of the decoder's mono; there is
   no normalisation (the decoder clamps to [-1, 1]), as in the official script;
 - takes of one request and requests with the same text length, block count, steps and guidance are
@@ -23,8 +25,8 @@ from pathlib import Path
 import torch
 
 from musicgen import hub
-from musicgen.errors import InvalidParameter, ModelNotAvailable, OutOfMemory
-from musicgen.model.bigvgan import BigVGAN, decode_chunked, fake_stereo
+from musicgen.errors import CheckpointMismatch, InvalidParameter, ModelNotAvailable, OutOfMemory
+from musicgen.model.bigvgan import BigVGAN, DecoderConfig, decode_chunked, fake_stereo
 from musicgen.model.dr2_dit import COND_DIM, DR2DiT, time_features
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks
 from musicgen.model.loading import load_bigvgan, load_dr2
@@ -33,6 +35,21 @@ from musicgen.pipelines.base import MAX_TAKES, Pipeline, Progress, ProgressCallb
 from musicgen.registry import MULAN_REPO, ModelSpec
 from musicgen.runtime.device import resolve_device, resolve_dtype
 from musicgen.runtime.plans import ExecutionPlan, apply_execution, resolve_execution
+
+
+def check_decoder_rate(cfg: DecoderConfig, spec: ModelSpec) -> None:
+    """The decoder must turn one latent frame into as much audio as the pipeline counts it for: the
+    DiT's `spec.frames_per_second` frames a second, each decoded to `cfg.hop` samples (the product of
+    decoder.json's upsample_rates) at decoder.json's sampling_rate. Otherwise songs would come out of
+    the wrong length; this refuses such a decoder, naming both rates."""
+    if cfg.sampling_rate != spec.frames_per_second * cfg.hop:
+        raise CheckpointMismatch(
+            f"decoder.json does not fit {spec.name}: its sampling_rate {cfg.sampling_rate} over a hop of "
+            f"{cfg.hop} samples (the product of its upsample_rates) is {cfg.sampling_rate / cfg.hop:g} "
+            f"frames a second, but {spec.name}'s DiT makes {spec.frames_per_second:g} latent frames a second",
+            details={"sampling_rate": cfg.sampling_rate, "hop": cfg.hop,
+                     "frames_per_second": spec.frames_per_second},
+        )  # fmt: skip
 
 
 def _compile_probe(dit: DR2DiT, device: torch.device):
@@ -68,6 +85,8 @@ class DR2Pipeline(Pipeline):
                  device: torch.device, plan: ExecutionPlan | None = None):  # fmt: skip
         self.spec, self.dit, self.decoder, self.style_encoder = spec, dit, decoder, style_encoder
         self.device = device
+        check_decoder_rate(decoder.cfg, spec)
+        self.sample_rate = decoder.cfg.sampling_rate  # decoder.json's: the audio's rate
         self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device, spec.family)
         self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
 
@@ -195,14 +214,14 @@ class DR2Pipeline(Pipeline):
                     [decode_chunked(self.decoder, r[None])[0] for r in rows], batch_first=True
                 )
             mono = mono[:, : item.frames * hop]  # the requested length (the sampler fills whole blocks)
-            audio = fake_stereo(mono, self.spec.sample_rate).cpu()
+            audio = fake_stereo(mono, self.sample_rate).cpu()
             self._sync()
             latents = torch.nn.utils.rnn.pad_sequence([r.float().cpu() for r in rows], batch_first=True)
             timings = {
                 "style_s": item.style_s, "sampling_s": sampling_s, "decoding_s": time.perf_counter() - t2,
                 "total_s": time.perf_counter() - item.t0, "batch_requests": len(batch), "batch_takes": takes,
             }  # fmt: skip
-            result = SongResult(audio=audio, latents=latents, seeds=item.seeds, sample_rate=self.spec.sample_rate,
+            result = SongResult(audio=audio, latents=latents, seeds=item.seeds, sample_rate=self.sample_rate,
                                 timings=timings)  # fmt: skip
             try:
                 item.report(Progress("decoding", 1.0))

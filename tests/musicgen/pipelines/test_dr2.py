@@ -156,3 +156,35 @@ def test_strict_loading_refuses_a_checkpoint_that_does_not_fit(tmp_path, offline
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointMismatch, match="not a readable safetensors"):
         load_dr2(bad, device=torch.device("cpu"))
+
+
+def tiny_decoder(tmp_path, **changes):
+    """A tiny decoder like tiny-2's, with these decoder.json fields, written and loaded from the files."""
+    from musicgen.model.bigvgan import BigVGAN, DecoderConfig
+    from musicgen.model.loading import load_bigvgan, save_bigvgan
+
+    cfg = DecoderConfig(upsample_initial_channel=64, resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),),
+                        use_tanh_at_final=False, use_bias_at_final=False, **changes)  # fmt: skip
+    torch.manual_seed(0)
+    return load_bigvgan(save_bigvgan(BigVGAN(cfg), tmp_path / "decoder"), device=torch.device("cpu"))
+
+
+def test_the_audio_is_at_the_sample_rate_of_decoder_json(pipe, front, tmp_path):
+    # 24 kHz and 4800 samples a frame (one 2x stage fewer): still the DiT's 5 frames a second
+    decoder = tiny_decoder(tmp_path, sampling_rate=24_000, upsample_rates=(10, 10, 8, 3, 2),
+                           upsample_kernel_sizes=(20, 20, 16, 7, 4))  # fmt: skip
+    half = DR2Pipeline(pipe.spec, pipe.dit, decoder, pipe.style_encoder, torch.device("cpu"))
+    assert half.sample_rate == 24_000 and pipe.sample_rate == 48_000
+    result = half.generate(request(front, seconds=4.4, seed=3))
+    assert result.sample_rate == 24_000 and result.audio.shape == (1, 2, 22 * 4800)
+    assert result.seconds == pytest.approx(4.4)
+    left, right = result.audio[0]
+    assert torch.equal(right[:240], torch.zeros(240))  # the fake stereo's 10 ms at 24 kHz
+    assert torch.equal(right[240:], torch.tensor(0.8) * left[:-240])
+
+
+def test_a_decoder_that_does_not_make_5_frames_a_second_is_refused(pipe, tmp_path):
+    decoder = tiny_decoder(tmp_path, sampling_rate=96_000)  # 9600 samples a frame: 10 frames a second
+    with pytest.raises(CheckpointMismatch, match="sampling_rate 96000 over a hop of 9600 .* is 10 frames a second, "
+                       "but tiny-2's DiT makes 5 latent frames a second"):  # fmt: skip
+        DR2Pipeline(pipe.spec, pipe.dit, decoder, pipe.style_encoder, torch.device("cpu"))
