@@ -321,7 +321,11 @@ class DR2Engine:
             self._retire(take)
 
     def step(self) -> bool:
-        """Admit, sample one tick, retire. False when there was nothing to sample."""
+        """Admit, sample one tick, retire, then call the on_block callbacks of the blocks that became
+        final (the engine is consistent by then; a callback that raises ends step() there, and the
+        callbacks after it in this tick are not called). False when there was nothing to sample. If
+        the model raises (out of memory, say), step() raises with no take changed and may be called
+        again."""
         for take in [t for t in self._running if t.handle._cancel_asked]:
             take.handle.canceled = True
             self._retire(take)
@@ -332,7 +336,16 @@ class DR2Engine:
         if not self._running:
             return False
         with torch.inference_mode():
-            self._text_pass(joiners)
+            try:
+                self._text_pass(joiners)
+            except BaseException:
+                for take in reversed(joiners):  # back at the head of the queue, in order: step() may retry
+                    self._retire(take)
+                    take.blk = take.k = 0
+                    self._waiting.appendleft(take)
+                raise
+            # a failed tick changes no take: what it wrote lies past every row's kept tokens, or (a
+            # cache pass) is written again when the tick is retried
             final = self._tick()
         for take, blk, x in final:
             self._finish_block(take, blk, x)

@@ -237,3 +237,30 @@ def test_the_slot_cache_keeps_active_rows_first():
     cache.reserve(4, 6)  # grown: the active rows are kept
     assert cache.k[0].shape == (4, 1, 6, 2) and cache.k[0][1, 0, :3].eq(3).all()
     assert cache.nbytes() == 4 * 6 * cache.bytes_per_token == 4 * 6 * 2 * 2 * 4
+
+
+def test_a_failed_call_changes_no_take_and_step_can_be_retried(model, monkeypatch):
+    engine = DR2Engine(model, device="cpu")
+    takes = [take(81, 30, 2), take(82, 12, 3, cfg=0.0), take(83, 44, 2, steps=3)]
+    handles = [engine.submit(*t) for t in takes[:2]]
+    for _ in range(3):
+        engine.step()
+    handles.append(engine.submit(*takes[2]))
+    forward, calls = model.forward, []
+
+    def failing(*a, **kw):  # the first call fails (the text pass), then the second (a tick)
+        calls.append(1)
+        if len(calls) in (1, 3):
+            raise RuntimeError("out of memory (simulated)")
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    assert engine.waiting == 1 and engine.running == 2 and engine.cache.active == 3
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()  # the text pass ran, the tick failed
+    monkeypatch.undo()
+    engine.run_until_idle()
+    for h, t in zip(handles, takes, strict=True):
+        assert_close(h.result(), alone(model, t))
