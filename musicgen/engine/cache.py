@@ -41,9 +41,13 @@ class SlotCache:
     def nbytes(self) -> int:
         return self.slots * self.capacity * self.bytes_per_token
 
-    def reserve(self, slots: int, capacity: int) -> None:
-        """Grow the buffers to at least `slots` x `capacity` tokens, keeping the active rows' contents."""
-        slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
+    def resize(self, slots: int, capacity: int) -> None:
+        """Make the buffers `slots` x `capacity` tokens (slots >= active, capacity never smaller),
+        keeping the active rows' contents (one copy of each, only when the size changes)."""
+        if slots < self.active or capacity < self.capacity:
+            raise ValueError(
+                f"cannot hold {self.active} rows of {self.capacity} tokens in {slots} x {capacity}"
+            )
         if slots == self.slots and capacity == self.capacity:
             return
         shape = (slots, self.heads, capacity, self.head_dim)
@@ -63,7 +67,7 @@ class SlotCache:
         self.k, self.v, self.slots, self.capacity = [], [], 0, 0
 
     def add(self) -> int:
-        """Take the next free slot; the caller has reserved room for it."""
+        """Take the next free slot; the caller has resized the buffers for it."""
         if self.active >= self.slots:
             raise RuntimeError(f"no free slot ({self.slots} allocated)")
         self.active += 1

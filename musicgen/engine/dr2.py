@@ -198,10 +198,12 @@ class DR2Engine:
             slots, capacity = slots + take.branches, cap
         if not joiners:
             return joiners
-        alloc = max(slots, 2 * self.cache.slots)
+        # slots grow by doubling when more are needed; the budget caps what is allocated (a larger
+        # capacity may leave room for fewer slots than are allocated: then fewer are kept)
+        alloc = self.cache.slots if slots <= self.cache.slots else max(slots, 2 * self.cache.slots)
         if self.memory_budget_bytes is not None:
             alloc = max(slots, min(alloc, self.memory_budget_bytes // (capacity * self.bytes_per_token)))
-        self.cache.reserve(alloc, capacity)
+        self.cache.resize(alloc, capacity)
         for take in joiners:
             for branch in range(take.branches):
                 take.slots.append(self.cache.add())

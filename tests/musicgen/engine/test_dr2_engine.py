@@ -227,16 +227,31 @@ def test_submit_checks_shapes_and_the_pass_time_rounding(model):
 
 def test_the_slot_cache_keeps_active_rows_first():
     cache = SlotCache(depth=1, heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
-    cache.reserve(4, 3)
+    cache.resize(4, 3)
     for i in range(4):
         assert cache.add() == i
         cache.k[0][i] = i
     assert cache.free(1) == 3 and cache.active == 3  # the last row moved into the freed slot
     assert [cache.k[0][s, 0, 0, 0].item() for s in range(3)] == [0, 3, 2]
     assert cache.free(2) is None and cache.active == 2
-    cache.reserve(4, 6)  # grown: the active rows are kept
+    cache.resize(4, 6)  # grown: the active rows are kept
     assert cache.k[0].shape == (4, 1, 6, 2) and cache.k[0][1, 0, :3].eq(3).all()
     assert cache.nbytes() == 4 * 6 * cache.bytes_per_token == 4 * 6 * 2 * 2 * 4
+    cache.resize(2, 6)  # unused slots can be given back, active ones cannot
+    with pytest.raises(ValueError):
+        cache.resize(1, 6)
+
+
+def test_takes_joining_one_by_one_grow_the_cache_by_doubling_only_when_needed(model):
+    engine = DR2Engine(model, device="cpu")
+    most = 0
+    for i in range(6):
+        engine.submit(*take(90 + i, 20, 6, steps=3))
+        engine.step()
+        engine.step()
+        most = max(most, engine.cache.active)
+        assert engine.cache.slots <= 2 * most and engine.cache.capacity == 20 + 6 * BS
+    assert engine.cache.slots == 16 and most == 12  # 2, 4, 8, 16 slots, never more
 
 
 def test_a_failed_call_changes_no_take_and_step_can_be_retried(model, monkeypatch):
