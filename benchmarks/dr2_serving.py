@@ -9,7 +9,9 @@ simulated clock: a mode's clock advances by the measured time of each call it ma
 next arrival when it has nothing to do, so no time is slept. Time to finish = finish - arrival.
 Every request of the grouped and engine modes is compared with the same request sampled alone (the
 one-at-a-time mode) and the max abs difference printed. Peak memory: the largest resident set size
-sampled after each call (CPU), or torch.cuda.max_memory_allocated (CUDA).
+sampled after each call (CPU: the whole process's, so a mode also counts what the allocator kept from
+the modes before it; they run in the order given), or torch.cuda.max_memory_allocated (CUDA, reset
+before each mode).
 
     python benchmarks/dr2_serving.py --requests 8 --dim 512 --depth 8
     python benchmarks/dr2_serving.py --device cuda --dtype bf16 --dim 2048 --depth 16 --requests 4 16 64 \
