@@ -263,7 +263,9 @@ def main() -> None:
             ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("songs per hour")
-        ax.set_title(f"DiffRhythm 2 sampling, {name}, {str(dtype)[6:]}, dim {cfg.dim} depth {cfg.depth}")
+        ax.set_title(
+            f"DiffRhythm 2 sampling, {name}, {str(dtype)[6:]}, dim {cfg.dim} depth {cfg.depth}", fontsize=9
+        )
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
