@@ -1,8 +1,9 @@
 """DR2Engine on the tiny DiffRhythm 2 (musicgen.tiny, loaded from its official files), fp32 on the CPU:
 every take's latents within 1e-5 (max abs) of the same take sampled alone by sample_blocks, with mixed
 lyrics lengths (none included), block counts, step counts and guidance (cfg 0 included); takes that
-join after a few ticks or are canceled mid-way; the end-of-song cut; on_block; admission under a memory
-budget (first come, first served) and the takes refused at submit.
+join after a few ticks or are canceled mid-way; a 210 s take; the end-of-song cut; on_block; admission
+under a memory budget (first come, first served) and the takes refused at submit; a failed model call
+(retried); the slot cache's compaction and growth.
 
 The tiny model's random weights never reach the end-of-song marker by themselves, so the end of song
 is tested on a crafted case: the same model with its output projection scaled by 1e-3 (velocities
