@@ -170,6 +170,7 @@ class BlockCache:
         self.capacity = capacity
         self.kept = [0] * depth  # buffered mode: tokens kept (text + history) per layer
         self.mode = "step"
+        self.key_mask: torch.Tensor | None = None  # every key is attended to (one length per batch)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.capacity is not None:
@@ -232,11 +233,16 @@ class Attention(nn.Module):
         """x (b, n, d) -> q, k, v, each (b, n, d)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q (b, h, n, e), k and v (b, h, m, e) -> (b, h, n, e). The official call passes an all-True
-        boolean mask: full attention either way, but SDPA may not take its fastest kernel with it."""
-        b, _, n, _ = q.shape
-        mask = torch.ones(b, 1, n, k.shape[-2], dtype=torch.bool, device=q.device)
+        boolean mask: full attention either way, but SDPA may not take its fastest kernel with it.
+        `mask` (broadcastable to (b, h, n, m), True = attend) is a cache's key-padding mask, when the
+        cache gives one (rows of different lengths padded into one call)."""
+        if mask is None:
+            b, _, n, _ = q.shape
+            mask = torch.ones(b, 1, n, k.shape[-2], dtype=torch.bool, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
@@ -250,9 +256,11 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        mask = None
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = self.attend(q, k, v)
+            mask = cache.key_mask
+        out = self.attend(q, k, v) if mask is None else self.attend(q, k, v, mask)
         return self.project_out(out.transpose(1, 2).contiguous().reshape(b, n, -1))
 
 
