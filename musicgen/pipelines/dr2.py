@@ -18,6 +18,8 @@ Choices (the official script's behaviour where it is not a bug, see musicgen/mod
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 
 from musicgen import hub
+from musicgen.engine.dr2 import DR2Engine, SongHandle
+from musicgen.engine.loop import EngineLoop
 from musicgen.errors import CheckpointMismatch, InvalidParameter, ModelNotAvailable, OutOfMemory
 from musicgen.model.bigvgan import BigVGAN, DecoderConfig, decode_chunked, fake_stereo
 from musicgen.model.dr2_dit import COND_DIM, DR2DiT, time_features
@@ -89,6 +93,47 @@ class DR2Pipeline(Pipeline):
         self.sample_rate = decoder.cfg.sampling_rate  # decoder.json's: the audio's rate
         self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device, spec.family)
         self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
+        # the engine's key/value cache at most (None: a share of the device's memory, see cache_budget)
+        self.engine_budget_bytes: int | None = None
+        self._loop: EngineLoop | None = None
+        self._loop_lock = threading.Lock()
+
+    @property
+    def continuous(self) -> bool:
+        """The batched plan runs on the engine (musicgen.engine): takes of any text length, length,
+        step count and guidance sample together, and a request joins those running at the next tick,
+        whichever thread calls generate. The sequential and graphs plans run sample_blocks per batch."""
+        return self.plan.batched and not self.plan.cuda_graph
+
+    def cache_budget(self) -> int:
+        """Bytes the engine's key/value cache may hold: `engine_budget_bytes`, else 60% of the GPU's
+        free memory once the model is loaded, or a quarter of the machine's memory on a CPU."""
+        if self.engine_budget_bytes is not None:
+            return self.engine_budget_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(0.6 * free)
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+    def engine_loop(self) -> EngineLoop:
+        """The engine thread every generate call of this pipeline shares (started at the first)."""
+        with self._loop_lock:
+            if self._loop is None:
+                budget = self.cache_budget()
+                self._loop = EngineLoop(
+                    lambda: DR2Engine(
+                        self.dit,
+                        device=self.device,
+                        memory_budget_bytes=budget,
+                        round_pass_time=self.round_pass_time,
+                    )  # fmt: skip
+                )
+            return self._loop
+
+    def load(self) -> dict[str, int]:
+        """Takes running and waiting on the engine and the cache bytes it holds (zeros before it starts)."""
+        loop = self._loop
+        return loop.load() if loop is not None else {"running": 0, "waiting": 0, "cache_bytes": 0}
 
     @classmethod
     def _load(
@@ -152,6 +197,8 @@ class DR2Pipeline(Pipeline):
         return _Item(index, req, report, style, frames, blocks, noise, seeds, time.perf_counter() - t0, t0)
 
     def _batch_key(self, item: _Item) -> tuple:
+        if self.continuous:  # the engine samples any takes together
+            return ()
         r = item.req
         return r.tokens.shape[0], item.blocks, r.steps, float(r.cfg_strength)
 
@@ -168,29 +215,10 @@ class DR2Pipeline(Pipeline):
             start = sum(len(r) for r in rows_of)
             rows_of.append(list(range(start, start + item.req.num_takes)))
         owner = {row: j for j, rows in enumerate(rows_of) for row in rows}
-        text = torch.cat([item.req.tokens[None].long().repeat(item.req.num_takes, 1) for item in batch]).to(
-            self.device
-        )
-        style = torch.cat([item.style.reshape(1, -1).repeat(item.req.num_takes, 1) for item in batch])
-        noise = torch.cat([item.noise for item in batch])
-        first = batch[0].req
-        settings = BlockSamplerSettings(first.steps, first.cfg_strength, self.round_pass_time)
-        total = batch[0].blocks * (settings.steps - 1)
-
-        def prune(blk: int, k: int, alive: list[int]) -> list[int] | None:
-            done = blk * (settings.steps - 1) + k
-            for j, item in enumerate(batch):
-                if item.error is None and any(owner[r] == j for r in alive):
-                    try:
-                        item.report(Progress("sampling", done / total, done, total))
-                    except Exception as exc:  # canceled or timed out: this request leaves the batch
-                        item.error = exc
-            keep = [r for r in alive if batch[owner[r]].error is None]
-            return keep if keep != alive else None
-
         t1 = time.perf_counter()
-        streams = sample_blocks(self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched,
-                                cuda_graph=self.plan.cuda_graph)  # fmt: skip
+        streams = (
+            self._sample_on_engine(batch, rows_of) if self.continuous else self._sample_grouped(batch, owner)
+        )
         self._sync()
         sampling_s = time.perf_counter() - t1
         outs: list[SongResult | Exception] = []
@@ -229,3 +257,71 @@ class DR2Pipeline(Pipeline):
             except Exception as exc:
                 outs.append(exc)
         return outs
+
+    def _sample_grouped(self, batch: list[_Item], owner: dict[int, int]) -> list[torch.Tensor | None]:
+        """One sample_blocks call over the batch's rows (their text length, blocks, steps and guidance
+        are equal: `_batch_key`)."""
+        text = torch.cat([item.req.tokens[None].long().repeat(item.req.num_takes, 1) for item in batch]).to(
+            self.device
+        )
+        style = torch.cat([item.style.reshape(1, -1).repeat(item.req.num_takes, 1) for item in batch])
+        noise = torch.cat([item.noise for item in batch])
+        first = batch[0].req
+        settings = BlockSamplerSettings(first.steps, first.cfg_strength, self.round_pass_time)
+        total = batch[0].blocks * (settings.steps - 1)
+
+        def prune(blk: int, k: int, alive: list[int]) -> list[int] | None:
+            done = blk * (settings.steps - 1) + k
+            for j, item in enumerate(batch):
+                if item.error is None and any(owner[r] == j for r in alive):
+                    try:
+                        item.report(Progress("sampling", done / total, done, total))
+                    except Exception as exc:  # canceled or timed out: this request leaves the batch
+                        item.error = exc
+            keep = [r for r in alive if batch[owner[r]].error is None]
+            return keep if keep != alive else None
+
+        return sample_blocks(self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched,
+                                cuda_graph=self.plan.cuda_graph)  # fmt: skip
+
+    def _sample_on_engine(self, batch: list[_Item], rows_of: list[list[int]]) -> list[torch.Tensor | None]:
+        """Each take submitted to the shared engine; returns when this batch's takes are done. Progress
+        is reported per block; a report that raises (canceled, timed out) cancels the request's takes."""
+        loop = self.engine_loop()
+        handles: list[list[SongHandle]] = []
+        for item in batch:
+            settings = BlockSamplerSettings(item.req.steps, item.req.cfg_strength, self.round_pass_time)
+            mine: list[SongHandle] = []
+            handles.append(mine)
+
+            def on_block(_h, _blk, _x, item=item, mine=mine, per_block=settings.steps - 1) -> None:
+                if item.error is not None:
+                    return
+                total = item.blocks * per_block
+                done = min(h.blocks_done for h in mine) * per_block
+                try:
+                    item.report(Progress("sampling", done / total, done, total))
+                except Exception as exc:  # canceled or timed out: this request's takes leave the engine
+                    item.error = exc
+                    for h in mine:
+                        h.cancel()
+
+            try:
+                item.report(Progress("sampling", 0.0, 0, item.blocks * (settings.steps - 1)))
+                for k in range(item.req.num_takes):
+                    mine.append(loop.submit(item.req.tokens.long(), item.style.reshape(-1), item.noise[k],
+                                            settings, on_block))  # fmt: skip
+            except Exception as exc:  # canceled already, or refused (too big for the cache budget alone)
+                item.error = exc
+                for h in mine:
+                    h.cancel()
+        loop.wait([h for mine in handles for h in mine])
+        streams: list[torch.Tensor | None] = [None] * sum(len(rows) for rows in rows_of)
+        for item, rows, mine in zip(batch, rows_of, handles, strict=True):
+            for row, handle in zip(rows, mine, strict=False):
+                failed = loop.error(handle)
+                if failed is not None and item.error is None:
+                    item.error = self._as_error(failed, item.req) if isinstance(failed, Exception) else failed
+                if handle.done:
+                    streams[row] = handle.result()
+        return streams

@@ -86,11 +86,17 @@ def test_cancel_mid_song_leaves_the_batch_to_the_others(pipe, front):
 
 
 def test_progress_counts_blocks_and_steps(pipe, front):
+    """On the engine (the batched plan) progress comes when sampling starts and after each block; the
+    sequential plan's sampler reports before every Euler step."""
     events = []
     pipe.generate(request(front, seconds=4, steps=5), events.append)
     sampling = [p for p in events if p.stage == "sampling"]
-    assert sampling[-1].total == 2 * 4 and [p.step for p in sampling] == list(range(8))
+    assert pipe.continuous and sampling[-1].total == 2 * 4 and [p.step for p in sampling] == [0, 4, 8]
     assert [p.stage for p in events][0] == "encoding_style" and events[-1].stage == "decoding"
+    sequential = Pipeline.from_pretrained("tiny-2", device="cpu", plan="sequential", compile="off")
+    events = []
+    sequential.generate(request(front, seconds=4, steps=5), events.append)
+    assert [p.step for p in events if p.stage == "sampling"] == list(range(8))
 
 
 def test_a_request_without_steps_samples_the_official_default(pipe, front):
