@@ -45,8 +45,8 @@ class PackedMLPWithoutPostOps(PackedMLP):
 class DR2AttentionWithoutMask(dr2_dit.Attention):
     """DiffRhythm 2's attention without the official all-True mask: SDPA may take its fastest kernel."""
 
-    def attend(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
+    def attend(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # a key-padding mask only
 
 
 def swap_attention(model, cls: type) -> None:

@@ -75,6 +75,7 @@ class GeneratorWorker:
         )
         self.load_failed_at = 0.0  # clock() when the model failed to load
         self.runner: JobRunner | None = None
+        self.pipeline: Pipeline | None = None
         self.device: torch.device | None = None  # the model's, once loaded
         self.batcher = JobBatcher(self._run_batch, args.max_batch_size, args.batch_wait_s)
         self.reporter = asyncio.get_event_loop().create_task(self.report_forever())
@@ -93,7 +94,7 @@ class GeneratorWorker:
             store, pipeline, results, uploads, worker, on_finish=on_finish,
             timeout_s=args.generation_timeout_s, encode_in_background=True,
         )  # fmt: skip
-        self.device = pipeline.device
+        self.pipeline, self.device = pipeline, pipeline.device
         if self.device.type == "cpu" and cpu_nice is not None:
             # On CPU the model takes every core it can; the HTTP API shares them. At the lowest priority
             # the model runs as fast as before on an idle box and yields to requests when they come.
@@ -101,8 +102,12 @@ class GeneratorWorker:
         self.report_now()
 
     def status(self) -> dict:
-        return {"loaded": self.runner is not None, "model": self.model, "error": self.load_error,
-                "worker": self.worker}  # fmt: skip
+        report = {"loaded": self.runner is not None, "model": self.model, "error": self.load_error,
+                  "worker": self.worker}  # fmt: skip
+        load = self.pipeline.load() if self.pipeline is not None else None
+        if load is not None:  # a continuous pipeline: what it samples now (readiness tells it)
+            report["engine"] = load
+        return report
 
     def report_now(self) -> None:
         try:
@@ -117,7 +122,12 @@ class GeneratorWorker:
             await asyncio.sleep(GENERATOR_STATUS_EVERY_S)
 
     async def run(self, job_id: str) -> str | None:
-        """The job's state as this replica left it (None: another worker has it)."""
+        """The job's state as this replica left it (None: another worker has it). A continuous
+        pipeline's jobs run at once, each on a thread of its own: its engine samples every running
+        job's takes together, and a job joins them at the next tick. The others wait for a batch."""
+        if self.runner is not None and self.pipeline is not None and self.pipeline.continuous:
+            (state,) = await asyncio.to_thread(self.runner.run_many, [job_id])
+            return state.value if state else None
         return await self.batcher.submit(job_id)
 
     async def _run_batch(self, job_ids: list[str]) -> list[str | None]:

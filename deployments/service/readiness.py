@@ -20,7 +20,12 @@ def model_state(model: str, reports: list[dict], *, scales_to_zero: bool) -> tup
     loaded = [r for r in reports if r.get("loaded")]
     failed = [r["error"] for r in reports if r.get("error")]
     if loaded:
-        return True, f"serving {model} on {len(loaded)} generator(s)"
+        why = f"serving {model} on {len(loaded)} generator(s)"
+        engines = [r["engine"] for r in loaded if r.get("engine")]
+        if engines:  # continuous pipelines say what they sample now
+            running, waiting = (sum(e.get(k, 0) for e in engines) for k in ("running", "waiting"))
+            why += f": {running} takes sampling, {waiting} waiting for cache memory"
+        return True, why
     if failed:
         return False, f"{model}: {failed[0]['message']}; {failed[0]['recovery']}"
     if scales_to_zero:

@@ -67,7 +67,11 @@ class EngineLoop:
         """What the engine holds now: takes running and waiting, cache bytes held."""
         with self._wake:
             engine = self.engine
-            return {"running": engine.running, "waiting": engine.waiting, "cache_bytes": engine.cache.nbytes()}
+            return {
+                "running": engine.running,
+                "waiting": engine.waiting,
+                "cache_bytes": engine.cache.nbytes(),
+            }
 
     def stop(self) -> None:
         with self._wake:

@@ -96,6 +96,14 @@ class Pipeline:
     `_as_error`; prepared items carry `index` and `req`."""
 
     max_batch_takes = 8  # takes sampled together at most (memory grows with takes x frames)
+    # requests of any shape join those running, on threads of their own (DR2Pipeline's engine): a
+    # server runs each job as it comes instead of gathering batches
+    continuous = False
+
+    def load(self) -> dict[str, int] | None:
+        """What a continuous pipeline is sampling now (see DR2Pipeline.load); None for the others."""
+        return None
+
     # Testing aid for the out-of-memory paths without filling a device: a batch of more takes than
     # this fails as a full device would
     fault_oom_takes: int | None = None

@@ -135,3 +135,53 @@ def test_jobs_sent_together_run_as_one_batch_and_are_recorded(server, store, pip
     assert [d.result["timings"]["batch_requests"] for d in done] == [2, 2]
     assert sorted(j.id for j in finished) == sorted(jobs)
     assert store.generator_statuses()[0]["loaded"] is True
+
+
+def test_a_continuous_pipelines_jobs_run_at_once_and_join_the_running_ones(server, store, tmp_path):
+    """DiffRhythm 2 on its engine: a job sent while another samples starts then (no batch to wait
+    for), both finish, and the replica's reports say what the engine holds (readiness tells it)."""
+    from deployments.service.params import SongParams
+    from musicgen.lyrics.frontend import LyricsFrontEnd
+    from musicgen.pipelines import Pipeline
+    from musicgen.registry import MODELS
+
+    pipe2 = Pipeline.from_pretrained("tiny-2", device="cpu")
+    assert pipe2.continuous
+    args = AppArgs(model="tiny-2", data_dir=str(tmp_path), max_batch_size=4).resolved()
+
+    def song(lyrics: str, seconds: int, seed: int, steps: int = 4) -> dict:
+        frames = LyricsFrontEnd.from_assets().encode(lyrics, MODELS["tiny-2"], seconds)
+        return SongParams(
+            model="tiny-2", duration_s=seconds, tokens=frames.tokens.tolist(), seed=seed, lrc=frames.lrc,
+            song_duration=frames.song_duration, num_takes=1, steps=steps, output_format="wav",
+            style_prompt="calm piano",
+        ).to_dict()  # fmt: skip
+
+    async def main():
+        generator = GeneratorWorker(
+            args, store, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"),
+            model="tiny-2", worker="host:4", load=lambda a, m: pipe2, clock=Clock(),
+        )  # fmt: skip
+        readiness = Readiness(AsyncJobStore.from_url(server.url), ["tiny-2"], scales_to_zero=False, cache_s=0)
+        try:
+            words = "[verse]\nHello there, a longer line of words\ngood night"
+            long, _ = store.create(song(words, 40, 1, steps=100))  # long enough to be running below
+            first = asyncio.ensure_future(generator.run(long.id))
+            await eventually(lambda: pipe2.load()["running"] == 1, 60, "the first song sampling")
+            generator.report_now()
+            ok, why = await readiness.ready()
+            assert (
+                ok and why == "serving tiny-2 on 1 generator(s): 1 takes sampling, 0 waiting for cache memory"
+            )
+            short, _ = store.create(song("[chorus]\nla la", 4, 2))
+            second = await generator.run(short.id)
+            assert not first.done() and second in ("running", "succeeded")  # it did not wait for the first
+            assert await first in ("running", "succeeded") and generator.batcher.batches == 0
+            generator.drain(60)
+        finally:
+            generator.stop()
+            await readiness.store.aclose()
+        return long.id, short.id
+
+    jobs = asyncio.run(main())
+    assert [store.get(j).state for j in jobs] == [JobState.SUCCEEDED] * 2
