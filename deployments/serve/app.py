@@ -184,7 +184,7 @@ class Ingress:
         self.services = Services(
             store=self.store, validate=self._validate, dispatch=self.dispatcher.start,
             results=_storage(args, "results"), uploads=_storage(args, "uploads"),
-            ready=self.readiness.ready, models=self.readiness.models,
+            ready=self.readiness.ready, models=self.readiness.models, fits=self.readiness.check_fits,
             config=ApiConfig(
                 max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                 auth=args.auth_required, quotas=args.quotas, cors_origins=tuple(args.cors_origins),

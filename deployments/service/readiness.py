@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from deployments.service.errors import ServiceError
 from deployments.service.store import AsyncJobStore
+
+if TYPE_CHECKING:
+    from deployments.service.params import SongParams
 
 READY_CACHE_S = 1.0  # submissions and /readyz read the generators' reports at most this often
 
@@ -67,6 +72,40 @@ class Readiness:
         answer = all(ok for ok, _ in states), "; ".join(why for _, why in states)
         self._cache = now, answer
         return answer
+
+    async def check_fits(self, params: SongParams) -> None:
+        """Refuse (OUT_OF_MEMORY) a song whose takes could never fit the key/value cache budget of any
+        generator of its model that reports one (DiffRhythm 2's engine): it would wait forever. With no
+        such report (DiffRhythm 1, or none loaded yet) nothing is refused here."""
+        from musicgen.engine import cache_bytes_alone
+        from musicgen.registry import get_model_spec
+
+        reports = [r for r in await self.store.generator_statuses() if r.get("model") == params.model]
+        engines = [
+            r["engine"] for r in reports if r.get("loaded") and (r.get("engine") or {}).get("budget_bytes")
+        ]
+        if not engines:
+            return
+        frames = get_model_spec(params.model).frames_for(params.duration_s)
+        need = [
+            cache_bytes_alone(
+                len(params.tokens),
+                -(-frames // e["block_size"]),
+                e["block_size"],
+                guided=params.cfg_strength >= 1e-5,
+                token_bytes=e["token_bytes"],
+            )  # fmt: skip
+            for e in engines
+        ]
+        best = max(e["budget_bytes"] for e in engines)
+        if all(n > e["budget_bytes"] for n, e in zip(need, engines, strict=True)):
+            raise ServiceError(
+                "OUT_OF_MEMORY",
+                f"one take of this song needs {min(need) / 2**20:.0f} MiB of key/value cache; the generators "
+                f"of {params.model} hold {best / 2**20:.0f} MiB",
+                recovery="ask for a shorter song or shorter lyrics (or guidance 0, which halves it)",
+                details={"needed_bytes": min(need), "budget_bytes": best},
+            )
 
     async def models(self) -> list[dict]:
         """GET /v1/models: each served model's registry entry with its state (never cached)."""

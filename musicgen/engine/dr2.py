@@ -37,6 +37,13 @@ from musicgen.model.dr2_sampler import BlockSamplerSettings, _eos_end
 BlockCallback = Callable[["SongHandle", int, torch.Tensor], None]
 
 
+def cache_bytes_alone(
+    text_tokens: int, blocks: int, block_size: int, *, guided: bool, token_bytes: int
+) -> int:
+    """Key/value cache bytes a take holds alone: per guidance branch, its text and every block."""
+    return (2 if guided else 1) * (text_tokens + blocks * block_size) * token_bytes
+
+
 class SongHandle:
     """A submitted take. `result()` is its (frames, c) latent stream once `done`; frames is
     blocks * block_size unless the end of song cut it (`end`)."""
@@ -172,7 +179,8 @@ class DR2Engine:
                 f"this take needs {take.need} cache tokens per row; the engine holds {self.max_tokens_per_row}",
                 recovery="shorten the song or the lyrics, or make the engine with a larger max_tokens_per_row",
             )
-        alone = take.branches * self._capacity_for(take.need) * self.bytes_per_token
+        alone = cache_bytes_alone(0, 1, self._capacity_for(take.need), guided=take.guided,
+                                  token_bytes=self.bytes_per_token)  # fmt: skip
         if self.memory_budget_bytes is not None and alone > self.memory_budget_bytes:
             raise OutOfMemory(
                 f"this take needs {alone} bytes of key/value cache alone; the budget is {self.memory_budget_bytes}",

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from musicgen import hub
+from musicgen.engine.cache import SlotCache
 from musicgen.engine.dr2 import DR2Engine, SongHandle
 from musicgen.engine.loop import EngineLoop
 from musicgen.errors import CheckpointMismatch, InvalidParameter, ModelNotAvailable, OutOfMemory
@@ -131,9 +132,17 @@ class DR2Pipeline(Pipeline):
             return self._loop
 
     def load(self) -> dict[str, int]:
-        """Takes running and waiting on the engine and the cache bytes it holds (zeros before it starts)."""
+        """Takes running and waiting on the engine and the cache bytes it holds (zeros before it starts),
+        with what a server needs to refuse a song that could never fit: the cache budget, the bytes of
+        one token of one guidance branch and the block size (see musicgen.engine.cache_bytes_alone)."""
         loop = self._loop
-        return loop.load() if loop is not None else {"running": 0, "waiting": 0, "cache_bytes": 0}
+        held = loop.load() if loop is not None else {"running": 0, "waiting": 0, "cache_bytes": 0}
+        cfg = self.dit.cfg
+        token_bytes = SlotCache(
+            cfg.depth, cfg.heads, cfg.head_dim, dtype=self.dit.dtype, device=self.device
+        ).bytes_per_token
+        budget = loop.engine.memory_budget_bytes if loop is not None else self.cache_budget()
+        return {**held, "budget_bytes": budget or 0, "token_bytes": token_bytes, "block_size": cfg.block_size}
 
     @classmethod
     def _load(

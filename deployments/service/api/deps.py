@@ -48,6 +48,10 @@ async def _no_models() -> list[dict]:
     return []
 
 
+async def _fits_anywhere(params: SongParams) -> None:
+    return None
+
+
 @dataclass
 class Services:
     """The API's collaborators. `validate` turns a submission into SongParams (the validator
@@ -61,6 +65,8 @@ class Services:
     uploads: Storage
     ready: Callable[[], Awaitable[tuple[bool, str]]] = _always_ready
     models: Callable[[], Awaitable[list[dict]]] = _no_models
+    # raises ServiceError (OUT_OF_MEMORY) for a song no generator could ever hold (Readiness.check_fits)
+    fits: Callable[[SongParams], Awaitable[None]] = _fits_anywhere
     config: ApiConfig = field(default_factory=ApiConfig)
     # CPU-heavy file work (decoding uploads, converting takes) off the event loop, bounded
     audio_pool: ThreadPoolExecutor = field(

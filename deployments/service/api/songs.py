@@ -84,7 +84,7 @@ def quota_error(exc: QuotaExceeded, audio_s: float, seconds_per_job: float) -> S
     )  # fmt: skip
 
 
-@router.post("", status_code=202, response_model=JobView, responses=error_responses(404, 429))
+@router.post("", status_code=202, response_model=JobView, responses=error_responses(404, 429, 507))
 async def submit(
     body: SongCreate,
     services: ServicesDep,
@@ -98,6 +98,7 @@ async def submit(
         raise ServiceError("MODEL_NOT_LOADED", why)
     await check_references(services.store, body, caller)
     params = await services.validate(body)
+    await services.fits(params)
     cfg = services.config
     try:
         job, created = await services.store.create(

@@ -114,3 +114,37 @@ def test_the_models_list_names_every_served_model_with_its_state(server, client)
     assert models[0]["status"] == "serving tiny on 1 generator(s)" and "scaled to zero" in models[1]["status"]
     assert (models[1]["min_seconds"], models[1]["max_seconds"], models[1]["max_takes"]) == (4, 60, 4)
     assert models[0]["sample_rate"] == 44100 and models[1]["sample_rate"] == 48000
+
+
+def test_a_song_no_generator_could_hold_is_refused_at_submission(server, client):
+    """A DiffRhythm 2 generator reports its engine's cache budget: a song one take of which needs more
+    (lyrics + blocks, per guidance branch) is refused with OUT_OF_MEMORY before it is queued; a song
+    that fits, one sampled unguided (half the cache) and a model whose generators report no engine
+    pass."""
+    from deployments.service.errors import ServiceError
+    from tests.deployments.conftest import params
+
+    client.flushdb()
+    token_bytes, block = 1000, 10
+    # 2 branches x (20 lyrics tokens + 20 s x 5 frames) x 1000 bytes = 240 kB: the budget holds 200 kB
+    engine = {"running": 0, "waiting": 0, "cache_bytes": 0, "budget_bytes": 200_000, "token_bytes": token_bytes,
+              "block_size": block}  # fmt: skip
+    JobStore(client).put_generator_status("g:1", {**loaded("tiny-2", "g:1"), "engine": engine})
+    JobStore(client).put_generator_status("g:2", loaded("tiny", "g:2"))
+    song = params(model="tiny-2", duration_s=20, tokens=[5] * 20, cfg_strength=2.0)
+
+    async def check(p):
+        store = AsyncJobStore.from_url(server.url)
+        try:
+            await Readiness(store, ["tiny", "tiny-2"], scales_to_zero=False).check_fits(p)
+        finally:
+            await store.aclose()
+
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(check(song))
+    err = refused.value
+    assert err.code == "OUT_OF_MEMORY" and err.status == 507 and "shorter song" in err.recovery
+    assert err.details == {"needed_bytes": 240_000, "budget_bytes": 200_000}
+    asyncio.run(check(params(model="tiny-2", duration_s=10, tokens=[5] * 20, cfg_strength=2.0)))  # 140 kB
+    asyncio.run(check(params(model="tiny-2", duration_s=20, tokens=[5] * 20, cfg_strength=0.0)))  # 120 kB
+    asyncio.run(check(params(model="tiny", duration_s=300, tokens=[5] * 20)))  # no engine: not judged here

@@ -518,3 +518,24 @@ def test_diffrhythm_2_through_the_api(server, tmp_path, offline_hub):
         )
         assert timing.status_code == 200 and timing.json()["lrc"] == "[verse]\nHello"
     services.worker_pool.shutdown(wait=True)
+
+
+def test_a_song_too_big_for_every_generators_cache_is_refused_and_not_queued(server, pipe, tmp_path):
+    """POST /v1/songs asks `fits` (the ingress: Readiness.check_fits over the generators' reports)
+    after validating: a refusal is a 507 OUT_OF_MEMORY with a hint, and no job exists afterwards."""
+    from deployments.service.readiness import Readiness
+
+    redis.Redis.from_url(server.url).flushdb()
+    services, store = make_services(
+        server.url, pipe, LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u")
+    )
+    engine = {"budget_bytes": 1_000, "token_bytes": 1_000, "block_size": 10}  # not one token's worth
+    store.put_generator_status("g:1", {"loaded": True, "model": "tiny", "error": None, "engine": engine})
+    services.fits = Readiness(services.store, ["tiny"], scales_to_zero=False).check_fits
+    with TestClient(create_api(services)) as http:
+        r = http.post("/v1/songs", json=SONG)
+        assert r.status_code == 507, r.text
+        err = r.json()["error"]
+        assert err["code"] == "OUT_OF_MEMORY" and "shorter song" in err["recovery"]
+        assert http.get("/v1/songs").json() == [] and store.queue_depth() == 0
+    services.worker_pool.shutdown(wait=True)
