@@ -85,6 +85,9 @@ class ExecutionRules:
     compile_auto: tuple[str, ...] = ()  # device types where compile auto is on (measured faster there)
     compile_target: str | None = None  # what compile compiles of each transformer block (None: all of it)
     fast_paths: bool = False  # fused projections and packed weights on the CPU
+    # the batched plan runs on a continuous-batching engine (musicgen.engine): a server runs each job
+    # as it comes, many at once, instead of gathering batches
+    engine: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,7 +184,7 @@ DR2 = DiffRhythm2(
     # blocks' MLPs compile; nothing measured faster yet, so compile auto is off
     execution=ExecutionRules(
         plans=("batched", "sequential", "graphs"), auto_plan=(), experimental_plans=("graphs",),
-        compile_target="mlp",
+        compile_target="mlp", engine=True,
     ),
     tiny_builder="musicgen.tiny:ensure_tiny_dr2",
 )  # fmt: skip

@@ -264,6 +264,22 @@ def generator_gpus(args: ResolvedArgs) -> float:
     return 1.0 if found else 0.0
 
 
+def generator_concurrency(args: ResolvedArgs, model: str, gpus: float) -> tuple[int, int]:
+    """(max_ongoing_requests, target_ongoing_requests) of a model's generator deployment. A model whose
+    plan runs on an engine (DiffRhythm 2's batched plan) runs each job as it comes: up to
+    `max_engine_jobs` at once, scaled out at half of that. Others run a full batch while the next one
+    gathers (the rest wait in the handles' queues), scaled out on more than a batch each."""
+    from musicgen.registry import get_model_spec
+
+    rules = get_model_spec(model).family.execution
+    plan = (
+        dict(rules.auto_plan).get("cuda" if gpus else "cpu", "batched") if args.plan == "auto" else args.plan
+    )
+    if rules.engine and plan == "batched":
+        return args.max_engine_jobs, max(1, args.max_engine_jobs // 2)
+    return 2 * args.max_batch_size, args.max_batch_size
+
+
 def build_app(raw_args: dict) -> serve.Application:
     """The app builder named in serve_config.yaml. Generators ask for `generator_gpus` GPUs each (unset:
     one when the cluster has GPUs at start); keys from MUSICGEN_API_KEYS are checked here, so that a
@@ -286,20 +302,20 @@ def build_app(raw_args: dict) -> serve.Application:
     gpus = generator_gpus(args)
     generators = {}
     for i, model in enumerate(args.served_models):
+        at_once, target = generator_concurrency(args, model, gpus)
         generators[model] = SongGenerator.options(  # type: ignore[attr-defined]
             # the default model's deployment keeps the plain name; each other model gets its own
             name="SongGenerator" if i == 0 else f"SongGenerator-{model}",
             ray_actor_options={"num_gpus": gpus, "num_cpus": args.generator_cpus}
             if gpus
             else {"num_cpus": args.generator_cpus},
-            # a full batch running and the next one gathering; the rest wait in the handles' queues
-            max_ongoing_requests=2 * args.max_batch_size,
+            max_ongoing_requests=at_once,
             # a stopping replica's running batch may take generation_timeout_s, then its takes are stored
             graceful_shutdown_timeout_s=args.generator_grace_s,
             autoscaling_config={
                 "min_replicas": args.min_generators,
                 "max_replicas": max(args.max_generators, args.min_generators, 1),
-                "target_ongoing_requests": args.max_batch_size,  # scale on queued work: more than a batch each
+                "target_ongoing_requests": target,
                 "upscale_delay_s": 5,
                 "downscale_delay_s": 300,
             },

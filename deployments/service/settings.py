@@ -29,6 +29,9 @@ MAX_LYRICS_LINES = 400  # lines of one song's lyrics (20,000 characters at most:
 MAX_BODY_KB = 256  # any request body but an upload's (a song request with the longest lyrics is ~60 KiB)
 GENERATION_TIMEOUT_S = 1800.0
 MAX_BATCH_SIZE = 4  # jobs a generator runs as one batch at most; those of equal length sample together
+# jobs a generator whose model runs on an engine (DiffRhythm 2) samples at once: each joins the running
+# ones; its cache budget may hold fewer takes, and the rest wait in order inside the replica
+MAX_ENGINE_JOBS = 64
 BATCH_WAIT_S = 0.05  # how long an idle generator waits for more jobs after the first
 # after a stopping generator's last batch: its takes encoded and stored. At most 8 jobs' takes wait (32
 # takes of 4); a 285 s take encodes to MP3 in ~10 s on each of two threads: ~160 s, the rest for storage
@@ -137,6 +140,7 @@ class AppArgs(BaseModel):
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
     model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=64)
+    max_engine_jobs: int = Field(MAX_ENGINE_JOBS, ge=1, le=1024)
     batch_wait_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
     # takes sampled together at most (GPU memory); unset: the pipeline's own (musicgen.pipelines.Pipeline)
     max_batch_takes: int | None = Field(None, ge=1)

@@ -104,7 +104,7 @@ class DR2Pipeline(Pipeline):
         """The batched plan runs on the engine (musicgen.engine): takes of any text length, length,
         step count and guidance sample together, and a request joins those running at the next tick,
         whichever thread calls generate. The sequential and graphs plans run sample_blocks per batch."""
-        return self.plan.batched and not self.plan.cuda_graph
+        return self.spec.family.execution.engine and self.plan.batched and not self.plan.cuda_graph
 
     def cache_budget(self) -> int:
         """Bytes the engine's key/value cache may hold: `engine_budget_bytes`, else 60% of the GPU's

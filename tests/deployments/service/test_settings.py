@@ -141,3 +141,22 @@ def test_a_stopping_generator_gets_longer_than_a_song_may_run(timeout_s, tmp_pat
     (generator,) = (app._bound_deployment for app in ingress.init_args[1].values())
     grace_s = generator._deployment_config.graceful_shutdown_timeout_s
     assert grace_s > args.generation_timeout_s == (timeout_s or 1800.0)
+
+
+def test_an_engine_generator_takes_its_jobs_at_once_and_a_batching_one_a_batch_ahead(tmp_path):
+    """DiffRhythm 2's batched plan runs on the engine: its generator takes `max_engine_jobs` at once
+    (Serve's max_ongoing_requests) and scales out at half of that; DiffRhythm 1 and DiffRhythm 2 under
+    another plan run a batch while the next gathers (2 x max_batch_size)."""
+    from deployments.serve.app import build_app
+
+    def configs(**raw):
+        app = {"model": "tiny", "models": ["tiny-2"], "host": "127.0.0.1", "data_dir": str(tmp_path), **raw}
+        ingress = build_app(app)._bound_deployment
+        return {
+            model: (g._bound_deployment._deployment_config.max_ongoing_requests,
+                    g._bound_deployment._deployment_config.autoscaling_config.target_ongoing_requests)
+            for model, g in ingress.init_args[1].items()
+        }  # fmt: skip
+
+    assert configs(max_engine_jobs=48, max_batch_size=4) == {"tiny": (8, 4), "tiny-2": (48, 24)}
+    assert configs(plan="sequential", max_batch_size=3) == {"tiny": (6, 3), "tiny-2": (6, 3)}
