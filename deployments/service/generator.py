@@ -70,9 +70,8 @@ class GeneratorWorker:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.args, self.store, self.model, self.worker, self.clock = args, store, model, worker, clock
-        self.load_error: dict[str, Any] | None = (
-            None  # ServiceError.to_dict() of the failed load (MODEL_NOT_LOADED)
-        )
+        # ServiceError.to_dict() of the failed load (MODEL_NOT_LOADED)
+        self.load_error: dict[str, Any] | None = None
         self.load_failed_at = 0.0  # clock() when the model failed to load
         self.runner: JobRunner | None = None
         self.pipeline: Pipeline | None = None

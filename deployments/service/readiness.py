@@ -39,8 +39,8 @@ def model_state(model: str, reports: list[dict], *, scales_to_zero: bool) -> tup
 
 
 class Readiness:
-    """`ready` (cached for `cache_s`: every submission asks) and `models`, as the API's Services take
-    them, over the served models' generator reports."""
+    """`ready` and `check_fits` (on reports read at most every `cache_s`: every submission asks) and
+    `models`, as the API's Services take them, over the served models' generator reports."""
 
     def __init__(
         self,
@@ -53,34 +53,39 @@ class Readiness:
     ):
         self.store, self.served_models, self.scales_to_zero = store, list(served_models), scales_to_zero
         self.cache_s, self.clock = cache_s, clock
-        self._cache: tuple[float, tuple[bool, str]] | None = None
+        self._cache: tuple[float, list[dict]] | None = None
 
-    async def states(self) -> dict[str, tuple[bool, str]]:
-        """Each served model's (ready, why), read now."""
-        reports = await self.store.generator_statuses()
+    async def _recent_reports(self) -> list[dict]:
+        """The generators' reports, read again when the last read is `cache_s` old."""
+        now = self.clock()
+        if self._cache is None or now - self._cache[0] >= self.cache_s:
+            self._cache = now, await self.store.generator_statuses()
+        return self._cache[1]
+
+    def _states(self, reports: list[dict]) -> dict[str, tuple[bool, str]]:
         return {
             m: model_state(m, [r for r in reports if r.get("model") == m], scales_to_zero=self.scales_to_zero)
             for m in self.served_models
         }
 
+    async def states(self) -> dict[str, tuple[bool, str]]:
+        """Each served model's (ready, why), read now."""
+        return self._states(await self.store.generator_statuses())
+
     async def ready(self) -> tuple[bool, str]:
         """Ready when every served model is; why, model by model."""
-        now = self.clock()
-        if self._cache is not None and now - self._cache[0] < self.cache_s:
-            return self._cache[1]
-        states = (await self.states()).values()
-        answer = all(ok for ok, _ in states), "; ".join(why for _, why in states)
-        self._cache = now, answer
-        return answer
+        states = self._states(await self._recent_reports()).values()
+        return all(ok for ok, _ in states), "; ".join(why for _, why in states)
 
     async def check_fits(self, params: SongParams) -> None:
         """Refuse (OUT_OF_MEMORY) a song whose takes could never fit the key/value cache budget of any
         generator of its model that reports one (DiffRhythm 2's engine): it would wait forever. With no
         such report (DiffRhythm 1, or none loaded yet) nothing is refused here."""
         from musicgen.engine import cache_bytes_alone
+        from musicgen.model.dr2_sampler import BlockSamplerSettings, num_blocks
         from musicgen.registry import get_model_spec
 
-        reports = [r for r in await self.store.generator_statuses() if r.get("model") == params.model]
+        reports = [r for r in await self._recent_reports() if r.get("model") == params.model]
         engines = [
             r["engine"] for r in reports if r.get("loaded") and (r.get("engine") or {}).get("budget_bytes")
         ]
@@ -90,9 +95,9 @@ class Readiness:
         need = [
             cache_bytes_alone(
                 len(params.tokens),
-                -(-frames // e["block_size"]),
+                num_blocks(frames, e["block_size"]),
                 e["block_size"],
-                guided=params.cfg_strength >= 1e-5,
+                guided=BlockSamplerSettings(params.steps, params.cfg_strength).uses_guidance,
                 token_bytes=e["token_bytes"],
             )  # fmt: skip
             for e in engines

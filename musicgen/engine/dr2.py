@@ -83,7 +83,7 @@ class _Take:
     def __init__(self, handle, text, style, noise, settings, on_block, device):
         self.handle, self.text, self.style, self.noise = handle, text, style, noise
         self.settings, self.on_block = settings, on_block
-        self.guided = settings.cfg_strength >= 1e-5
+        self.guided = settings.uses_guidance
         self.branches = 2 if self.guided else 1
         self.t_len = text.shape[0]
         self.block_size = noise.shape[1]

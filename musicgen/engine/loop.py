@@ -30,7 +30,7 @@ class EngineLoop:
         self.engine = make_engine()
         self._wake = threading.Condition()
         self._pending: list[SongHandle] = []  # submitted, not yet done or failed
-        self._errors: dict[SongHandle, BaseException] = {}  # a take the failed tick ended -> its error
+        self._errors: dict[SongHandle, Exception] = {}  # a take the failed tick ended -> its error
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -56,10 +56,10 @@ class EngineLoop:
         """Block until every handle is done, canceled or failed (see `error`)."""
         wanted = list(handles)
         with self._wake:
-            if not self._wake.wait_for(lambda: all(not self._is_pending(h) for h in wanted), timeout):
-                raise TimeoutError(f"{sum(self._is_pending(h) for h in wanted)} takes still running")
+            if not self._wake.wait_for(lambda: not any(h in self._pending for h in wanted), timeout):
+                raise TimeoutError(f"{sum(h in self._pending for h in wanted)} takes still running")
 
-    def error(self, handle: SongHandle) -> BaseException | None:
+    def error(self, handle: SongHandle) -> Exception | None:
         """The error of the tick that ended this take, if one did."""
         return self._errors.get(handle)
 
@@ -80,9 +80,6 @@ class EngineLoop:
         self._thread.join(10)
 
     # -- the loop thread -----------------------------------------------------------------------------
-    def _is_pending(self, handle: SongHandle) -> bool:
-        return handle in self._pending
-
     def _run(self) -> None:
         while True:
             with self._wake:

@@ -52,6 +52,10 @@ class BlockSamplerSettings:
         if not 0.0 <= self.cfg_strength <= 50.0:
             raise ValueError(f"cfg_strength must be in 0..50, got {self.cfg_strength}")
 
+    @property
+    def uses_guidance(self) -> bool:
+        return self.cfg_strength >= 1e-5  # the official threshold below which the null branch is skipped
+
 
 def num_blocks(frames: int, block_size: int) -> int:
     return -(-frames // block_size)
@@ -117,7 +121,7 @@ def sample_blocks(
     style = style.to(device, dtype)
     pass_dtype = torch.float16 if settings.round_pass_time else None
     capacity = t_len + blocks * bs if buffered_cache else None  # see BlockCache
-    guided = settings.cfg_strength >= 1e-5
+    guided = settings.uses_guidance
     joint = batch_branches and guided
     # streams: [cache, style] per branch, and each branch's tokens (the text pass only); joint: one
     # cache whose rows are [cond | null]

@@ -330,7 +330,7 @@ class DR2Pipeline(Pipeline):
             for row, handle in zip(rows, mine, strict=False):
                 failed = loop.error(handle)
                 if failed is not None and item.error is None:
-                    item.error = self._as_error(failed, item.req) if isinstance(failed, Exception) else failed
+                    item.error = self._as_error(failed, item.req)
                 if handle.done:
                     streams[row] = handle.result()
         return streams
