@@ -1,6 +1,8 @@
 """Whether the service can take songs, and the models list GET /v1/models serves, from what the
 generator replicas say of themselves in the job store (asking a replica instead would wait behind the
-songs it is generating). A report is the dict a `GeneratorWorker` puts there: loaded, model, error.
+songs it is generating). A report is the dict a `GeneratorWorker` puts there: loaded, model, error,
+and for a model on an engine (DiffRhythm 2) `engine`: what it samples now and its cache budget, from
+which a song that could never fit is refused at submission (`check_fits`).
 """
 
 from __future__ import annotations
