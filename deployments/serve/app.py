@@ -63,6 +63,16 @@ def _storage(args: ResolvedArgs, area: str):
     return open_storage(args.storage_url or args.data_dir, area)
 
 
+def _node_id() -> str | None:
+    """The Ray node this replica runs on (for reports and messages)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not in a Ray worker (a unit test)
+        return None
+
+
 def _store_options(args: ResolvedArgs) -> dict:
     return {"retention_s": args.retention_s, "lease_s": args.lease_s, "max_attempts": args.max_attempts}
 
@@ -94,6 +104,7 @@ class PromptValidator:
         from deployments.service.validator import SongValidator
         from musicgen.lyrics.frontend import LyricsFrontEnd
 
+        args = args.on_this_node()
         self.validator = SongValidator(
             LyricsFrontEnd.from_assets(), _storage(args, "uploads"), args.model, set(args.served_models),
             webhook_policy=AddressPolicy(args.webhook_allow or ()),
@@ -124,12 +135,13 @@ class SongGenerator:
         from deployments.service.store import JobStore
 
         _log_through_serve("deployments.service.generator")
+        args = args.on_this_node()
         model = model or args.model
         self.worker = GeneratorWorker(
             args, JobStore.from_url(redis_url, **_store_options(args)),
             _storage(args, "results"), _storage(args, "uploads"), model=model,
             worker=f"{socket.gethostname()}:{os.getpid()}", on_finish=GeneratorMetrics(model).record,
-            cpu_nice=CPU_GENERATOR_NICE,
+            cpu_nice=CPU_GENERATOR_NICE, node=_node_id(),
         )  # fmt: skip
 
     async def run(self, job_id: str) -> str | None:
@@ -175,15 +187,18 @@ class Ingress:
         from deployments.service.webhooks import WebhookDeliverer
 
         _log_through_serve("deployments.service.dispatch")
+        args = args.on_this_node()
         self.validator = validator
         self.store = AsyncJobStore.from_url(redis_url, **_store_options(args))
         loop = asyncio.get_event_loop()
         runs = {model: _run_on(handle) for model, handle in generators.items()}
         self.dispatcher = Dispatcher(self.store, runs, args.model, loop=loop)
-        self.readiness = Readiness(self.store, args.served_models, scales_to_zero=args.min_generators == 0)
+        results = _storage(args, "results")
+        self.readiness = Readiness(self.store, args.served_models, scales_to_zero=args.min_generators == 0,
+                                   results=results, node=_node_id())  # fmt: skip
         self.services = Services(
             store=self.store, validate=self._validate, dispatch=self.dispatcher.start,
-            results=_storage(args, "results"), uploads=_storage(args, "uploads"),
+            results=results, uploads=_storage(args, "uploads"),
             ready=self.readiness.ready, models=self.readiness.models, fits=self.readiness.check_fits,
             config=ApiConfig(
                 max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
@@ -300,15 +315,19 @@ def build_app(raw_args: dict) -> serve.Application:
         redis_url = f"redis://127.0.0.1:{port}/0"
         redis_server = RedisServer.bind(str(Path(args.data_dir) / "redis"), port)  # type: ignore[attr-defined]
     gpus = generator_gpus(args)
+    # custom resources keep the API on the nodes that declare them (e.g. off GPU nodes that come and go)
+    api_resources = {"resources": args.api_resources} if args.api_resources else {}
     generators = {}
     for i, model in enumerate(args.served_models):
         at_once, target = generator_concurrency(args, model, gpus)
         generators[model] = SongGenerator.options(  # type: ignore[attr-defined]
             # the default model's deployment keeps the plain name; each other model gets its own
             name="SongGenerator" if i == 0 else f"SongGenerator-{model}",
-            ray_actor_options={"num_gpus": gpus, "num_cpus": args.generator_cpus}
-            if gpus
-            else {"num_cpus": args.generator_cpus},
+            ray_actor_options={
+                "num_cpus": args.generator_cpus,
+                **({"num_gpus": gpus} if gpus else {}),
+                **({"resources": args.generator_resources} if args.generator_resources else {}),
+            },
             max_ongoing_requests=at_once,
             # a stopping replica's running batch may take generation_timeout_s, then its takes are stored
             graceful_shutdown_timeout_s=args.generator_grace_s,
@@ -326,6 +345,7 @@ def build_app(raw_args: dict) -> serve.Application:
         ray_actor_options={
             "num_cpus": 0.25,
             "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+            **api_resources,
         },
         max_ongoing_requests=args.ingress_max_ongoing,
         autoscaling_config={
@@ -338,5 +358,7 @@ def build_app(raw_args: dict) -> serve.Application:
         },
     )
     # binding the Redis deployment to the ingress makes it part of the app (started and stopped with it)
-    validator = PromptValidator.bind(args)  # type: ignore[attr-defined]
+    validator = PromptValidator.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": 0.25, **api_resources}
+    ).bind(args)
     return ingress.bind(validator, generators, args, redis_url, redis_server, provisioned)

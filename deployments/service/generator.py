@@ -21,7 +21,7 @@ from deployments.service.batching import JobBatcher
 from deployments.service.errors import ServiceError
 from deployments.service.runner import JobRunner
 from deployments.service.settings import ResolvedArgs
-from deployments.service.storage import Storage
+from deployments.service.storage import Storage, write_probe
 from deployments.service.store import GENERATOR_STATUS_EVERY_S, JobStore, SongJob
 from musicgen.errors import MusicgenError
 from musicgen.pipelines import Pipeline
@@ -67,9 +67,20 @@ class GeneratorWorker:
         on_finish: Callable[[SongJob], None] | None = None,  # each finished job (metrics)
         load: Callable[[ResolvedArgs, str], Pipeline] = load_pipeline,
         cpu_nice: int | None = None,  # on CPU, run every thread at this nice value (None: leave it)
+        node: str | None = None,  # the cluster node this replica runs on (reported)
         clock: Callable[[], float] = time.monotonic,
     ):
         self.args, self.store, self.model, self.worker, self.clock = args, store, model, worker, clock
+        self.node, self.results = node, results
+        # a file in the results storage that readers must find: an ingress that cannot read it would
+        # answer 404 to every download of this replica's songs (readiness.py checks it). It stays when
+        # the replica stops (its last report may outlive it by GENERATOR_STATUS_TTL_S): a few hundred
+        # bytes per replica started, under _probes/.
+        self.probe: str | None = None
+        try:
+            self.probe = write_probe(results, worker, {"node": node, "model": model})
+        except Exception:
+            log.warning("could not write the storage probe to %s", results.location, exc_info=True)
         # ServiceError.to_dict() of the failed load (MODEL_NOT_LOADED)
         self.load_error: dict[str, Any] | None = None
         self.load_failed_at = 0.0  # clock() when the model failed to load
@@ -102,7 +113,8 @@ class GeneratorWorker:
 
     def status(self) -> dict:
         report = {"loaded": self.runner is not None, "model": self.model, "error": self.load_error,
-                  "worker": self.worker}  # fmt: skip
+                  "worker": self.worker, "node": self.node, "storage": self.results.location,
+                  "storage_probe": self.probe}  # fmt: skip
         load = self.pipeline.load() if self.pipeline is not None else None
         if load is not None:  # a continuous pipeline: what it samples now (readiness tells it)
             report["engine"] = load

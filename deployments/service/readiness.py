@@ -3,15 +3,21 @@ generator replicas say of themselves in the job store (asking a replica instead 
 songs it is generating). A report is the dict a `GeneratorWorker` puts there: loaded, model, error,
 and for a model on an engine (DiffRhythm 2) `engine`: what it samples now and its cache budget, from
 which a song that could never fit is refused at submission (`check_fits`).
+
+Every generator also names a probe file it wrote to its results storage: an ingress that cannot read
+it (a generator on another node, each keeping results on its own disk) would answer 404 to every
+download of that generator's songs, so the service is not ready until every node shares a storage.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from deployments.service.errors import ServiceError
+from deployments.service.storage import Storage
 from deployments.service.store import AsyncJobStore
 
 if TYPE_CHECKING:
@@ -50,12 +56,17 @@ class Readiness:
         served_models: list[str],
         *,
         scales_to_zero: bool,  # min_generators == 0: a model without generators is not a failure
+        results: Storage | None = None,  # where this ingress reads takes: generators' probes must be there
+        node: str | None = None,  # the node this ingress runs on (for the messages)
         cache_s: float = READY_CACHE_S,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.store, self.served_models, self.scales_to_zero = store, list(served_models), scales_to_zero
+        self.results, self.node = results, node
         self.cache_s, self.clock = cache_s, clock
         self._cache: tuple[float, list[dict]] | None = None
+        self._probes_seen: set[str] = set()  # found once: the storage is shared (it stays so)
+        self._unshared: tuple[float, str | None] = (float("-inf"), None)  # (when checked, why not ready)
 
     async def _recent_reports(self) -> list[dict]:
         """The generators' reports, read again when the last read is `cache_s` old."""
@@ -75,9 +86,46 @@ class Readiness:
         return self._states(await self.store.generator_statuses())
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready when every served model is; why, model by model."""
-        states = self._states(await self._recent_reports()).values()
+        """Ready when every served model is and this ingress reads every generator's storage; why,
+        model by model."""
+        reports = await self._recent_reports()
+        states = self._states(reports).values()
+        unshared = await self._storage_not_shared(reports)
+        if unshared is not None:
+            return False, unshared
         return all(ok for ok, _ in states), "; ".join(why for _, why in states)
+
+    async def _storage_not_shared(self, reports: list[dict]) -> str | None:
+        """Why this ingress cannot serve some generator's takes (None: it can), checked at most every
+        `cache_s` while one is missing."""
+        if self.results is None:
+            return None
+        todo = [r for r in reports if r.get("storage_probe") and r["storage_probe"] not in self._probes_seen]
+        if not todo:
+            return None
+        if self.clock() - self._unshared[0] < self.cache_s:
+            return self._unshared[1]
+        why = None
+        for report in todo:
+            key = report["storage_probe"]
+            try:
+                found = await asyncio.to_thread(self.results.exists, key)
+            except Exception as exc:  # storage unreachable from here: say so, like a missing probe
+                found, error = False, f" ({type(exc).__name__}: {exc})"
+            else:
+                error = ""
+            if found:
+                self._probes_seen.add(key)
+            elif why is None:
+                why = (
+                    f"generator {report.get('worker')} (node {report.get('node') or '?'}) stores results in "
+                    f"{report.get('storage') or 'its storage'}, which this ingress (node {self.node or '?'}) "
+                    f"cannot read{error}: every download of its songs would fail. Give every node one "
+                    "storage: set MUSICGEN_STORAGE_URL=s3://bucket/prefix (or mount one shared volume at "
+                    "MUSICGEN_DATA_DIR on every node)"
+                )
+        self._unshared = (self.clock(), why)
+        return why
 
     async def check_fits(self, params: SongParams) -> None:
         """Refuse (OUT_OF_MEMORY) a song whose takes could never fit the key/value cache budget of any

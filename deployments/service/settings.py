@@ -8,6 +8,7 @@ at import time.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -63,13 +64,15 @@ DEFAULT_UI_DIR = Path(__file__).resolve().parents[2] / "ui"  # the checkout's (a
 
 ENV = {
     "REDIS_URL": "the job store; unset: an embedded Redis with its data under MUSICGEN_DATA_DIR/redis",
-    "MUSICGEN_DATA_DIR": "results, uploads and the embedded Redis (default ./data)",
+    "MUSICGEN_DATA_DIR": "results, uploads and the embedded Redis (default ./data); each node's own, where set on it",
     "MUSICGEN_STORAGE_URL": "results and uploads elsewhere: s3://bucket/prefix (several nodes need this)",
     "MUSICGEN_S3_ENDPOINT_URL": "the S3 endpoint of a non-AWS service (MinIO, R2, ...); AWS_* credentials",
     "MUSICGEN_MODEL": "the model to serve (default diffrhythm-1.2-base; 'tiny' = the untrained demo model)",
     "MUSICGEN_MODELS": "more models served beside it, comma-separated (e.g. diffrhythm-2): a generator each",
     "MUSICGEN_WEBHOOK_SECRET": "HMAC key of webhook signatures (X-Musicgen-Signature)",
     "MUSICGEN_GENERATOR_GPUS": "GPUs per generator replica (generator_gpus), e.g. 1 on a cluster that scales GPU nodes from 0",
+    "MUSICGEN_GENERATOR_RESOURCES": 'custom Ray resources per generator replica, a JSON object: {"musicgen_generator": 1}',
+    "MUSICGEN_API_RESOURCES": 'custom Ray resources per ingress and validator replica: {"musicgen_api": 1}',
     "MUSICGEN_API_KEYS": "keys registered at start: name:role:secret entries (secrets from `musicgen keys secret`)",
     "MUSICGEN_UI_DIR": "the web UI's files (default: ui/ of the checkout; the Docker image sets /app/ui)",
     "MUSICGEN_WEBHOOK_ALLOW": "comma-separated CIDRs and host names webhooks may reach although not public",
@@ -135,6 +138,12 @@ class AppArgs(BaseModel):
     # cluster whose GPU nodes scale from zero, which must set it (cluster/ does).
     generator_gpus: float | None = Field(None, ge=0, le=8)
     generator_cpus: float = Field(1.0, gt=0, le=64)  # CPUs each generator replica asks Ray for
+    # custom Ray resources each generator replica asks for, which only the nodes meant for generators
+    # declare (`ray start --resources`), e.g. {"musicgen_generator": 1}; and each ingress and validator
+    # replica, e.g. {"musicgen_api": 1} on the head (kept off GPU nodes that come and go). Unset:
+    # MUSICGEN_GENERATOR_RESOURCES / MUSICGEN_API_RESOURCES (JSON objects), else none.
+    generator_resources: dict[str, float] | None = None
+    api_resources: dict[str, float] | None = None
     plan: Literal["auto", "batched", "sequential", "parallel", "graphs"] = "auto"  # musicgen's PLANS
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
@@ -217,6 +226,15 @@ class AppArgs(BaseModel):
             **{
                 **dict(self),
                 "generator_gpus": gpus,
+                "generator_resources": _resources(
+                    self.generator_resources,
+                    "MUSICGEN_GENERATOR_RESOURCES",
+                    env("MUSICGEN_GENERATOR_RESOURCES"),
+                ),
+                "api_resources": _resources(
+                    self.api_resources, "MUSICGEN_API_RESOURCES", env("MUSICGEN_API_RESOURCES")
+                ),
+                "data_dir_given": self.data_dir is not None,
                 "model": self.model or env("MUSICGEN_MODEL") or "diffrhythm-1.2-base",
                 "models": self.models
                 if self.models is not None
@@ -231,11 +249,44 @@ class AppArgs(BaseModel):
         )
 
 
+def _resources(given: dict[str, float] | None, var: str, raw: str) -> dict[str, float]:
+    """Custom Ray resources: the arg, else the JSON object `raw` (of variable `var`); amounts > 0."""
+    if given is None:
+        raw = raw.strip()
+        try:
+            given = json.loads(raw) if raw else {}
+        except ValueError:
+            raise ValueError(
+                f"{var}={raw!r} is not JSON: give an object such as '{{\"musicgen_generator\": 1}}'"
+            ) from None
+    if not isinstance(given, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+        for k, v in given.items()
+    ):
+        raise ValueError(
+            f"{var} (or its arg): give an object of resource names and amounts > 0, got {given!r}"
+        )
+    if {"CPU", "GPU", "memory", "object_store_memory"} & set(given):
+        raise ValueError(f"{var}: CPUs and GPUs have settings of their own (generator_cpus, generator_gpus)")
+    return {k: float(v) for k, v in given.items()}
+
+
 class ResolvedArgs(AppArgs):
     """AppArgs after `resolved()`: the default model and the data folder are known."""
 
     model: str
     data_dir: str
+    generator_resources: dict[str, float] = {}
+    api_resources: dict[str, float] = {}
+    data_dir_given: bool = False  # data_dir was an arg (every node uses it), not the environment
+
+    def on_this_node(self) -> ResolvedArgs:
+        """These args where a replica runs: the data folder is this node's MUSICGEN_DATA_DIR when the
+        node sets one and the args do not (nodes of a cluster do not share a disk)."""
+        local = env("MUSICGEN_DATA_DIR")
+        if self.data_dir_given or not local:
+            return self
+        return self.model_copy(update={"data_dir": os.path.abspath(local)})
 
 
 def describe() -> str:

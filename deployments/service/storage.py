@@ -26,6 +26,8 @@ CHUNK = 256 * 1024  # what a streamed download reads at a time
 
 
 class Storage(Protocol):
+    @property
+    def location(self) -> str: ...
     def put_file(self, key: str, src: str | Path) -> str: ...
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
@@ -47,6 +49,11 @@ class LocalStorage:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def location(self) -> str:
+        """Where the files are, for messages: a folder of this machine's disk."""
+        return f"the folder {self.root.resolve()} (a local disk)"
 
     def path(self, key: str) -> Path:
         p = (self.root / _check_key(key)).resolve()
@@ -124,6 +131,10 @@ class S3Storage:
             "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 5, "mode": "standard"})
         )
 
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
     def _key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -187,6 +198,23 @@ class S3Storage:
                 if done.get("Errors"):  # reported per object, not raised: the caller must retry
                     first = done["Errors"][0]
                     raise OSError(f"{len(done['Errors'])} objects under {prefix!r} not deleted: {first}")
+
+
+PROBES = "_probes"  # the folder of the probe files generators write (never a job id: those are hex)
+
+
+def write_probe(storage: Storage, writer: str, about: dict) -> str:
+    """Write a small file that names `writer` and return its key: a reader that finds it sees the same
+    storage as the writer (readiness checks that the ingress can read what each generator writes)."""
+    import json
+    import re
+
+    key = f"{PROBES}/{re.sub(r'[^A-Za-z0-9._-]', '-', writer)}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.json"
+        src.write_text(json.dumps({"writer": writer, **about}))
+        storage.put_file(key, src)
+    return key
 
 
 def open_storage(location: str, area: str) -> Storage:

@@ -148,3 +148,43 @@ def test_a_song_no_generator_could_hold_is_refused_at_submission(server, client)
     asyncio.run(check(params(model="tiny-2", duration_s=10, tokens=[5] * 20, cfg_strength=2.0)))  # 140 kB
     asyncio.run(check(params(model="tiny-2", duration_s=20, tokens=[5] * 20, cfg_strength=0.0)))  # 120 kB
     asyncio.run(check(params(model="tiny", duration_s=300, tokens=[5] * 20)))  # no engine: not judged here
+
+
+def test_a_generator_whose_results_this_ingress_cannot_read_makes_the_service_not_ready(
+    server, client, tmp_path
+):
+    """Two nodes each keeping results on their own disk: the generator's probe file is not in the
+    ingress's storage, so /readyz fails naming MUSICGEN_STORAGE_URL (never a silent 404 on download).
+    A generator that shares the ingress's storage is fine; the check is cached for `cache_s`."""
+    from deployments.service.storage import LocalStorage, write_probe
+
+    ingress_disk, other_disk = LocalStorage(tmp_path / "node-a"), LocalStorage(tmp_path / "node-b")
+    reports = JobStore(client)
+    clock = Clock()
+
+    def report(worker: str, storage: LocalStorage, node: str) -> None:
+        probe = write_probe(storage, worker, {"node": node})
+        status = {**loaded("tiny", worker), "node": node, "storage": storage.location, "storage_probe": probe}
+        reports.put_generator_status(worker, status)
+
+    async def main():
+        store = AsyncJobStore.from_url(server.url)
+        readiness = Readiness(store, ["tiny"], scales_to_zero=False, results=ingress_disk, node="A",
+                              clock=clock)  # fmt: skip
+        await asyncio.to_thread(report, "a:1", ingress_disk, "A")
+        assert await readiness.ready() == (True, "serving tiny on 1 generator(s)")
+        await asyncio.to_thread(report, "b:2", other_disk, "B")
+        clock.now += 1
+        ok, why = await readiness.ready()
+        assert not ok
+        assert why.startswith(f"generator b:2 (node B) stores results in the folder {tmp_path / 'node-b'}")
+        assert "which this ingress (node A) cannot read" in why and "MUSICGEN_STORAGE_URL=s3://" in why
+        # the storage becomes shared (here: the probe appears where the ingress reads)
+        write_probe(ingress_disk, "b:2", {"node": "B"})
+        clock.now += 0.5
+        assert (await readiness.ready())[0] is False  # checked again after cache_s
+        clock.now += 0.5
+        assert await readiness.ready() == (True, "serving tiny on 2 generator(s)")
+        await store.aclose()
+
+    asyncio.run(main())

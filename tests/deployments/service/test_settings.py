@@ -160,3 +160,44 @@ def test_an_engine_generator_takes_its_jobs_at_once_and_a_batching_one_a_batch_a
 
     assert configs(max_engine_jobs=48, max_batch_size=4) == {"tiny": (8, 4), "tiny-2": (48, 24)}
     assert configs(plan="sequential", max_batch_size=3) == {"tiny": (6, 3), "tiny-2": (6, 3)}
+
+
+def test_custom_resources_come_from_the_setting_then_the_environment(monkeypatch):
+    """Generators ask for the resource that only generator nodes declare, the API for the head's: a
+    cluster file sets MUSICGEN_GENERATOR_RESOURCES / MUSICGEN_API_RESOURCES (JSON objects)."""
+    monkeypatch.delenv("MUSICGEN_GENERATOR_RESOURCES", raising=False)
+    monkeypatch.delenv("MUSICGEN_API_RESOURCES", raising=False)
+    assert AppArgs().resolved().generator_resources == {} == AppArgs().resolved().api_resources
+    monkeypatch.setenv("MUSICGEN_GENERATOR_RESOURCES", '{"musicgen_generator": 1}')
+    monkeypatch.setenv("MUSICGEN_API_RESOURCES", '{"musicgen_api": 0.5}')
+    resolved = AppArgs().resolved()
+    assert resolved.generator_resources == {"musicgen_generator": 1.0}
+    assert resolved.api_resources == {"musicgen_api": 0.5}
+    assert AppArgs(generator_resources={"gpu_node": 2}).resolved().generator_resources == {"gpu_node": 2.0}
+    for bad, match in [
+        ("musicgen_generator=1", "not JSON"),
+        ('["musicgen_generator"]', "resource names and amounts"),
+        ('{"musicgen_generator": 0}', "amounts > 0"),
+        ('{"musicgen_generator": true}', "amounts > 0"),
+        ('{"GPU": 1}', "generator_gpus"),
+    ]:
+        monkeypatch.setenv("MUSICGEN_GENERATOR_RESOURCES", bad)
+        with pytest.raises(ValueError, match="MUSICGEN_GENERATOR_RESOURCES") as caught:
+            AppArgs().resolved()
+        assert match in str(caught.value)
+
+
+def test_each_node_keeps_its_data_under_its_own_data_dir_unless_the_args_name_one(monkeypatch, tmp_path):
+    """The app is built on one node; a replica on another uses that node's MUSICGEN_DATA_DIR (nodes do
+    not share a disk). A data_dir given in the args holds everywhere; a node without the variable keeps
+    the builder's."""
+    monkeypatch.setenv("MUSICGEN_DATA_DIR", str(tmp_path / "head"))
+    built = AppArgs().resolved()
+    assert built.data_dir == str(tmp_path / "head")
+    monkeypatch.setenv("MUSICGEN_DATA_DIR", str(tmp_path / "worker"))
+    assert built.on_this_node().data_dir == str(tmp_path / "worker")
+    monkeypatch.delenv("MUSICGEN_DATA_DIR")
+    assert built.on_this_node().data_dir == str(tmp_path / "head")
+    given = AppArgs(data_dir=str(tmp_path / "shared")).resolved()
+    monkeypatch.setenv("MUSICGEN_DATA_DIR", str(tmp_path / "worker"))
+    assert given.on_this_node().data_dir == str(tmp_path / "shared")
