@@ -178,6 +178,7 @@ class Ingress:
         redis_url: str,
         redis_server=None,
         provisioned_keys: Sequence[tuple[str, str, str]] = (),
+        generator_needs: dict[str, float] | None = None,  # what a generator replica asks Ray for
     ):
         from deployments.service.api import ApiConfig, Services
         from deployments.service.dispatch import Dispatcher, provision_keys, reconcile_forever
@@ -194,8 +195,10 @@ class Ingress:
         runs = {model: _run_on(handle) for model, handle in generators.items()}
         self.dispatcher = Dispatcher(self.store, runs, args.model, loop=loop)
         results = _storage(args, "results")
-        self.readiness = Readiness(self.store, args.served_models, scales_to_zero=args.min_generators == 0,
-                                   results=results, node=_node_id())  # fmt: skip
+        self.readiness = Readiness(
+            self.store, args.served_models, scales_to_zero=args.min_generators == 0, results=results,
+            node=_node_id(), unplaceable=lambda: no_node_fits(generator_needs),
+        )  # fmt: skip
         self.services = Services(
             store=self.store, validate=self._validate, dispatch=self.dispatcher.start,
             results=results, uploads=_storage(args, "uploads"),
@@ -279,6 +282,31 @@ def generator_gpus(args: ResolvedArgs) -> float:
     return 1.0 if found else 0.0
 
 
+def generator_needs(args: ResolvedArgs, gpus: float) -> dict[str, float]:
+    """The Ray resources a generator replica asks for: CPUs, GPUs and the custom ones."""
+    return {"CPU": args.generator_cpus, **({"GPU": gpus} if gpus else {}), **args.generator_resources}
+
+
+def no_node_fits(needs: dict[str, float] | None) -> str | None:
+    """Why no alive node of the Ray cluster could ever host a replica that asks for `needs` (None: one
+    could, or the cluster cannot be asked): what /readyz says instead of "loading" when none runs."""
+    import ray
+
+    if not needs:
+        return None
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    except Exception:
+        return None
+    if any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in needs.items()) for n in nodes):
+        return None
+    return (
+        f"none of the cluster's {len(nodes)} node(s) has what a generator replica asks for ({needs}); "
+        "the generator starts when a node that has them joins (a GPU node, with the custom resources of "
+        "generator_resources / MUSICGEN_GENERATOR_RESOURCES)"
+    )
+
+
 def generator_concurrency(args: ResolvedArgs, model: str, gpus: float) -> tuple[int, int]:
     """(max_ongoing_requests, target_ongoing_requests) of a model's generator deployment. A model whose
     plan runs on an engine (DiffRhythm 2's batched plan) runs each job as it comes: up to
@@ -327,7 +355,7 @@ def build_app(raw_args: dict) -> serve.Application:
                 "num_cpus": args.generator_cpus,
                 **({"num_gpus": gpus} if gpus else {}),
                 **({"resources": args.generator_resources} if args.generator_resources else {}),
-            },
+            },  # what generator_needs() says
             max_ongoing_requests=at_once,
             # a stopping replica's running batch may take generation_timeout_s, then its takes are stored
             graceful_shutdown_timeout_s=args.generator_grace_s,
@@ -348,6 +376,7 @@ def build_app(raw_args: dict) -> serve.Application:
             **api_resources,
         },
         max_ongoing_requests=args.ingress_max_ongoing,
+        **({"max_replicas_per_node": args.max_ingress_per_node} if args.max_ingress_per_node else {}),
         autoscaling_config={
             "min_replicas": args.min_ingress,
             "max_replicas": max(args.max_ingress, args.min_ingress),
@@ -361,4 +390,6 @@ def build_app(raw_args: dict) -> serve.Application:
     validator = PromptValidator.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": 0.25, **api_resources}
     ).bind(args)
-    return ingress.bind(validator, generators, args, redis_url, redis_server, provisioned)
+    return ingress.bind(
+        validator, generators, args, redis_url, redis_server, provisioned, generator_needs(args, gpus)
+    )

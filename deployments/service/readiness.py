@@ -26,10 +26,13 @@ if TYPE_CHECKING:
 READY_CACHE_S = 1.0  # submissions and /readyz read the generators' reports at most this often
 
 
-def model_state(model: str, reports: list[dict], *, scales_to_zero: bool) -> tuple[bool, str]:
+def model_state(
+    model: str, reports: list[dict], *, scales_to_zero: bool, unplaceable: str | None = None
+) -> tuple[bool, str]:
     """(ready, why) of one served model, from the reports of its generators. Ready when one has the
     model loaded, or when none has reported and the deployment may be scaled to zero (the first
-    song starts a generator); a failed load is told with its recovery hint."""
+    song starts a generator); a failed load is told with its recovery hint, and `unplaceable` (why
+    no node of the cluster can run a generator) when none has reported."""
     loaded = [r for r in reports if r.get("loaded")]
     failed = [r["error"] for r in reports if r.get("error")]
     if loaded:
@@ -41,8 +44,12 @@ def model_state(model: str, reports: list[dict], *, scales_to_zero: bool) -> tup
         return True, why
     if failed:
         return False, f"{model}: {failed[0]['message']}; {failed[0]['recovery']}"
+    if scales_to_zero and unplaceable:  # accepted songs wait for a node (a cluster autoscaler adds one)
+        return True, f"{model} scaled to zero, and no generator can start yet: {unplaceable}"
     if scales_to_zero:
         return True, f"{model} scaled to zero: the first song starts a generator, which loads the model first"
+    if unplaceable:
+        return False, f"{model}: no generator is running: {unplaceable}"
     return False, f"{model}: no generator has reported yet: the model is loading"
 
 
@@ -58,11 +65,14 @@ class Readiness:
         scales_to_zero: bool,  # min_generators == 0: a model without generators is not a failure
         results: Storage | None = None,  # where this ingress reads takes: generators' probes must be there
         node: str | None = None,  # the node this ingress runs on (for the messages)
+        # why no node of the cluster can host a generator (None: one can); called off the event loop
+        unplaceable: Callable[[], str | None] | None = None,
         cache_s: float = READY_CACHE_S,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.store, self.served_models, self.scales_to_zero = store, list(served_models), scales_to_zero
-        self.results, self.node = results, node
+        self.results, self.node, self.unplaceable = results, node, unplaceable
+        self._unplaceable: tuple[float, str | None] = (float("-inf"), None)
         self.cache_s, self.clock = cache_s, clock
         self._cache: tuple[float, list[dict]] | None = None
         self._probes_seen: set[str] = set()  # found once: the storage is shared (it stays so)
@@ -75,21 +85,27 @@ class Readiness:
             self._cache = now, await self.store.generator_statuses()
         return self._cache[1]
 
-    def _states(self, reports: list[dict]) -> dict[str, tuple[bool, str]]:
+    async def _states(self, reports: list[dict]) -> dict[str, tuple[bool, str]]:
+        by_model = {m: [r for r in reports if r.get("model") == m] for m in self.served_models}
+        unplaceable = None
+        if self.unplaceable is not None and not all(by_model.values()):
+            if self.clock() - self._unplaceable[0] >= self.cache_s:
+                self._unplaceable = (self.clock(), await asyncio.to_thread(self.unplaceable))
+            unplaceable = self._unplaceable[1]
         return {
-            m: model_state(m, [r for r in reports if r.get("model") == m], scales_to_zero=self.scales_to_zero)
-            for m in self.served_models
+            m: model_state(m, rs, scales_to_zero=self.scales_to_zero, unplaceable=unplaceable)
+            for m, rs in by_model.items()
         }
 
     async def states(self) -> dict[str, tuple[bool, str]]:
         """Each served model's (ready, why), read now."""
-        return self._states(await self.store.generator_statuses())
+        return await self._states(await self.store.generator_statuses())
 
     async def ready(self) -> tuple[bool, str]:
         """Ready when every served model is and this ingress reads every generator's storage; why,
         model by model."""
         reports = await self._recent_reports()
-        states = self._states(reports).values()
+        states = (await self._states(reports)).values()
         unshared = await self._storage_not_shared(reports)
         if unshared is not None:
             return False, unshared

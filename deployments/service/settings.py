@@ -127,6 +127,8 @@ class AppArgs(BaseModel):
     min_ingress: int = Field(1, ge=1)  # CPU replicas of the HTTP ingress (autoscaled on open requests)
     max_ingress: int = Field(1, ge=1)
     ingress_max_ongoing: int = Field(INGRESS_MAX_ONGOING, ge=10)
+    # ingress replicas on one node at most (1 on a cluster: losing a node loses one replica); unset: any
+    max_ingress_per_node: int | None = Field(None, ge=1)
     min_generators: int = Field(1, ge=0)
     max_generators: int = Field(1, ge=1)
     retention_s: int = Field(RETENTION_S, ge=60)

@@ -38,6 +38,17 @@ def test_a_models_state_from_its_generators_reports(reports, scales_to_zero, rea
     assert ok is ready and reason.startswith(why)
 
 
+def test_without_a_node_that_can_host_a_generator_readiness_says_so():
+    """No node has what a generator asks for (a cluster whose GPU nodes have not joined): not
+    "loading" but why; scaled to zero, songs are still accepted (they wait for the node)."""
+    why = "none of the cluster's 2 node(s) has what a generator replica asks for"
+    assert model_state("m", [], scales_to_zero=False, unplaceable=why) == (
+        False, f"m: no generator is running: {why}")  # fmt: skip
+    assert model_state("m", [], scales_to_zero=True, unplaceable=why) == (
+        True, f"m scaled to zero, and no generator can start yet: {why}")  # fmt: skip
+    assert model_state("m", [loaded("m")], scales_to_zero=False, unplaceable=why)[0] is True
+
+
 class Clock:
     def __init__(self):
         self.now = 0.0
