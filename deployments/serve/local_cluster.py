@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from deployments.service.redis_server import EmbeddedRedis, free_port
 
@@ -91,9 +92,9 @@ class LocalCluster:
         self.api_key = api_key or new_secret()
         self.nodes: dict[str, Node] = {}
         self.redis: EmbeddedRedis | None = None
-        self.s3 = None
+        self.s3: Any = None  # moto.server.ThreadedMotoServer
         self.s3_endpoint: str | None = None
-        self.cluster = None
+        self.cluster: Any = None  # ray.cluster_utils.Cluster
         self._generators_added = 0
 
     # -- the pieces --------------------------------------------------------------------------------
@@ -121,9 +122,12 @@ class LocalCluster:
         return env
 
     def _start_s3(self) -> None:
+        import logging
+
         import boto3
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per S3 request
         port = free_port()
         self.s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self.s3.start()
@@ -153,9 +157,10 @@ class LocalCluster:
         self.log(f"node {name} (generator) joined, proxy on {self.nodes[name].url}")
         return self.nodes[name]
 
-    def add_api_node(self, name: str) -> Node:
+    def add_api_node(self, name: str, port: int | None = None) -> Node:
+        """A second (third...) API node; `port`: its proxy's (a node started again keeps its port)."""
         assert self.cluster is not None
-        args = self._node_args(name, "api", free_port())
+        args = self._node_args(name, "api", port or free_port())
         self.nodes[name].ray_node = self.cluster.add_node(**args)
         self.log(f"node {name} (API) joined, proxy on {self.nodes[name].url}")
         return self.nodes[name]
