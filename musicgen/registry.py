@@ -102,6 +102,9 @@ class ModelFamily:
     defaults: Defaults
     limits: Limits
     edits: bool  # can regenerate segments of an existing song
+    # writes a song left to right with final blocks on the way: its audio can be heard while sampled
+    # (SongRequest.on_audio); a whole-song sampler has nothing final before the end
+    live_audio: bool
     execution: ExecutionRules
     assets: tuple[str, ...]  # data files of the official repository it needs (names in hub.ASSETS)
     tiny_builder: str  # "module:function" building the tiny model's files under a folder: (root) -> paths
@@ -166,7 +169,7 @@ DR1 = DiffRhythm1(
     "dr1", "DiffRhythm 1", pipeline="musicgen.pipelines.dr1:DR1Pipeline",
     lyrics=LyricsRules(timed=True, encoder="musicgen.lyrics.timed:encode_timed"),
     defaults=Defaults.of(SamplerSettings), limits=Limits(SamplerSettings.MIN_STEPS, FRAMES_PER_SECOND, SAMPLE_RATE),
-    edits=True, assets=("negative_style_vocal.npy",),  # the null branch's style
+    edits=True, live_audio=False, assets=("negative_style_vocal.npy",),  # the null branch's style
     # auto: rows in parallel on the CPU, batched with a CUDA graph on CUDA (measured: runtime/plans.py)
     execution=ExecutionRules(
         plans=("batched", "sequential", "parallel", "graphs"), auto_plan=(("cpu", "parallel"), ("cuda", "graphs")),
@@ -179,7 +182,7 @@ DR2 = DiffRhythm2(
     lyrics=LyricsRules(timed=False, encoder="musicgen.lyrics.sections:encode_section_lyrics"),
     defaults=Defaults.of(BlockSamplerSettings),
     limits=Limits(BlockSamplerSettings.MIN_STEPS, DR2_FRAMES_PER_SECOND, DR2_SAMPLE_RATE),
-    edits=False, assets=(),  # the official code has no edit mode; the null branch's style is zeros
+    edits=False, live_audio=True, assets=(),  # no official edit mode; the null branch's style is zeros
     # one forward over both guidance branches; the attention writes the key/value cache, so only the
     # blocks' MLPs compile; nothing measured faster yet, so compile auto is off
     execution=ExecutionRules(

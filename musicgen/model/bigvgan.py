@@ -239,12 +239,24 @@ def chunk_starts(frames: int, chunk: int = CHUNK_FRAMES, overlap: int = CHUNK_OV
     return starts
 
 
+def chunk_sources(starts: list[int], frames: int) -> list[tuple[int, int, int]]:
+    """(chunk start, first frame, end frame) of the audio each chunk supplies once the official paste
+    is done: `overlap // 2` frames are trimmed at inner edges and a later chunk overwrites an earlier
+    one, so a chunk supplies from its start (+ the trim, but the first) up to the next one's start +
+    the trim, and the last up to the end."""
+    trim = CHUNK_OVERLAP // 2
+    return [
+        (s, s if k == 0 else s + trim, starts[k + 1] + trim if k + 1 < len(starts) else frames)
+        for k, s in enumerate(starts)
+    ]
+
+
 @torch.inference_mode()
 def decode_chunked(model: BigVGAN, latents: torch.Tensor, *, max_batch: int = 4) -> torch.Tensor:
     """(b, frames, 64) latents -> (b, frames * hop) fp32 mono, as the official `decode_audio` pastes it:
     each chunk decoded alone, `overlap // 2` frames trimmed at inner edges, later chunks written over
-    earlier ones. Songs shorter than one chunk (which crash the official code) are decoded in one call.
-    The chunks of every song go through the generator `max_batch` at a time."""
+    earlier ones (`chunk_sources`). Songs shorter than one chunk (which crash the official code) are
+    decoded in one call. The chunks of every song go through the generator `max_batch` at a time."""
     hop = model.cfg.hop
     dtype = next(model.parameters()).dtype
     z = latents.transpose(1, 2)  # (b, 64, frames)
@@ -255,12 +267,118 @@ def decode_chunked(model: BigVGAN, latents: torch.Tensor, *, max_batch: int = 4)
     windows = torch.cat([z[..., s : s + CHUNK_FRAMES] for s in starts]).to(dtype)  # chunk-major
     decoded = torch.cat([model(windows[i : i + max_batch]) for i in range(0, windows.shape[0], max_batch)])
     out = torch.zeros(b, frames * hop, dtype=torch.float32, device=z.device)
-    trim = CHUNK_OVERLAP // 2
-    for k, s in enumerate(starts):
-        lo = 0 if k == 0 else trim
-        hi = CHUNK_FRAMES if k == len(starts) - 1 else CHUNK_FRAMES - trim
-        out[:, (s + lo) * hop : (s + hi) * hop] = decoded[k * b : (k + 1) * b, 0, lo * hop : hi * hop].float()
+    for k, (s, lo, hi) in enumerate(chunk_sources(starts, frames)):
+        out[:, lo * hop : hi * hop] = decoded[k * b : (k + 1) * b, 0, (lo - s) * hop : (hi - s) * hop].float()
     return out
+
+
+class LiveDecode:
+    """One take's audio while its latents are still being sampled, block by block: `push` each block
+    as it becomes final and get back the audio samples that no later block can change; `finish` with
+    the song's end gives the rest. The pieces put together equal `decode_chunked` of the whole take
+    with `max_batch=1` sample for sample (the same windows decoded one at a time).
+
+    What is final: a window of the official layout (`chunk_starts`) exists for sure once the latents
+    reach one frame past its end, because the end of song cuts a stream at most one frame before the
+    end of the block that had already been sampled when it was not cut (`_eos_end`); a sample is final
+    once every window that could still come (the next one on the grid, or the one aligned to the
+    song's end) starts writing after it. So audio lags the latents by about one window. Songs shorter
+    than one window are decoded whole at `finish`, as `decode_chunked` does. `limit_frames`: the
+    requested length, where the audio is cut (the sampler fills whole blocks)."""
+
+    def __init__(self, model: BigVGAN, *, limit_frames: int | None = None):
+        self.model, self.hop, self.limit = model, model.cfg.hop, limit_frames
+        self.dtype = next(model.parameters()).dtype
+        self._latents: list[torch.Tensor] = []  # (n, 64) blocks
+        self.frames = 0  # latent frames pushed
+        self.released = 0  # frames of audio handed out
+        self._windows: dict[int, torch.Tensor] = {}  # start -> (CHUNK_FRAMES * hop,) fp32 mono, decoded
+        self.finished = False
+
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _z(self) -> torch.Tensor:  # (64, frames)
+        if len(self._latents) > 1:
+            self._latents = [torch.cat(self._latents)]
+        return self._latents[0].transpose(0, 1)
+
+    def _window(self, start: int) -> torch.Tensor:
+        if start not in self._windows:
+            z = self._z()[None, :, start : start + CHUNK_FRAMES].to(self.model_device(), self.dtype)
+            self._windows[start] = self.model(z)[0, 0].float()
+        return self._windows[start]
+
+    def _release(self, sources: list[tuple[int, int, int]], upto: int) -> torch.Tensor:
+        if self.limit is not None:
+            upto = min(upto, self.limit)
+        hop, pieces = self.hop, []
+        for s, lo, hi in sources:
+            lo, hi = max(lo, self.released), min(hi, upto)
+            if lo < hi:
+                pieces.append(self._window(s)[(lo - s) * hop : (hi - s) * hop])
+        if pieces:
+            self.released = max(self.released, upto)
+        step = CHUNK_FRAMES - CHUNK_OVERLAP
+        for s in [s for s in self._windows if s + step + CHUNK_OVERLAP // 2 <= self.released]:
+            del self._windows[s]  # no layout can take audio from it any more
+        if not pieces:
+            return torch.zeros(0, dtype=torch.float32, device=self.model_device())
+        return torch.cat(pieces)
+
+    @torch.inference_mode()
+    def push(self, block: torch.Tensor) -> torch.Tensor:
+        """(n, 64) the next final latents -> (samples,) fp32 mono that follow those released before."""
+        if self.finished:
+            raise RuntimeError("this take's audio is finished")
+        self._latents.append(block.detach())
+        self.frames += block.shape[0]
+        certain = self.frames - 1  # the song is at least this long
+        step, trim = CHUNK_FRAMES - CHUNK_OVERLAP, CHUNK_OVERLAP // 2
+        grid = list(range(0, certain - CHUNK_FRAMES + 1, step))
+        if not grid:
+            return self._release([], 0)
+        # the windows still to come: the grid's next, or the one aligned to an end at `certain` or later
+        upto = min(grid[-1] + step, certain - CHUNK_FRAMES) + trim
+        return self._release(chunk_sources(grid, grid[-1] + step + trim), upto)
+
+    @torch.inference_mode()
+    def finish(self, last: torch.Tensor | None = None, end: int | None = None) -> torch.Tensor:
+        """The rest of the audio, with the song's `last` block if it was not pushed (it may have ended
+        the song before itself), the song ending at frame `end` (None: with the frames pushed)."""
+        if self.finished:
+            raise RuntimeError("this take's audio is finished")
+        if last is not None:
+            self._latents.append(last.detach())
+            self.frames += last.shape[0]
+        frames = self.frames if end is None else end
+        if frames > self.frames:
+            raise ValueError(f"the song ends at frame {frames} but only {self.frames} were pushed")
+        self.finished = True
+        starts = chunk_starts(frames)
+        if not starts:  # shorter than one window: one call on the whole, as decode_chunked
+            assert self.released == 0, "audio of a song shorter than one window was released early"
+            z = self._z()[None, :, :frames].to(self.model_device(), self.dtype)
+            mono = self.model(z)[0, 0].float()
+            upto = frames if self.limit is None else min(frames, self.limit)
+            self.released = upto
+            return mono[: upto * self.hop]
+        return self._release(chunk_sources(starts, frames), frames)
+
+
+class LiveStereo:
+    """`fake_stereo` of a mono signal that arrives in pieces: each piece's (2, n), the right channel
+    taking the delayed samples from the pieces before."""
+
+    def __init__(self, sample_rate: int, device: torch.device | str = "cpu"):
+        self.delay = int(STEREO_DELAY_S * sample_rate)
+        self._tail = torch.zeros(self.delay, dtype=torch.float32, device=device)
+
+    def push(self, mono: torch.Tensor) -> torch.Tensor:
+        joined = torch.cat([self._tail.to(mono.device), mono])
+        right = torch.tensor(STEREO_GAIN, dtype=torch.float32) * joined[: mono.shape[0]]
+        self._tail = joined[joined.shape[0] - self.delay :]
+        return torch.stack([mono, right])
 
 
 def fake_stereo(mono: torch.Tensor, sample_rate: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ through the same interface."""
 from musicgen.pipelines.base import (
     MAX_SEED,
     MAX_TAKES,
+    AudioCallback,
     EditSpec,
     Pipeline,
     Progress,
@@ -18,6 +19,7 @@ from musicgen.pipelines.dr2 import DR2Pipeline
 __all__ = [
     "MAX_SEED",
     "MAX_TAKES",
+    "AudioCallback",
     "DR1Pipeline",
     "DR2Pipeline",
     "EditSpec",

@@ -36,6 +36,9 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+# (take index, (2, n) fp32 stereo on the CPU): a take's next samples, as soon as no later block can change
+# them (DiffRhythm 2); the pieces of a take put together are its audio in the result
+AudioCallback = Callable[[int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class SongRequest:
     cfg_strength: float | None = None  # None: the model's default (ModelSpec.default_cfg)
     edit: EditSpec | None = None
     duration_s: float | None = None  # DiffRhythm 2 (its tokens are not frame-aligned): the song's length
+    on_audio: AudioCallback | None = None  # live audio (models whose family has live_audio)
 
 
 def encode_style(encoder: StyleEncoder | None, req: SongRequest) -> torch.Tensor:

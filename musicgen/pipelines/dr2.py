@@ -11,6 +11,10 @@ Choices (the official script's behaviour where it is not a bug, see musicgen/mod
   latent frame; a decoder whose rate over hop is not the DiT's 5 frames a second is refused at load;
 - stereo is the official fake stereo (right = 0.8 x left, 10 ms later) of the decoder's mono; there is
   no normalisation (the decoder clamps to [-1, 1]), as in the official script;
+- on the engine (the batched plan), each take's audio is decoded while it is sampled: every block goes
+  to the live decoder (`LiveDecode`: a thread of its own on a GPU, between ticks on a CPU), which
+  releases the samples no later block can change, to the request's `on_audio` as they come; the take's audio is those pieces put together. The other plans
+  decode at the end (and hand `on_audio` each take whole);
 - takes of one request and requests with the same text length, block count, steps and guidance are
   sampled as one batch; a canceled request leaves its batch at the next step;
 - the CFG null branch uses a zero style, as the official code does (DiffRhythm 2 has no negative style).
@@ -18,10 +22,13 @@ Choices (the official script's behaviour where it is not a bug, see musicgen/mod
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +38,7 @@ from musicgen.engine.cache import SlotCache
 from musicgen.engine.dr2 import DR2Engine, SongHandle
 from musicgen.engine.loop import EngineLoop
 from musicgen.errors import CheckpointMismatch, InvalidParameter, ModelNotAvailable, OutOfMemory
-from musicgen.model.bigvgan import BigVGAN, DecoderConfig, decode_chunked, fake_stereo
+from musicgen.model.bigvgan import BigVGAN, DecoderConfig, LiveDecode, LiveStereo, decode_chunked, fake_stereo
 from musicgen.model.dr2_dit import COND_DIM, DR2DiT, time_features
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks
 from musicgen.model.loading import load_bigvgan, load_dr2
@@ -40,6 +47,8 @@ from musicgen.pipelines.base import MAX_TAKES, Pipeline, Progress, ProgressCallb
 from musicgen.registry import MULAN_REPO, ModelSpec
 from musicgen.runtime.device import resolve_device, resolve_dtype
 from musicgen.runtime.plans import ExecutionPlan, apply_execution, resolve_execution
+
+log = logging.getLogger(__name__)
 
 
 def check_decoder_rate(cfg: DecoderConfig, spec: ModelSpec) -> None:
@@ -83,6 +92,50 @@ class _Item:
     style_s: float
     t0: float
     error: BaseException | None = None
+    live: list[_LiveTake] = field(default_factory=list)  # on the engine: each take's audio so far
+
+
+class _LiveTake:
+    """One take's audio decoded while it is sampled (on the pipeline's decode thread): the pieces
+    released so far, each handed to the request's on_audio as it comes."""
+
+    def __init__(self, pipeline: DR2Pipeline, item: _Item, index: int):
+        self.decode = LiveDecode(pipeline.decoder, limit_frames=item.frames)
+        self.stereo = LiveStereo(pipeline.sample_rate)
+        self.on_audio, self.index = item.req.on_audio, index
+        self.pieces: list[torch.Tensor] = []  # (2, n) fp32 on the CPU
+        self.pending: list[Future] = []
+
+    def add(self, block: torch.Tensor, last: bool, end: int | None) -> None:
+        mono = self.decode.finish(block, end) if last else self.decode.push(block)
+        if not mono.numel():
+            return
+        piece = self.stereo.push(mono.cpu())
+        self.pieces.append(piece)
+        if self.on_audio is not None:
+            try:
+                self.on_audio(self.index, piece)
+            except Exception:  # a listener's failure never fails the song: its live audio stops
+                log.warning("the live audio callback of take %d failed; its live audio stops", self.index,
+                            exc_info=True)  # fmt: skip
+                self.on_audio = None
+
+    def audio(self) -> torch.Tensor:
+        for f in self.pending:
+            f.result()
+        return torch.cat(self.pieces, dim=1) if self.pieces else torch.zeros(2, 0)
+
+
+class _Inline:
+    """An executor that runs each task at once on the caller's thread (its outcome in the future)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
 
 
 class DR2Pipeline(Pipeline):
@@ -98,6 +151,7 @@ class DR2Pipeline(Pipeline):
         self.engine_budget_bytes: int | None = None
         self._loop: EngineLoop | None = None
         self._loop_lock = threading.Lock()
+        self._live_decoder: ThreadPoolExecutor | _Inline | None = None  # decodes the engine's blocks
 
     @property
     def continuous(self) -> bool:
@@ -130,6 +184,20 @@ class DR2Pipeline(Pipeline):
                     )  # fmt: skip
                 )
             return self._loop
+
+    def live_decoder(self) -> ThreadPoolExecutor | _Inline:
+        """What decodes the engine's finished blocks, in order: on a GPU one thread of its own, so that
+        sampling never waits for audio; on a CPU the engine's thread itself, between ticks (both would
+        share the same cores, and two threads computing at once make the floats of a seed differ from
+        one run to the next by thread scheduling, ~1e-6)."""
+        with self._loop_lock:
+            if self._live_decoder is None:
+                self._live_decoder = (
+                    ThreadPoolExecutor(1, thread_name_prefix="dr2-live-decode")
+                    if self.device.type == "cuda"
+                    else _Inline()
+                )
+            return self._live_decoder
 
     def load(self) -> dict[str, int]:
         """Takes running and waiting on the engine and the cache bytes it holds (zeros before it starts),
@@ -231,7 +299,6 @@ class DR2Pipeline(Pipeline):
         self._sync()
         sampling_s = time.perf_counter() - t1
         outs: list[SongResult | Exception] = []
-        hop = self.decoder.cfg.hop
         for j, item in enumerate(batch):
             if item.error is not None:
                 outs.append(item.error)
@@ -243,15 +310,11 @@ class DR2Pipeline(Pipeline):
                 continue
             t2 = time.perf_counter()
             rows = [streams[r] for r in rows_of[j]]
-            lengths = {r.shape[0] for r in rows}
-            if len(lengths) == 1:
-                mono = decode_chunked(self.decoder, torch.stack(rows))
-            else:  # an end of song came at different frames in different takes
-                mono = torch.nn.utils.rnn.pad_sequence(
-                    [decode_chunked(self.decoder, r[None])[0] for r in rows], batch_first=True
-                )
-            mono = mono[:, : item.frames * hop]  # the requested length (the sampler fills whole blocks)
-            audio = fake_stereo(mono, self.sample_rate).cpu()
+            try:
+                audio = self._take_audio(item, rows)
+            except Exception as exc:
+                outs.append(self._as_error(exc, item.req))
+                continue
             self._sync()
             latents = torch.nn.utils.rnn.pad_sequence([r.float().cpu() for r in rows], batch_first=True)
             timings = {
@@ -266,6 +329,27 @@ class DR2Pipeline(Pipeline):
             except Exception as exc:
                 outs.append(exc)
         return outs
+
+    def _take_audio(self, item: _Item, rows: list[torch.Tensor]) -> torch.Tensor:
+        """(takes, 2, samples) on the CPU: on the engine, the pieces its decode thread released (waited
+        for); else each take decoded now (and handed whole to on_audio)."""
+        if item.live:
+            takes = [live.audio() for live in item.live]
+            return torch.nn.utils.rnn.pad_sequence([a.T for a in takes], batch_first=True).transpose(1, 2)
+        hop = self.decoder.cfg.hop
+        lengths = {r.shape[0] for r in rows}
+        if len(lengths) == 1:
+            mono = decode_chunked(self.decoder, torch.stack(rows))
+        else:  # an end of song came at different frames in different takes
+            mono = torch.nn.utils.rnn.pad_sequence(
+                [decode_chunked(self.decoder, r[None])[0] for r in rows], batch_first=True
+            )
+        mono = mono[:, : item.frames * hop]  # the requested length (the sampler fills whole blocks)
+        audio = fake_stereo(mono, self.sample_rate).cpu()
+        if item.req.on_audio is not None:
+            for k, take in enumerate(audio):
+                item.req.on_audio(k, take)
+        return audio
 
     def _sample_grouped(self, batch: list[_Item], owner: dict[int, int]) -> list[torch.Tensor | None]:
         """One sample_blocks call over the batch's rows (their text length, blocks, steps and guidance
@@ -296,14 +380,16 @@ class DR2Pipeline(Pipeline):
     def _sample_on_engine(self, batch: list[_Item], rows_of: list[list[int]]) -> list[torch.Tensor | None]:
         """Each take submitted to the shared engine; returns when this batch's takes are done. Progress
         is reported per block; a report that raises (canceled, timed out) cancels the request's takes."""
-        loop = self.engine_loop()
+        loop, decoder = self.engine_loop(), self.live_decoder()
         handles: list[list[SongHandle]] = []
         for item in batch:
             settings = BlockSamplerSettings(item.req.steps, item.req.cfg_strength, self.round_pass_time)
             mine: list[SongHandle] = []
             handles.append(mine)
+            item.live = [_LiveTake(self, item, k) for k in range(item.req.num_takes)]
 
-            def on_block(_h, _blk, _x, item=item, mine=mine, per_block=settings.steps - 1) -> None:
+            def on_block(h, _blk, x, live, item=item, mine=mine, per_block=settings.steps - 1) -> None:
+                live.pending.append(decoder.submit(live.add, x, h.done, h.end))
                 if item.error is not None:
                     return
                 total = item.blocks * per_block
@@ -319,7 +405,7 @@ class DR2Pipeline(Pipeline):
                 item.report(Progress("sampling", 0.0, 0, item.blocks * (settings.steps - 1)))
                 for k in range(item.req.num_takes):
                     mine.append(loop.submit(item.req.tokens.long(), item.style.reshape(-1), item.noise[k],
-                                            settings, on_block))  # fmt: skip
+                                            settings, functools.partial(on_block, live=item.live[k])))  # fmt: skip
             except Exception as exc:  # canceled already, or refused (too big for the cache budget alone)
                 item.error = exc
                 for h in mine:

@@ -21,6 +21,8 @@ import torch
 
 from musicgen.model.bigvgan import (
     DecoderConfig,
+    LiveDecode,
+    LiveStereo,
     chunk_starts,
     decode_chunked,
     fake_stereo,
@@ -251,6 +253,23 @@ def test_the_chunked_decode_and_the_stereo_array_match_the_official(decoder, dec
     assert torch.equal(stereo[0, 1, 480:], torch.tensor(0.8) * mono[0, :-480])
     batched = decode_chunked(decoder, latents, max_batch=4)  # all windows of a song in one call
     assert_decoded_close(batched, z[f"{run}_decoded"][:, 0], "decoded four windows a call")
+
+
+def test_live_audio_released_block_by_block_equals_the_official_take(decoder, decoder_npz):
+    """Audio released as each 10-frame block is sampled (the rest at the end) is the official
+    decode_audio's and fake stereo's, and exactly the whole take decoded one window a call (run b:
+    a window inside and one aligned to the end)."""
+    z, run = decoder_npz, "b"
+    latents = t(z[f"{run}_latents"])[0]
+    dec, stereo = LiveDecode(decoder), LiveStereo(48000)
+    blocks = list(latents.split(10))
+    mono = [dec.push(b) for b in blocks[:-1]] + [dec.finish(blocks[-1])]
+    assert [m.shape[0] // 9600 for m in mono] == [0, 0, 11, 10, 24]
+    live = torch.cat(mono)
+    assert torch.equal(live, decode_chunked(decoder, latents[None], max_batch=1)[0])
+    assert_decoded_close(live[None], z[f"{run}_decoded"][:, 0], "live decoded")
+    final = torch.cat([stereo.push(m) for m in mono], dim=1)
+    assert_decoded_close(final, z[f"{run}_final"], "live stereo")
 
 
 def test_songs_shorter_than_a_chunk_decode_in_one_call(decoder, decoder_npz):

@@ -4,6 +4,9 @@ batched requests equal to requests run alone, cancel mid-song, the lyrics rules,
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import pytest
 import torch
 
@@ -194,3 +197,50 @@ def test_a_decoder_that_does_not_make_5_frames_a_second_is_refused(pipe, tmp_pat
     with pytest.raises(CheckpointMismatch, match="sampling_rate 96000 over a hop of 9600 .* is 10 frames a second, "
                        "but tiny-2's DiT makes 5 latent frames a second"):  # fmt: skip
         DR2Pipeline(pipe.spec, pipe.dit, decoder, pipe.style_encoder, torch.device("cpu"))
+
+
+def test_live_audio_comes_while_the_song_is_sampled_and_is_the_take(pipe, front):
+    """On the engine, each take's final samples reach on_audio while later blocks are still sampled
+    (the sampler is held at its 5th block until audio has come), and the pieces of a take are its
+    audio in the result, sample for sample; the sequential plan decodes at the end and hands over each
+    take whole, the same song."""
+    pieces: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    heard = threading.Event()
+
+    def on_audio(take, samples):
+        pieces[take].append(samples)
+        heard.set()
+
+    waited = []
+
+    def hold_until_heard(progress):
+        if progress.stage == "sampling" and progress.step == 4 * 3 and not waited:
+            waited.append(heard.wait(60))
+
+    req = request(front, seconds=11.5, seed=4, num_takes=2, steps=4, on_audio=on_audio)
+    result = pipe.generate(req, hold_until_heard)
+    assert waited == [True], "no audio came while the song was still being sampled"
+    assert result.audio.shape == (2, 2, 57 * 9600)
+    for take in (0, 1):
+        assert len(pieces[take]) > 1 and torch.equal(torch.cat(pieces[take], dim=1), result.audio[take])
+    sequential = Pipeline.from_pretrained("tiny-2", device="cpu", plan="sequential", compile="off")
+    whole: list[tuple[int, torch.Tensor]] = []
+    alone = sequential.generate(dataclasses.replace(req, on_audio=lambda k, a: whole.append((k, a))))
+    assert [k for k, _ in whole] == [0, 1] and all(torch.equal(a, alone.audio[k]) for k, a in whole)
+    assert torch.allclose(alone.latents, result.latents, atol=1e-5, rtol=0)
+    assert torch.allclose(alone.audio, result.audio, atol=1e-4, rtol=0)
+
+
+def test_live_audio_of_a_song_of_one_window_comes_whole_at_its_end(pipe, front):
+    """4 s, the shortest song: 20 frames, one window of the decoder, final only when the song is."""
+    pieces = []
+    result = pipe.generate(request(front, seconds=4, seed=9, on_audio=lambda k, a: pieces.append(a)))
+    assert len(pieces) == 1 and torch.equal(pieces[0], result.audio[0])
+
+
+def test_a_failing_audio_listener_does_not_fail_the_song(pipe, front, caplog):
+    def broken(take, samples):
+        raise OSError("the listener went away")
+
+    result = pipe.generate(request(front, seconds=8, seed=2, on_audio=broken))
+    assert result.audio.shape == (1, 2, 40 * 9600) and "live audio stops" in caplog.text
