@@ -7,12 +7,14 @@ tests/deployments/serve/test_app.py.)"""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
 import subprocess
 import sys
 import tomllib
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -21,6 +23,56 @@ from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
 DOCKERFILE = CLUSTER / "docker" / "Dockerfile"
+
+# The Kubernetes release whose API the core kinds are checked against (kubernetes-validate ships the
+# schemas of 1.25 to its own version): not the newest, so that a field added since fails here.
+KUBERNETES_VERSION = "1.35.0"
+# Kinds no Kubernetes schema describes, only their operators' CRDs: KubeRay's RayService (its fields:
+# KUBERAY_FIELDS below) and the Prometheus Operator's PodMonitor. Any other unknown kind fails.
+CRD_KINDS = {("ray.io/v1", "RayService"), ("monitoring.coreos.com/v1", "PodMonitor")}
+
+
+class KubeRayField(NamedTuple):
+    """A RayService field this project sets: what KubeRay's CRD declares for its value
+    (ray-operator/config/crd/bases/ray.io_rayservices.yaml in ray-project/kuberay) and where KubeRay's
+    API reference documents it."""
+
+    value: type | frozenset[str] | str  # a type, an enum, STRING_MAP or POD_TEMPLATE
+    documented: str
+    since: str = "v1.0.0"  # the KubeRay release that first has it in ray.io/v1
+
+
+API_MD = "docs/reference/api.md"  # in ray-project/kuberay
+STRING_MAP = "map of string to string"  # the CRD's `additionalProperties: {type: string}`
+POD_TEMPLATE = "PodTemplateSpec"  # Kubernetes' own type: checked strictly by kubernetes-validate
+_CLUSTER = "spec.rayClusterConfig"
+_HEAD = f"{_CLUSTER}.headGroupSpec"
+_WORKERS = f"{_CLUSTER}.workerGroupSpecs[]"
+# every field path the RayService sets outside the pod templates, and nothing else (a test checks both)
+KUBERAY_FIELDS = {
+    "apiVersion": KubeRayField(frozenset({"ray.io/v1"}), f"{API_MD}#rayservice"),
+    "kind": KubeRayField(frozenset({"RayService"}), f"{API_MD}#rayservice"),
+    "metadata.name": KubeRayField(str, f"{API_MD}#rayservice"),
+    "spec.serveConfigV2": KubeRayField(str, f"{API_MD}#rayservicespec"),
+    f"{_CLUSTER}.rayVersion": KubeRayField(str, f"{API_MD}#rayclusterspec"),
+    # Ray's token auth for the control plane: cherry-picked into v1.5.1, not in v1.5.0
+    f"{_CLUSTER}.authOptions.mode": KubeRayField(
+        frozenset({"disabled", "token"}), f"{API_MD}#authoptions", "v1.5.1"
+    ),
+    f"{_CLUSTER}.enableInTreeAutoscaling": KubeRayField(bool, f"{API_MD}#rayclusterspec"),
+    f"{_CLUSTER}.autoscalerOptions.upscalingMode": KubeRayField(
+        frozenset({"Default", "Aggressive", "Conservative"}), f"{API_MD}#autoscaleroptions"
+    ),
+    f"{_CLUSTER}.autoscalerOptions.idleTimeoutSeconds": KubeRayField(int, f"{API_MD}#autoscaleroptions"),
+    f"{_HEAD}.rayStartParams": KubeRayField(STRING_MAP, f"{API_MD}#headgroupspec"),
+    f"{_HEAD}.template": KubeRayField(POD_TEMPLATE, f"{API_MD}#headgroupspec"),
+    f"{_WORKERS}.groupName": KubeRayField(str, f"{API_MD}#workergroupspec"),
+    f"{_WORKERS}.replicas": KubeRayField(int, f"{API_MD}#workergroupspec"),
+    f"{_WORKERS}.minReplicas": KubeRayField(int, f"{API_MD}#workergroupspec"),
+    f"{_WORKERS}.maxReplicas": KubeRayField(int, f"{API_MD}#workergroupspec"),
+    f"{_WORKERS}.rayStartParams": KubeRayField(STRING_MAP, f"{API_MD}#workergroupspec"),
+    f"{_WORKERS}.template": KubeRayField(POD_TEMPLATE, f"{API_MD}#workergroupspec"),
+}
 
 
 def _docs(path) -> list[dict]:
@@ -46,6 +98,65 @@ def rayservice() -> dict:
     return service
 
 
+def _validate_strictly(doc: dict, where: str) -> None:
+    """`doc` against Kubernetes' schema of its kind, unknown fields refused; a failure names the field."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        field = ".".join(str(p) for p in e.path)
+        raise AssertionError(f"{where}: {doc['kind']} {field}: {e.message}") from None
+
+
+def _pod_templates(rayservice: dict) -> dict[str, dict]:
+    """The RayService's pod templates (the head's and each worker group's), each as a core PodTemplate:
+    a kind whose `template` is the PodTemplateSpec KubeRay takes."""
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+    return {
+        name: {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"musicgen-{name}"},
+            "template": copy.deepcopy(group["template"]),
+        }
+        for name, group in groups.items()
+    }
+
+
+def _used_fields(node, path: str = ""):
+    """(path, value) of every field set in a RayService document, down to KubeRay's own fields: a pod
+    template (Kubernetes' type) and rayStartParams (a map of strings) are leaves; list items add `[]`."""
+    field = KUBERAY_FIELDS.get(path)
+    if isinstance(node, dict) and not (field and field.value in (STRING_MAP, POD_TEMPLATE)):
+        for key, value in node.items():
+            yield from _used_fields(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _used_fields(item, f"{path}[]")
+    else:
+        yield path, node
+
+
+def _has_declared_value(value, declared) -> bool:
+    if isinstance(declared, frozenset):
+        return value in declared
+    if declared is int:  # the CRD's int32
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
+    if declared == STRING_MAP:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        )
+    if declared == POD_TEMPLATE:
+        return isinstance(value, dict) and "spec" in value
+    return isinstance(value, declared)
+
+
+def _release(tag: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in tag.removeprefix("v").split("."))
+
+
 def test_every_kubernetes_manifest_is_well_formed():
     for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
         docs = _docs(path)
@@ -53,6 +164,84 @@ def test_every_kubernetes_manifest_is_well_formed():
         for doc in docs:
             assert {"apiVersion", "kind", "metadata", "spec"} <= set(doc), (path, doc.get("kind"))
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), path
+
+
+def test_every_core_kind_passes_kubernetes_schema_strictly_and_the_rest_are_named_crds():
+    import kubernetes_validate
+
+    checked, crds = set(), set()
+    for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        for doc in _docs(path):
+            kind = (doc["apiVersion"], doc["kind"])
+            try:
+                _validate_strictly(doc, path.name)
+                checked.add(doc["kind"])
+            except kubernetes_validate.SchemaNotFoundError:
+                assert kind in CRD_KINDS, f"{path.name}: {kind} is no Kubernetes kind, nor a CRD named here"
+                crds.add(kind)
+    assert {"Service", "StatefulSet", "PersistentVolumeClaim"} <= checked
+    assert crds == CRD_KINDS  # no stale name: each is in a file
+
+
+def test_the_rayservices_pod_templates_pass_kubernetes_schema_strictly(rayservice):
+    templates = _pod_templates(rayservice)
+    assert set(templates) == {"head", "gpu"}
+    for name, doc in templates.items():
+        _validate_strictly(doc, f"rayservice.yaml, the {name} group's template")
+
+
+def _misspell_image(pod: dict) -> None:
+    container = pod["containers"][0]
+    container["imagee"] = container.pop("image")
+
+
+def _misspell_an_env_value(pod: dict) -> None:
+    pod["containers"][0]["env"].append({"name": "MUSICGEN_MODEL", "vaule": "tiny"})
+
+
+def _quote_a_port(pod: dict) -> None:
+    pod["containers"][0]["ports"][0]["containerPort"] = "8000"
+
+
+@pytest.mark.parametrize(
+    ("break_it", "named"),
+    [
+        (_misspell_image, "'imagee' was unexpected"),
+        (_misspell_an_env_value, "'vaule' was unexpected"),
+        (_quote_a_port, "'8000' is not of type 'integer'"),
+    ],
+)
+def test_strict_validation_refuses_a_template_with_a_wrong_field(rayservice, break_it, named):
+    # worth something only if it refuses what the API server would (kubectl validates fields strictly)
+    broken = _pod_templates(rayservice)["gpu"]
+    break_it(broken["template"]["spec"])
+    with pytest.raises(AssertionError, match=re.escape(named)):
+        _validate_strictly(broken, "a broken copy")
+
+
+def test_every_rayservice_field_is_in_the_kuberay_table_with_the_value_its_crd_declares(rayservice):
+    used = list(_used_fields(rayservice))
+    paths = {path for path, _ in used}
+    assert paths - set(KUBERAY_FIELDS) == set(), (
+        "fields the table does not list (add where KubeRay documents them)"
+    )
+    assert set(KUBERAY_FIELDS) - paths == set(), "fields the table lists that the manifest no longer sets"
+    for path, value in used:
+        declared = KUBERAY_FIELDS[path].value
+        assert _has_declared_value(value, declared), f"{path}: {value!r} is not {declared}"
+    # the CRD's required fields of a worker group, and the bounds the operator and autoscaler keep
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert {"groupName", "minReplicas", "maxReplicas", "template"} <= set(group)
+        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], group["groupName"]
+        assert group["maxReplicas"] >= 1, group["groupName"]
+
+
+def test_the_kuberay_release_the_manifest_and_readme_ask_for_has_every_field_used():
+    needed = max((f.since for f in KUBERAY_FIELDS.values()), key=_release)
+    header = (CLUSTER / "kuberay" / "rayservice.yaml").read_text()
+    (stated,) = re.findall(r"KubeRay operator \((v[\d.]+) or newer", header)
+    assert stated == needed
+    assert f"Install the KubeRay operator ({needed} or newer)" in (ROOT / "README.md").read_text()
 
 
 def test_the_rayservice_serves_serve_config_yaml_with_only_the_host_changed(rayservice):
