@@ -333,6 +333,96 @@ def test_the_cluster_launcher_configs_pass_rays_schema(cloud):
     assert "/cluster/launcher/musicgen.env" in (ROOT / ".gitignore").read_text().splitlines()
 
 
+class ClusterFile(NamedTuple):
+    """What a cluster file gives Ray: the environment the app is built in (the head's), the resources
+    each node group declares, which group is the head, and the app's args."""
+
+    env: dict[str, str]
+    groups: dict[str, dict[str, float]]
+    head: str
+    app_args: dict
+
+
+def _kuberay_cluster_file() -> ClusterFile:
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    (service, *_) = _docs(CLUSTER / "kuberay" / "rayservice.yaml")
+    cluster = service["spec"]["rayClusterConfig"]
+    # the node types Ray's autoscaler plans with, as it reads them from the RayCluster of this spec
+    config = _derive_autoscaling_config_from_ray_cr(
+        {"metadata": {"name": "musicgen", "namespace": "default"}, "spec": cluster}
+    )
+    (head_c,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return ClusterFile(
+        env={e["name"]: e["value"] for e in head_c["env"] if "value" in e},
+        groups={name: node["resources"] for name, node in config["available_node_types"].items()},
+        head=config["head_node_type"],
+        app_args=app["args"],
+    )
+
+
+def _launcher_cluster_file(cloud: str) -> ClusterFile:
+    config = yaml.safe_load((CLUSTER / "launcher" / f"{cloud}.yaml").read_text())
+    # the variables the head's start commands export before `ray start` and `serve deploy`
+    words = shlex.split(" ".join(config["head_start_ray_commands"]))
+    (app,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    return ClusterFile(
+        env=dict(w.split("=", 1) for w in words if re.fullmatch(r"MUSICGEN_[A-Z_]+=.+", w)),
+        groups={name: node["resources"] for name, node in config["available_node_types"].items()},
+        head=config["head_node_type"],
+        app_args=app["args"],
+    )
+
+
+@pytest.mark.parametrize("source", ["kuberay", "aws", "gcp"])
+def test_generators_can_run_only_on_gpu_nodes_and_the_api_only_on_the_head(source):
+    from deployments.serve.app import PromptValidator, generator_needs
+    from deployments.service.settings import AppArgs
+
+    cluster = _kuberay_cluster_file() if source == "kuberay" else _launcher_cluster_file(source)
+    with pytest.MonkeyPatch.context() as mp:  # the settings as the app builder reads them on the head
+        for var in ("MUSICGEN_GENERATOR_GPUS", "MUSICGEN_GENERATOR_RESOURCES", "MUSICGEN_API_RESOURCES"):
+            mp.delenv(var, raising=False)
+        for var, value in cluster.env.items():
+            mp.setenv(var, value)
+        resolved = AppArgs(**cluster.app_args, host="0.0.0.0").resolved()
+    generator, api = resolved.generator_resources, resolved.api_resources
+    assert generator and api, (
+        "without custom resources generators may start on the head, the API on GPU nodes"
+    )
+    gpu_groups = {name for name, has in cluster.groups.items() if has.get("GPU", 0) > 0}
+    assert gpu_groups and cluster.head not in gpu_groups
+    for resource in generator:
+        declared_by = {name for name, has in cluster.groups.items() if has.get(resource, 0) > 0}
+        assert declared_by == gpu_groups, (
+            f"{resource}: declared by {declared_by}, the GPU groups are {gpu_groups}"
+        )
+    needs = generator_needs(resolved, resolved.generator_gpus)
+    for name in gpu_groups:  # a GPU node has room for a whole generator replica
+        assert all(cluster.groups[name].get(k, 0) >= v for k, v in needs.items()), (name, needs)
+    # every ingress replica (up to max_ingress) and the validator's on the head at once
+    api_replicas = resolved.max_ingress + PromptValidator.num_replicas
+    for resource, amount in api.items():
+        declared_by = {name for name, has in cluster.groups.items() if has.get(resource, 0) > 0}
+        assert declared_by == {cluster.head}, f"{resource}: declared by {declared_by}, not the head alone"
+        assert cluster.groups[cluster.head][resource] >= amount * api_replicas
+
+
+def test_each_kuberay_pod_starts_ray_with_the_custom_resources_the_autoscaler_plans_with(rayservice):
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    planned = _kuberay_cluster_file().groups
+    params = {
+        "headgroup": cluster["headGroupSpec"]["rayStartParams"],
+        **{g["groupName"]: g["rayStartParams"] for g in cluster["workerGroupSpecs"]},
+    }
+    for name, start in params.items():
+        # KubeRay writes each param as --name=value into the pod's shell command line
+        (flag,) = shlex.split(f"--resources={start['resources']}")
+        declared = json.loads(flag.removeprefix("--resources="))
+        assert declared and {k: planned[name].get(k) for k in declared} == declared, name
+
+
 def test_the_dockerfile_installs_from_pyproject_and_runs_unprivileged():
     text = DOCKERFILE.read_text()
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
