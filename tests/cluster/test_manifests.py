@@ -1,7 +1,16 @@
 """Every deployment manifest and config under cluster/, checked without a cloud or a Docker daemon:
-the RayService's serve config goes through Ray Serve's own schema and equals serve_config.yaml (the
-HTTP host aside), the launcher configs through Ray's cluster-launcher schema, the compose file names
-the images the Dockerfile builds, and the Dockerfile takes its Python dependencies from pyproject.toml.
+- the core kinds of cluster/kuberay (and the RayService's pod templates, as PodTemplates) pass
+  Kubernetes' own schemas strictly (kubernetes-validate, offline: an unknown field fails); every other
+  kind is one of the CRD kinds named here;
+- every RayService field outside the pod templates is in a table with where KubeRay documents it and
+  the type or enum its CRD declares, and the table lists nothing the manifest does not set;
+- the RayService's serve config goes through Ray Serve's own schema and equals serve_config.yaml (the
+  HTTP host aside), the launcher configs through Ray's cluster-launcher schema;
+- in the RayService and both launcher configs, the custom resources the service's settings ask for
+  (resolved from the file's own environment) are declared by the GPU groups alone (generators) and the
+  head alone (the API), as Ray's autoscaler reads the groups;
+- the compose file names the images the Dockerfile builds, and the Dockerfile takes its Python
+  dependencies from pyproject.toml.
 (The Grafana dashboard's metric names are checked against a running app in
 tests/deployments/serve/test_app.py.)"""
 
