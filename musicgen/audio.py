@@ -89,22 +89,45 @@ def encode_mp3(
 ) -> bytes:
     """(samples, channels) float in [-1, 1], one or two channels -> an MP3 stream. Encoded a block at a
     time (bounded memory for long songs); LAME runs without the GIL."""
-    import lameenc
-
     if samples.ndim == 1:
         samples = samples[:, None]
-    channels = samples.shape[1]
-    if channels not in (1, 2):
-        raise InvalidParameter(f"MP3 holds one or two channels, not {channels}", recovery="use wav or flac")
-    encoder = lameenc.Encoder()
-    encoder.set_bit_rate(bitrate_kbps)
-    encoder.set_in_sample_rate(sample_rate)
-    encoder.set_channels(channels)
-    encoder.set_quality(quality)
-    out = bytearray()
+    stream = Mp3Stream(sample_rate, samples.shape[1], bitrate_kbps=bitrate_kbps, quality=quality)
     block = max(1, int(block_s * sample_rate))
+    out = bytearray()
     for start in range(0, samples.shape[0], block):
-        pcm = np.round(np.clip(samples[start : start + block], -1.0, 1.0) * 32767.0).astype("<i2")
-        out += encoder.encode(pcm.tobytes())
-    out += encoder.flush()
+        out += stream.encode(samples[start : start + block])
+    out += stream.flush()
     return bytes(out)
+
+
+class Mp3Stream:
+    """An MP3 stream encoded as its audio arrives (live audio): `encode` each piece of (samples,
+    channels) float in [-1, 1] and get the whole MP3 frames it completes, `flush` at the end for the
+    rest. The bytes put together are one MP3 file; a browser plays it from the first frame on."""
+
+    def __init__(self, sample_rate: int, channels: int, *, bitrate_kbps: int = MP3_BITRATE_KBPS,
+                 quality: int = MP3_QUALITY):  # fmt: skip
+        import lameenc
+
+        if channels not in (1, 2):
+            raise InvalidParameter(
+                f"MP3 holds one or two channels, not {channels}", recovery="use wav or flac"
+            )
+        self.channels = channels
+        self._encoder = lameenc.Encoder()
+        self._encoder.set_bit_rate(bitrate_kbps)
+        self._encoder.set_in_sample_rate(sample_rate)
+        self._encoder.set_channels(channels)
+        self._encoder.set_quality(quality)
+
+    def encode(self, samples: np.ndarray) -> bytes:
+        if samples.ndim == 1:
+            samples = samples[:, None]
+        if samples.ndim != 2 or samples.shape[1] != self.channels:
+            raise InvalidParameter(f"this MP3 stream has {self.channels} channels; got samples of shape "
+                                   f"{samples.shape} (samples, channels): {samples.shape[-1]} channels")  # fmt: skip
+        pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+        return bytes(self._encoder.encode(pcm.tobytes()))
+
+    def flush(self) -> bytes:
+        return bytes(self._encoder.flush())

@@ -242,6 +242,12 @@ class ModelSpec:
         return self.family.edits
 
     @property
+    def live_audio(self) -> bool:
+        """Its songs can be heard while they are written (DiffRhythm 2's blocks); DiffRhythm 1 samples
+        the whole song at once."""
+        return self.family.live_audio
+
+    @property
     def min_steps(self) -> int:
         """DiffRhythm 2's steps are grid points of each block's integration: two at least."""
         return self.family.limits.min_steps

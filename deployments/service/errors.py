@@ -39,6 +39,7 @@ _STATUS = {
     "GENERATION_TIMEOUT": 504,
     "WORKER_LOST": 500,
     "CANCELED": 409,
+    "NO_LIVE_AUDIO": 409,
     "INTERNAL": 500,
 }
 
@@ -60,6 +61,8 @@ _SERVICE_HINTS = {
     "STORE_UNAVAILABLE": "retry shortly: the job store is unreachable; accepted jobs are not lost",
     "GENERATION_TIMEOUT": "try a shorter song, fewer takes or fewer steps",
     "WORKER_LOST": "submit the song again; if it keeps failing, try a shorter song",
+    "NO_LIVE_AUDIO": "this model writes a song whole: download its takes (/takes/{n}/audio) once the job has "
+    "succeeded",
     "INTERNAL": "retry; if it persists, report it with the request id (details.request_id)",
 }
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from deployments.service.errors import ServiceError
+from deployments.service.live import LiveTakes
 from deployments.service.params import SongParams
 from deployments.service.storage import Storage
 from deployments.service.store import JobState, JobStore, StoreUnavailable
@@ -53,6 +54,7 @@ class _Lease:
 
     def __init__(self, store: JobStore, job_id: str, token: int):
         self.store, self.job_id, self.token = store, job_id, token
+        self.live: LiveTakes | None = None  # the run's live audio (models with live_audio)
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id[:8]}", daemon=True)
@@ -76,6 +78,8 @@ class _Lease:
         return self
 
     def stop(self) -> None:
+        if self.live is not None:  # a run that ended without storing its takes: listeners stop
+            self.live.end(done=False)
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -105,9 +109,9 @@ class JobRunner:
         self._encoding: set = set()
         self._encoding_lock = threading.Lock()
 
-    def request_for(self, p: SongParams, files: contextlib.ExitStack) -> SongRequest:
+    def request_for(self, p: SongParams, files: contextlib.ExitStack, on_audio=None) -> SongRequest:
         """The pipeline request of a job; uploads it needs are fetched into `files` (kept until the
-        stack closes)."""
+        stack closes); `on_audio` receives its live audio."""
         # the ingress routes by model: a job of another model is a bug or a changed config, never a guess
         serving = self.pipeline.spec.name
         if p.model != serving:
@@ -133,7 +137,7 @@ class JobRunner:
         return SongRequest(
             tokens=torch.tensor(p.tokens, dtype=torch.long), song_duration=p.song_duration,
             style_prompt=p.style_prompt, reference_audio=ref, seed=p.seed, num_takes=p.num_takes,
-            steps=p.steps, cfg_strength=p.cfg_strength, edit=edit, duration_s=p.duration_s,
+            steps=p.steps, cfg_strength=p.cfg_strength, edit=edit, duration_s=p.duration_s, on_audio=on_audio,
         )  # fmt: skip
 
     def run(self, job_id: str) -> JobState | None:
@@ -182,7 +186,8 @@ class JobRunner:
         with contextlib.ExitStack() as files:  # local copies of uploads, for the time of the batch
             for _, job_id, params in claimed:
                 try:
-                    requests.append(self.request_for(params, files))
+                    live = self._live(leases[job_id], params)
+                    requests.append(self.request_for(params, files, live.on_audio if live else None))
                     reports.append(self._reporter(leases[job_id], deadline))
                 except Exception as exc:  # e.g. an upload that vanished: fails this job only
                     outcomes[job_id] = exc
@@ -190,6 +195,14 @@ class JobRunner:
             results = self.pipeline.generate_many(requests, reports) if runnable else []
         outcomes.update(zip(runnable, results, strict=True))
         return outcomes
+
+    def _live(self, lease: _Lease, params: SongParams) -> LiveTakes | None:
+        """The run's live audio, for a model that writes its songs left to right."""
+        if not self.pipeline.spec.live_audio:
+            return None
+        rate = getattr(self.pipeline, "sample_rate", self.pipeline.spec.sample_rate)
+        lease.live = LiveTakes(self.store, lease.job_id, lease.token, params.num_takes, rate)
+        return lease.live
 
     def _hand_over(self, lease: _Lease, params: SongParams, outcome, t0: float) -> JobState | None:
         """Record a job's outcome now, or (a song to encode, with a background encoder) on an encoder
@@ -351,18 +364,31 @@ class JobRunner:
 
     def _store_takes(self, lease: _Lease, p: SongParams, result) -> list[dict]:
         """Each take encoded, then stored under the run's own folder if the run still holds the job
-        (a fenced lease renewal just before each write)."""
+        (a fenced lease renewal just before each write). With live audio, each take's MP3 is the bytes
+        its listeners heard (stored as the take when the format is mp3, else next to it, where the
+        audio route's conversion to mp3 finds it)."""
+        live = lease.live.finish() if lease.live is not None else None
         takes = []
         with tempfile.TemporaryDirectory() as tmp:
             for i, audio in enumerate(result.audio):
                 name = f"take-{i + 1}.{p.output_format}"
-                local = write_audio(Path(tmp) / name, audio, result.sample_rate, p.output_format)
+                local = Path(tmp) / name
+                if live is not None and p.output_format == "mp3":
+                    local.write_bytes(live[i])
+                else:
+                    write_audio(local, audio, result.sample_rate, p.output_format)
+                if live is not None and p.output_format != "mp3":
+                    (Path(tmp) / f"take-{i + 1}.mp3").write_bytes(live[i])
+                    self._still_held(lease)
+                    self.results.put_file(f"{lease.folder}/take-{i + 1}.mp3", Path(tmp) / f"take-{i + 1}.mp3")
                 self._still_held(lease)
                 key = self.results.put_file(f"{lease.folder}/{name}", local)
                 takes.append(
                     {"n": i + 1, "key": key, "format": p.output_format, "seed": result.seeds[i],
                      "duration_s": audio.shape[-1] / result.sample_rate}
                 )  # fmt: skip
+        if lease.live is not None:
+            lease.live.end(done=True)
         return takes
 
     def _still_held(self, lease: _Lease) -> None:

@@ -147,6 +147,7 @@ class ModelView(Strict):
     untrained: bool
     timed_lyrics: bool = True  # DiffRhythm 1: LRC timestamps place the lines; DiffRhythm 2: section tags only
     edits: bool = True  # regenerating a section of a song (DiffRhythm 1 only)
+    live_audio: bool = False  # takes heard while written: GET .../takes/{n}/live (DiffRhythm 2 only)
     sample_rate: int = 44_100
     default_steps: int  # what a song without `steps` samples with
     default_cfg: float  # and without `cfg_strength`
@@ -156,7 +157,8 @@ def model_view(spec, loaded: bool, status: str, max_takes: int) -> dict:
     """GET /v1/models's entry for a registry ModelSpec."""
     return {"name": spec.name, "loaded": loaded, "status": status, "min_seconds": spec.min_seconds,
             "max_seconds": spec.max_seconds, "max_takes": max_takes, "untrained": spec.untrained,
-            "timed_lyrics": spec.timed_lyrics, "edits": spec.edits, "sample_rate": spec.sample_rate,
+            "timed_lyrics": spec.timed_lyrics, "edits": spec.edits, "live_audio": spec.live_audio,
+            "sample_rate": spec.sample_rate,
             "default_steps": spec.default_steps, "default_cfg": spec.default_cfg}  # fmt: skip
 
 

@@ -23,9 +23,12 @@ from deployments.service.api.deps import (
 )
 from deployments.service.api.views import job_view
 from deployments.service.errors import ServiceError
+from deployments.service.live import follow
 from deployments.service.media import MEDIA_TYPES, RangeNotSatisfiable, parse_range
+from deployments.service.params import SongParams
 from deployments.service.schemas import JOB_ID_PATTERN, JobView, SongCreate, error_responses
 from deployments.service.store import AsyncJobStore, JobState, QueueFull, QuotaExceeded, SongJob, event_order
+from musicgen.registry import MODELS
 
 router = APIRouter(prefix="/v1/songs", tags=["songs"])
 JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -282,6 +285,60 @@ async def audio(
     return StreamingResponse(
         _read_off_loop(results.iter_range(key, first, last), services.audio_pool),
         status_code=status_code, headers=headers, media_type=MEDIA_TYPES[fmt],
+    )  # fmt: skip
+
+
+@router.get(
+    "/{job_id}/takes/{n}/live",
+    responses={200: {"content": {"audio/mpeg": {}}, "description": "the take's MP3, streamed as it is written"},
+               206: {"description": "the finished take from `offset` or a byte range"},
+               409: {"description": "the model has no live audio (NO_LIVE_AUDIO)"},
+               416: {"description": "a finished take, asked from past its end"}, **_ERRORS},
+)  # fmt: skip
+async def live(
+    job_id: str,
+    n: int,
+    services: ServicesDep,
+    caller: CallerDep,
+    offset: int = Query(0, ge=0, le=2**40, description="bytes already received: resume after them"),
+    range_header: str | None = Header(None, alias="Range"),
+):
+    """The take as an MP3 stream while it is written (DiffRhythm 2): it starts as soon as the first
+    samples are final, whenever the job started, and ends with the take. Several listeners at once,
+    each from the start; a client whose connection broke asks again with `offset` = the bytes it has
+    and gets the rest (the same bytes the take's MP3 file holds). Once the job has succeeded this is
+    that file (with byte ranges), as the audio route's `format=mp3` gives it."""
+    job, _ = await load_job(services.store, job_id, caller)
+    params = SongParams.from_dict(job.params)
+    spec = MODELS.get(params.model)
+    if spec is None or not spec.live_audio:
+        raise ServiceError("NO_LIVE_AUDIO", f"{params.model} writes a song whole: it has no live audio")
+    if not 1 <= n <= params.num_takes:
+        raise ServiceError("NOT_FOUND", f"song {job_id} has takes 1 to {params.num_takes}, not {n}")
+    if job.state == JobState.SUCCEEDED:
+        if offset and not range_header:
+            range_header = f"bytes={offset}-"
+        return await audio(job_id, n, services, caller, range_header, "mp3")
+    if job.state.finished:
+        raise ServiceError("NOT_FOUND", f"song {job_id} has no audio (status {job.state.value})",
+                           recovery="submit the song again")  # fmt: skip
+
+    async def stored(start: int) -> AsyncIterator[bytes]:
+        done, _ = await load_job(services.store, job_id, caller)
+        takes = {t["n"]: t for t in (done.result or {}).get("takes", [])}
+        key = takes[n]["key"]
+        loop = asyncio.get_running_loop()
+        key = await loop.run_in_executor(services.audio_pool, services.converter.convert, key, "mp3")
+        size = await asyncio.to_thread(services.results.size, key)
+        if start < size:
+            async for chunk in _read_off_loop(
+                services.results.iter_range(key, start, size - 1), services.audio_pool
+            ):
+                yield chunk
+
+    return StreamingResponse(
+        follow(services.store, job_id, n, offset, stored), media_type="audio/mpeg",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Live-Offset": str(offset)},
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from deployments.service.params import SongParams
 from deployments.service.schemas import JobView, TakeView
 from deployments.service.settings import SECONDS_PER_JOB_ESTIMATE
 from deployments.service.store import JobState, SongJob
+from musicgen.registry import MODELS
 
 
 def job_view(
@@ -38,8 +39,17 @@ def job_view(
         parameters=params.public(), warnings=params.warnings, error=job.error, takes=takes,
         timings={k: v for k, v in timings.items() if k.endswith("_s")},
         batch={k[len("batch_"):]: int(v) for k, v in timings.items() if k.startswith("batch_")},
-        links={"self": url, "events": f"{url}/events", "cancel": f"{url}/cancel", "audio": f"{url}/takes/1/audio"},
+        links=links(url, params.model),
     )  # fmt: skip
+
+
+def links(url: str, model: str) -> dict[str, str]:
+    """A job's links; `live` (take 1 heard while it is written) for a model with live audio."""
+    out = {"self": url, "events": f"{url}/events", "cancel": f"{url}/cancel", "audio": f"{url}/takes/1/audio"}
+    spec = MODELS.get(model)
+    if spec is not None and spec.live_audio:
+        out["live"] = f"{url}/takes/1/live"
+    return out
 
 
 def sse_frame(

@@ -7,7 +7,7 @@ deliveries, generator reports, API keys), one module per concern.
 - scripts.py, lua/: the Lua scripts (every transition is one atomic script)
 - drivers.py: the blocking and the asyncio driver; StoreUnavailable
 - jobs.py (the job stores), admission.py, retention.py, uploads.py, webhooks.py, generators.py,
-  apikeys.py: the operations
+  live.py, apikeys.py: the operations
 
 Callers see `StoreUnavailable` for any Redis failure, never redis-py's exceptions.
 """
@@ -27,6 +27,7 @@ from deployments.service.store.apikeys import (
 from deployments.service.store.drivers import AsyncDriver, StoreUnavailable, SyncDriver
 from deployments.service.store.generators import GENERATOR_STATUS_EVERY_S, GENERATOR_STATUS_TTL_S
 from deployments.service.store.jobs import PROGRESS_MIN_INTERVAL_S, AsyncJobStore, JobStore
+from deployments.service.store.live import LIVE_DONE, LIVE_STOPPED, LiveChunk
 from deployments.service.store.records import (
     EVENT_FIELDS,
     ApiKey,
@@ -41,7 +42,8 @@ from deployments.service.store.retention import SWEEP_CLAIM_S
 from deployments.service.store.schema import SCHEMA, Key, Lifetime
 
 __all__ = [
-    "EVENT_FIELDS", "GENERATOR_STATUS_EVERY_S", "GENERATOR_STATUS_TTL_S", "PROGRESS_MIN_INTERVAL_S",
+    "EVENT_FIELDS", "GENERATOR_STATUS_EVERY_S", "GENERATOR_STATUS_TTL_S", "LIVE_DONE", "LIVE_STOPPED",
+    "PROGRESS_MIN_INTERVAL_S", "LiveChunk",
     "ROLES", "SCHEMA", "SECRET", "SECRET_PREFIX", "SWEEP_CLAIM_S", "ApiKey", "AsyncDriver", "AsyncJobStore",
     "AsyncKeyStore", "JobEvent", "JobState", "JobStore", "Key", "KeyStore", "Lifetime", "QueueFull",
     "QuotaExceeded", "RateLimited", "SongJob", "StoreUnavailable", "SyncDriver", "Unauthorized", "Upload",

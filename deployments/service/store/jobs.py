@@ -16,7 +16,8 @@ job. Lease and retention deadlines are computed inside the scripts from Redis `T
 
 `JobStore` runs the operations on a blocking client (the GPU worker's threads); `AsyncJobStore` on
 redis.asyncio (the ingress's event loop), where every method returns an awaitable of what the sync
-method returns. Both have the operations of uploads.py, retention.py, webhooks.py and generators.py.
+method returns. Both have the operations of uploads.py, retention.py, webhooks.py, generators.py and
+live.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from deployments.service.errors import ServiceError
 from deployments.service.store.admission import UNLIMITED, audio_seconds, quota_args, refusal, utc_day
 from deployments.service.store.drivers import AsyncDriver, SyncDriver
 from deployments.service.store.generators import GeneratorOps
+from deployments.service.store.live import LiveOps
 from deployments.service.store.records import JobEvent, JobState, SongJob, text
 from deployments.service.store.retention import RetentionOps
 from deployments.service.store.schema import (
@@ -313,7 +315,7 @@ class _Settings:
         self._last_progress: dict[str, float] = {}
 
 
-class JobStore(JobOps, UploadOps, RetentionOps, WebhookOps, GeneratorOps, _Settings, OnSync):
+class JobStore(JobOps, UploadOps, RetentionOps, WebhookOps, GeneratorOps, LiveOps, _Settings, OnSync):
     """The protocol on a blocking client: for the GPU worker, whose jobs run on threads."""
 
     def __init__(self, client: redis.Redis | SyncDriver, **options: Unpack[StoreOptions]):
@@ -328,7 +330,7 @@ class JobStore(JobOps, UploadOps, RetentionOps, WebhookOps, GeneratorOps, _Setti
         self.driver.close()
 
 
-class AsyncJobStore(JobOps, UploadOps, RetentionOps, WebhookOps, GeneratorOps, _Settings, OnAsync):
+class AsyncJobStore(JobOps, UploadOps, RetentionOps, WebhookOps, GeneratorOps, LiveOps, _Settings, OnAsync):
     """The protocol on `redis.asyncio`: for the ingress's event loop. Every method returns an
     awaitable of what JobStore's returns. Use it from one event loop only."""
 

@@ -19,6 +19,7 @@ PREFIX = "mg:"
 IDEMPOTENCY_TTL_S = 24 * 3600
 USAGE_TTL_S = 2 * 24 * 3600  # a day's usage counters outlive the day (they are read during it only)
 EVENTS_MAXLEN = 1000
+LIVE_TTL_S = 15 * 60  # a take's live audio outlives its last write by this much (then: the stored file)
 
 
 class Lifetime(enum.Enum):
@@ -151,12 +152,21 @@ APIKEY = Key(
     "(JSON overrides) and its request bucket (tokens, tokens_at). A revoked key's record stays, "
     "marked, so that `musicgen keys list` still names it",
 )  # fmt: skip
+LIVE = Key(
+    "mg:live:{id}:{attempt}:{take}", "stream", Lifetime.FIXED,
+    "a take's live audio as one attempt writes it: MP3 bytes in entries of field `b`, in order, then "
+    "one entry of field `end` (`done`: the take's file holds exactly these bytes; `stopped`: the "
+    "attempt ended without a take). Per attempt, so that a requeued job's new run never mixes with "
+    "its lost one's; listeners read it by polling (no connection held per listener). Listeners that "
+    "come after it expired get the stored file",
+    ttl_s=LIVE_TTL_S,
+)  # fmt: skip
 APIKEYS_KEY = Key("mg:apikeys", "hash", Lifetime.KEPT, "key id -> digest: to list and revoke keys by id")
 
 SCHEMA: tuple[Key, ...] = (
     JOB, EVENTS, NOTIFY_CHANNEL, QUEUE_KEY, RUNNING_KEY, RECENT_KEY, EXPIRING_KEY, IDEM, OWNER_IDEM,
     OWNER_RECENT, OWNER_ACTIVE, OWNER_USAGE, UPLOAD, GENERATORS_KEY, WEBHOOK, WEBHOOKS_KEY,
-    DEAD_WEBHOOKS_KEY, APIKEY, APIKEYS_KEY,
+    DEAD_WEBHOOKS_KEY, APIKEY, APIKEYS_KEY, LIVE,
 )  # fmt: skip
 
 QUEUE = QUEUE_KEY.pattern
@@ -199,6 +209,10 @@ def upload_key(upload_id: str) -> str:
 
 def webhook_key(job_id: str) -> str:
     return WEBHOOK.name(id=job_id)
+
+
+def live_key(job_id: str, attempt: int, take: int) -> str:
+    return LIVE.name(id=job_id, attempt=str(attempt), take=str(take))
 
 
 def apikey_key(digest: str) -> str:

@@ -519,6 +519,7 @@ def test_both_generations_beside_each_other_through_ray_serve(service, tmp_path)
     ) == (4, 60)
     defaults = {m: (models[m]["default_steps"], models[m]["default_cfg"]) for m in models}
     assert defaults == {"tiny": (31, 4), "tiny-2": (16, 2)}
+    assert {m: models[m]["live_audio"] for m in models} == {"tiny": False, "tiny-2": True}
     first = service.post("/v1/songs", json={**SONG, "output_format": "wav"})  # no model: the default one
     assert first.status_code == 202, first.text
     song = {"model": "tiny-2", "lyrics": "[verse]\nHello world\n[chorus]\nGood night", "style_prompt": "folk",

@@ -293,8 +293,8 @@ def test_openapi_spec_names_every_route(service):
     spec = service.get("/openapi.json").json()
     assert set(spec["paths"]) >= {
         "/v1/songs", "/v1/songs/{job_id}", "/v1/songs/{job_id}/cancel", "/v1/songs/{job_id}/events",
-        "/v1/songs/{job_id}/takes/{n}/audio", "/v1/uploads", "/v1/models", "/healthz", "/readyz", "/metrics",
-        "/v1/lyrics/timing",
+        "/v1/songs/{job_id}/takes/{n}/audio", "/v1/songs/{job_id}/takes/{n}/live", "/v1/uploads", "/v1/models",
+        "/healthz", "/readyz", "/metrics", "/v1/lyrics/timing",
     }  # fmt: skip
     assert spec["paths"]["/v1/songs"]["post"]["responses"]["429"]
 

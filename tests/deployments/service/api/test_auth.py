@@ -164,6 +164,9 @@ def test_a_key_sees_lists_cancels_follows_and_downloads_only_its_own_jobs(keyed)
     as_missing(keyed.post("bob", f"/v1/songs/{mine}/cancel"), mine)
     as_missing(keyed.get("bob", f"/v1/songs/{mine}/events"), mine)
     as_missing(keyed.get("bob", f"/v1/songs/{mine}/takes/1/audio"), mine)
+    as_missing(keyed.get("bob", f"/v1/songs/{mine}/takes/1/live"), mine)
+    # the owner hears that the tiny DiffRhythm 1 has no live audio; nobody else learns the job exists
+    assert_error(keyed.get("alice", f"/v1/songs/{mine}/takes/1/live"), 409, "NO_LIVE_AUDIO")
     assert keyed.get("alice", f"/v1/songs/{mine}").json()["status"] == "queued"  # bob's cancel did nothing
     assert [j["id"] for j in keyed.get("alice", "/v1/songs").json()] == [mine]
     assert [j["id"] for j in keyed.get("bob", "/v1/songs").json()] == [theirs]
