@@ -473,13 +473,27 @@ def test_a_failing_event_stream_falls_back_to_polling(page, pace):
 
 
 @pytest.fixture(scope="module")
-def dr2_app(server, tmp_path_factory):
-    """The API serving the tiny DiffRhythm 2 (its own generator thread), the same UI."""
+def dr2_pace():
+    return Pace()
+
+
+@pytest.fixture(scope="module")
+def dr2_app(server, tmp_path_factory, dr2_pace):
+    """The API serving the tiny DiffRhythm 2 (its own generator thread, each DiT call held
+    `dr2_pace.seconds`), the same UI."""
     from deployments.service.schemas import model_view
     from musicgen.pipelines import Pipeline
     from musicgen.registry import MODELS
 
     pipe = Pipeline.from_pretrained("tiny-2", device="cpu")
+    forward = pipe.dit.forward
+
+    def paced(*args, **kwargs):
+        if dr2_pace.seconds:
+            time.sleep(dr2_pace.seconds)
+        return forward(*args, **kwargs)
+
+    pipe.dit.forward = paced
     root = tmp_path_factory.mktemp("ui-dr2")
     services, _ = make_services(server.url, pipe, LocalStorage(root / "results"), LocalStorage(root / "uploads"),
                                 model="tiny-2", ui_dir=str(ROOT / "ui"))  # fmt: skip
@@ -522,3 +536,70 @@ def test_a_diffrhythm_2_song_from_section_tagged_lyrics(browser, dr2_app):
     shot(page, "desktop-dr2")
     context.close()
     watch.check()
+
+
+def test_a_diffrhythm_2_song_plays_while_it_is_written_then_its_take_takes_over(browser, dr2_app, dr2_pace):
+    """A live player shows as soon as the job runs: its audio plays (currentTime advances) while the
+    song is still being written, its waveform grows, and the finished take takes over where it is,
+    still playing; what the page heard is the take's MP3, byte for byte."""
+    import hashlib
+
+    import httpx
+
+    dr2_pace.seconds = 0.1  # the song is written over ~5 s: longer than its first audio takes to come
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    watch = Watch(page)
+    try:
+        page.goto(dr2_app.base + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        page.fill("#lyrics", "[verse]\nHello world\n[chorus]\nGood night moon")
+        page.fill("#style", "folk")
+        page.fill("#duration", "30")
+        page.fill("#steps", "3")
+        page.click("#generate")
+        job = page.locator("li.job").first
+        live = job.locator(".take.live")
+        live.wait_for(timeout=60_000)
+        heard = live.element_handle()
+        audio = live.locator("audio").element_handle()
+        page.wait_for_function("a => a.currentTime > 0.3", arg=audio, timeout=60_000)
+        assert job.get_attribute("data-status") == "running", (
+            "the live audio played only once the song was done"
+        )
+        first = audio.evaluate("a => a.currentTime")
+        page.wait_for_function(f"a => a.currentTime > {first} + 0.2", arg=audio, timeout=10_000)
+        page.wait_for_function("el => Number(el.dataset.liveSeconds || 0) > 0", arg=heard, timeout=10_000)
+        shot(page, "desktop-dr2-live")
+        job.locator("xpath=self::*[@data-status='succeeded']").wait_for(timeout=60_000)
+        take = job.locator(".take[data-took-over-at]")
+        take.wait_for(timeout=30_000)
+        assert job.locator(".take.live").count() == 0  # the live player gave way
+        took_over = float(take.get_attribute("data-took-over-at"))
+        final = take.locator("audio").element_handle()
+        assert took_over > first  # where the live player was, not the start
+        page.wait_for_function(
+            f"a => !a.paused && a.currentTime > {took_over} + 0.2", arg=final, timeout=10_000
+        )
+        page.wait_for_function("el => el.dataset.liveDone === 'true'", arg=heard, timeout=30_000)
+        job_id = job.get_attribute("data-id")
+        mp3 = httpx.get(f"{dr2_app.base}/v1/songs/{job_id}/takes/1/audio?format=mp3").content
+        assert heard.get_attribute("data-live-bytes") == str(len(mp3))
+        assert heard.get_attribute("data-live-sha256") == hashlib.sha256(mp3).hexdigest()
+    finally:
+        dr2_pace.seconds = 0.0
+        context.close()
+    watch.check()
+
+
+def test_diffrhythm_1_offers_no_live_player(page, pace):
+    pace.seconds = 0.01
+    try:
+        job = submit(page)
+        job.locator("xpath=self::*[@data-status='running']").wait_for(timeout=30_000)
+        job.locator(
+            f"xpath=self::*[{' or '.join(f'@data-status={s!r}' for s in ('succeeded', 'failed'))}]"
+        ).wait_for(timeout=60_000)
+    finally:
+        pace.seconds = 0.0
+    assert job.locator(".take.live").count() == 0 and job.locator(".take").count() >= 1

@@ -72,6 +72,14 @@ export async function audioBlob(url, format) {
   return response.blob();
 }
 
+// A take's live audio (GET .../takes/{n}/live) from byte `offset` on: the Response, whose body grows
+// while the take is written.
+export async function liveAudio(url, offset, signal) {
+  const response = await fetch(`${url}?offset=${offset}`, { headers: headers(), signal });
+  if (!response.ok && response.status !== 416) throw await errorOf(response);
+  return response;
+}
+
 // Follow a job's events until it ends. `onEvent({id, event, data})` for each event; resolves with
 // "final" when the job ended, "closed" when the server closed the stream before that (reconnect), and
 // rejects on a network or HTTP error. `lastEventId` resumes after that event (204: nothing left).

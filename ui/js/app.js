@@ -322,6 +322,7 @@ const jobs = new JobList($("job-list"), $("no-songs"), {
   announce,
   notice,
   canEdit: (model) => (state.models.find((m) => m.name === model) || { edits: true }).edits,
+  liveAudio: (model) => (state.models.find((m) => m.name === model) || {}).live_audio === true,
   retry: async (entry) => {
     const body = entry.request || requestFromParameters(entry.view.parameters);
     try {

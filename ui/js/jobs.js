@@ -4,7 +4,7 @@
 
 import { ApiError, api, audioBlob, streamEvents } from "./api.js";
 import { formatTime } from "./lyrics.js";
-import { attachPlayer } from "./player.js";
+import { attachLivePlayer, attachPlayer } from "./player.js";
 
 const STORE = "musicgen.jobs";
 const FINAL = new Set(["succeeded", "failed", "canceled"]);
@@ -210,10 +210,47 @@ export class JobList {
       hint.textContent = v.error.recovery ? `Hint: ${v.error.recovery}` : "";
       r.error.append(msg, hint);
     } else r.error.hidden = true;
+    if (v.status === "running" && !r.live && !r.takesShown && v.links && v.links.live && this.hooks.liveAudio(p.model)) {
+      this.renderLive(entry, v.links.live);
+    }
     if (v.status === "succeeded" && !r.takesShown) {
       r.takesShown = true;
       for (const take of v.takes || []) this.renderTake(entry, take);
+    } else if (isFinal(v.status) && v.status !== "succeeded" && r.live) {
+      r.live.root.remove(); // failed or canceled: nothing more will come
+      r.live = null;
     }
+  }
+
+  // Take 1 while it is written (models with live audio): shown when the job starts running.
+  renderLive(entry, url) {
+    const r = entry.rendered;
+    const root = document.getElementById("live-template").content.firstElementChild.cloneNode(true);
+    const p = entry.view.parameters || {};
+    root.querySelector("audio").setAttribute("aria-label", `Take 1 of “${titleOf(entry)}”, live`);
+    r.takes.prepend(root);
+    const player = attachLivePlayer(root, url, { durationS: p.duration_s || 1, lrc: p.lrc });
+    r.live = { root, ...player };
+    player.done.catch((err) => {
+      root.querySelector(".now-line").textContent = `The live audio stopped: ${err.message}`;
+    });
+  }
+
+  // The finished take 1 takes over from the live player where it is, playing if it was.
+  handOver(entry, audio) {
+    const live = entry.rendered.live;
+    if (!live) return;
+    entry.rendered.live = null;
+    const go = () => {
+      const playing = !live.audio.paused && !live.audio.ended;
+      audio.currentTime = live.audio.currentTime;
+      if (playing) audio.play().catch(() => {});
+      live.audio.pause();
+      live.root.remove();
+      audio.closest(".take").dataset.tookOverAt = audio.currentTime.toFixed(2);
+    };
+    if (audio.readyState >= 1) go();
+    else audio.addEventListener("loadedmetadata", go, { once: true });
   }
 
   renderTake(entry, take) {
@@ -256,7 +293,9 @@ export class JobList {
       this.hooks.regenerate(entry, take, Number(start.value), Number(end.value)),
     );
     r.takes.append(root);
-    attachPlayer(root, take, p.lrc).catch((err) => {
+    attachPlayer(root, take, p.lrc).then((audio) => {
+      if (take.n === 1) this.handOver(entry, audio);
+    }).catch((err) => {
       const note = root.querySelector(".now-line");
       note.textContent = `The audio could not be loaded: ${err.message}`;
       note.removeAttribute("aria-hidden");

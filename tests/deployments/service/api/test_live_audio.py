@@ -139,3 +139,42 @@ def test_live_audio_errors(api):
     r = api.http.get(f"/v1/songs/{canceled['id']}/takes/1/live")
     assert r.status_code == 404 and "canceled" in r.json()["error"]["message"]
     # (GET /v1/models saying which models have live audio: tests/deployments/serve/test_app.py)
+
+
+def test_the_ingress_serving_a_stream_stops_and_another_one_serves_the_rest(server, pipe2, tmp_path):
+    """Two ingress servers on the same store (two replicas); the one streaming a take is stopped
+    mid-song (its connections cut), and the client asks the other from the bytes it has: the take
+    arrives whole, nothing lost or repeated. (Hard node kills: tests/deployments/serve/test_cluster.py
+    kills whole nodes for the event streams; this route keeps no state in the replica either.)"""
+    redis.Redis.from_url(server.url).flushdb()
+    results, uploads = LocalStorage(tmp_path / "r"), LocalStorage(tmp_path / "u")
+    services_a, _ = make_services(server.url, pipe2, results, uploads, model="tiny-2", max_queue=10)
+    services_b, _ = make_services(server.url, pipe2, results, uploads, model="tiny-2", max_queue=10)
+    first = LiveApi(services_a).__enter__()
+    try:
+        with LiveApi(services_b) as second, httpx.Client(base_url=first.base, timeout=60) as http_a:
+            job = http_a.post("/v1/songs", json={**SONG, "num_takes": 1, "seed": 21}).json()
+            got = bytearray()
+            with http_a.stream("GET", f"/v1/songs/{job['id']}/takes/1/live") as r:
+                for chunk in r.iter_raw():
+                    got += chunk
+                    if len(got) > 30_000:
+                        break
+            status = http_a.get(f"/v1/songs/{job['id']}").json()["status"]
+            first.__exit__(None, None, None)  # the replica goes away mid-song; the generator goes on
+            first = None
+            assert status == "running" and got
+            with httpx.Client(base_url=second.base, timeout=60) as http_b:
+                with http_b.stream(
+                    "GET", f"/v1/songs/{job['id']}/takes/1/live", params={"offset": len(got)}
+                ) as r:
+                    assert r.status_code in (200, 206)
+                    for chunk in r.iter_raw():
+                        got += chunk
+                assert wait_done(http_b, job["id"])["status"] == "succeeded"
+                assert bytes(got) == http_b.get(f"/v1/songs/{job['id']}/takes/1/audio?format=mp3").content
+    finally:
+        if first is not None:
+            first.__exit__(None, None, None)
+        services_a.worker_pool.shutdown(wait=True)
+        services_b.worker_pool.shutdown(wait=True)
