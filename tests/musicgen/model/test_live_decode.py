@@ -14,11 +14,21 @@ from musicgen.model.bigvgan import BigVGAN, DecoderConfig, LiveDecode, LiveStere
 BLOCK = 10
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A window of this decoder is ~80 samples: one thread spares each of its many small ops the
+    thread pool's overhead (7x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def decoder() -> BigVGAN:
     torch.manual_seed(5)
     cfg = DecoderConfig(upsample_initial_channel=8, upsample_rates=(2, 2), upsample_kernel_sizes=(4, 4),
-                        resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),), sampling_rate=20)  # fmt: skip
+                        resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),), sampling_rate=20)  # fmt: skip
     model = BigVGAN(cfg).eval()
     with torch.no_grad():  # random weights of a size that keeps the signal O(1)
         for p in model.parameters():
