@@ -10,7 +10,8 @@ Ingress side, `follow`: the take's MP3 bytes from a byte offset on, as they are 
 connection broke (its ingress replica killed, say) asks again with `offset` = the bytes it has and
 gets the rest, none lost, none twice. When a job is requeued (its generator lost), the new attempt
 samples the same seeds, so the same audio: the stream goes on at the same offset of the new attempt's
-bytes. Once the job has succeeded the stored file serves what the stream no longer holds.
+bytes (the same bytes on a generator of the same kind; on other hardware the floats differ by ~1e-6,
+and a listener may hear a click where the attempts meet). Once the job has succeeded the stored file serves what the stream no longer holds.
 
 Why MP3: a browser's audio element plays an MP3 byte stream progressively as it arrives (frames are
 self-delimiting, no container index to wait for), any offset resumes at the next frame, and LAME
