@@ -317,6 +317,7 @@ class LocalCluster:
         return {
             "api": self.head.url,
             "api_key": self.api_key,
+            "ray_address": self.cluster.address if self.cluster else None,  # for `ray start --address`
             "redis_url": self.redis_url,
             "s3_endpoint": self.s3_endpoint,
             "nodes": {
