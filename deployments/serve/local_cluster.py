@@ -218,7 +218,9 @@ class LocalCluster:
             "min_ingress": self.api_nodes,
             "max_ingress": self.api_nodes,
             "max_ingress_per_node": 1,
-            "min_generators": 1,
+            # none while no node can hold one: Serve would wait for that replica before it deploys
+            # the rest (the app scales a generator up once a generator node joins and a song waits)
+            "min_generators": 1 if self.generator_nodes else 0,
             "max_generators": max(1, self.generator_nodes),
             "lease_s": self.lease_s,
             **self.app_args,
@@ -317,6 +319,7 @@ class LocalCluster:
         return {
             "api": self.head.url,
             "api_key": self.api_key,
+            "ray_address": self.cluster.address if self.cluster else None,  # for `ray start --address`
             "redis_url": self.redis_url,
             "s3_endpoint": self.s3_endpoint,
             "nodes": {
@@ -357,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if args.model == "tiny" else "0")
     cluster = LocalCluster(args.root, api_nodes=args.api_nodes, generator_nodes=args.generator_nodes,
                            model=args.model, storage=args.storage)  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the cluster, also while it starts
     try:
         cluster.start(wait_ready=args.generator_nodes > 0)
         info = cluster.describe()
@@ -364,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info, indent=2))
         print(f"\ntry: curl -H 'Authorization: Bearer {cluster.api_key}' {cluster.head.url}/v1/models")
         print("Ctrl-C stops the cluster", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -97,6 +97,16 @@ class SyncDriver:
         self.client.close()
 
 
+class _Reconnects:
+    """Counts a pub/sub connection's reconnections (a connect callback must be a bound method)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def on_connect(self, connection: Any) -> None:
+        self.count += 1
+
+
 class AsyncDriver:
     """Use it from one event loop only."""
 
@@ -134,10 +144,16 @@ class AsyncDriver:
 
     @contextlib.asynccontextmanager
     async def notifications(self) -> AsyncIterator[AsyncIterator[JobEvent]]:
-        """The events of every job, as they happen, over one pub/sub connection."""
+        """The events of every job, as they happen, over one pub/sub connection. A lost connection
+        ends the iteration with StoreUnavailable, also when redis-py made a new one by itself (its
+        retry re-subscribes silently, but what was published in between is lost: the caller must
+        subscribe again and read what it missed)."""
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        reconnects = _Reconnects()
         try:
             await pubsub.subscribe(NOTIFY)
+            connection: Any = pubsub.connection
+            connection.register_connect_callback(reconnects.on_connect)
         except redis.RedisError as exc:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise StoreUnavailable.wrapping(exc) from exc
@@ -148,12 +164,15 @@ class AsyncDriver:
                     message = await pubsub.get_message(timeout=1.0)
                 except redis.RedisError as exc:
                     raise StoreUnavailable.wrapping(exc) from exc
+                if reconnects.count:
+                    raise StoreUnavailable("ConnectionError", "the subscription was lost and made again")
                 if message is not None and message["type"] == "message":
                     yield JobEvent.from_notification(message["data"])
 
         try:
             yield events()
         finally:
+            connection.deregister_connect_callback(reconnects.on_connect)  # it goes back to the pool
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:

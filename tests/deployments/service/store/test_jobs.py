@@ -337,6 +337,36 @@ def test_the_async_store_runs_the_same_protocol(server, store):
     assert store.get(store.recent(limit=1)[0].id).state == JobState.CANCELED
 
 
+def test_notifications_end_when_redis_comes_back_under_them(tmp_path):
+    """redis-py's retry reconnects a pub/sub connection and re-subscribes by itself; what was published
+    meanwhile is lost, so the iteration must end (the event hub then subscribes again and re-reads
+    what its streams follow) instead of waiting on silently."""
+    import asyncio
+
+    srv = EmbeddedRedis(tmp_path / "data")
+    srv.start()
+
+    async def scenario():
+        astore = AsyncJobStore.from_url(srv.url, lease_s=5, max_attempts=2)
+        try:
+            async with astore.notifications() as events:
+                srv.stop()
+                srv.start()  # back before the subscriber noticed: its next read reconnects
+                with pytest.raises(StoreUnavailable, match="subscription was lost"):
+                    await asyncio.wait_for(anext(events), 10)
+            async with astore.notifications() as events:  # a new subscription gets new events
+                job, _ = await astore.create(PARAMS)
+                event = await asyncio.wait_for(anext(events), 5)
+                assert (event.job_id, event.state) == (job.id, "queued")
+        finally:
+            await astore.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        srv.stop()
+
+
 def test_recent_is_paginated_newest_first(store):
     ids = [store.create(PARAMS)[0].id for _ in range(5)]
     first = store.recent(limit=2)
