@@ -5,16 +5,17 @@ a DiffRhythm 2 model.
 
 Choices (the official script's behaviour where it is not a bug, see musicgen/model/dr2_sampler.py):
 - the duration is int(seconds * 5) frames, sampled in whole 10-frame blocks as the official code does,
-  decoded whole (the official chunk layout) and then cut to the requested length (the official script
-  returns the whole last block: a 95 s request gave 96 s);
+  decoded in the official chunk layout and cut to the requested length (the official script returns
+  the whole last block: a 95 s request gave 96 s);
 - the audio is at decoder.json's sampling_rate, `hop` samples (the product of its upsample_rates) a
   latent frame; a decoder whose rate over hop is not the DiT's 5 frames a second is refused at load;
 - stereo is the official fake stereo (right = 0.8 x left, 10 ms later) of the decoder's mono; there is
   no normalisation (the decoder clamps to [-1, 1]), as in the official script;
 - on the engine (the batched plan), each take's audio is decoded while it is sampled: every block goes
   to the live decoder (`LiveDecode`: a thread of its own on a GPU, between ticks on a CPU), which
-  releases the samples no later block can change, to the request's `on_audio` as they come; the take's audio is those pieces put together. The other plans
-  decode at the end (and hand `on_audio` each take whole);
+  releases the samples no later block can change, to the request's `on_audio` as they come; the
+  take's audio is those pieces put together. The other plans decode at the end (and hand `on_audio`
+  each take whole);
 - takes of one request and requests with the same text length, block count, steps and guidance are
   sampled as one batch; a canceled request leaves its batch at the next step;
 - the CFG null branch uses a zero style, as the official code does (DiffRhythm 2 has no negative style).

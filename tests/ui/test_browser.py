@@ -37,6 +37,17 @@ class Pace:
     def __init__(self):
         self.seconds = 0.0
 
+    def hold(self, owner, name: str) -> None:
+        """Make `owner.name` (a model's forward) take at least `seconds` per call."""
+        call = getattr(owner, name)
+
+        def paced(*args, **kwargs):
+            if self.seconds:
+                time.sleep(self.seconds)
+            return call(*args, **kwargs)
+
+        setattr(owner, name, paced)
+
 
 @pytest.fixture(scope="module")
 def pace():
@@ -56,14 +67,7 @@ def app(server, tiny_model_paths, pace, tmp_path_factory):
     from musicgen.pipelines import Pipeline
 
     pipe = Pipeline.from_pretrained("tiny", device="cpu")
-    velocity = pipe.dit.velocity
-
-    def paced(*args, **kwargs):
-        if pace.seconds:
-            time.sleep(pace.seconds)
-        return velocity(*args, **kwargs)
-
-    pipe.dit.velocity = paced
+    pace.hold(pipe.dit, "velocity")
     redis.Redis.from_url(server.url).flushdb()
     root = tmp_path_factory.mktemp("ui-app")
     services, _ = make_services(
@@ -486,14 +490,7 @@ def dr2_app(server, tmp_path_factory, dr2_pace):
     from musicgen.registry import MODELS
 
     pipe = Pipeline.from_pretrained("tiny-2", device="cpu")
-    forward = pipe.dit.forward
-
-    def paced(*args, **kwargs):
-        if dr2_pace.seconds:
-            time.sleep(dr2_pace.seconds)
-        return forward(*args, **kwargs)
-
-    pipe.dit.forward = paced
+    dr2_pace.hold(pipe.dit, "forward")
     root = tmp_path_factory.mktemp("ui-dr2")
     services, _ = make_services(server.url, pipe, LocalStorage(root / "results"), LocalStorage(root / "uploads"),
                                 model="tiny-2", ui_dir=str(ROOT / "ui"))  # fmt: skip

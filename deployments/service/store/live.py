@@ -48,7 +48,3 @@ class LiveOps:
             end = fields.get("end")
             chunks.append(LiveChunk(text(eid), fields.get("b", b""), text(end) if end is not None else None))
         return chunks
-
-    @operation
-    def live_exists(self, job_id: str, attempt: int, take: int) -> Steps[bool]:
-        return bool((yield Call("exists", (live_key(job_id, attempt, take),))))

@@ -35,7 +35,7 @@ def every_operation(client: redis.Redis) -> JobStore:
     assert store.heartbeat(owned.id, token=token) and not store.cancel_requested(owned.id)
     store.live_append(owned.id, token, 1, b"ID3")
     store.live_end(owned.id, token, 1, "done")
-    assert store.live_read(owned.id, token, 1) and store.live_exists(owned.id, token, 1)
+    assert [c.end for c in store.live_read(owned.id, token, 1)] == [None, "done"]
     assert store.complete(owned.id, {"takes": []}, token=token)
     canceled, _ = store.create({"webhook_url": HOOK})
     store.cancel(canceled.id)
