@@ -10,28 +10,45 @@ never to a gathered copy of the histories.
 A call covers a contiguous range of slots. `prepare` gives, per row, where its call tokens are written
 (after what it keeps) and how many keys it attends to; the keys past a row's own (the padding up to the
 longest row of the call) are hidden by a boolean key-padding mask, which `DR2DiT`'s attention takes
-from `key_mask`. Buffers start zeroed, so padded keys are always finite numbers (a masked key must not
-be NaN: SDPA adds -inf to its score, and NaN + -inf is NaN).
+from `key_mask` (one fused kernel over every row: CUDA). On the CPU the cache gives `key_lengths`
+instead, and the attention runs each row over its own keys only (`Attention.attend_rows`): there the
+fused kernel computes every padded key. Buffers start zeroed, so padded keys are always finite numbers
+(a masked key must not be NaN: SDPA adds -inf to its score, and NaN + -inf is NaN).
 """
 
 from __future__ import annotations
 
 import torch
 
+from musicgen.runtime.device import host_tensor
+
 
 class SlotCache:
     """Implements the cache interface `DR2DiT.forward` uses: `update(layer, k, v)` and `key_mask`."""
 
-    def __init__(self, depth: int, heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        depth: int,
+        heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        ragged: bool | None = None,
+    ):
         self.depth, self.heads, self.head_dim = depth, heads, head_dim
         self.dtype, self.device = dtype, device
+        # per-row key lengths instead of a key-padding mask (default: on the CPU)
+        self.ragged = device.type == "cpu" if ragged is None else ragged
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.slots = 0  # allocated
         self.capacity = 0  # tokens per slot, allocated
         self.active = 0
         self.key_mask: torch.Tensor | None = None
+        self.key_lengths: list[int] | None = None
         self._call: tuple[int, int, torch.Tensor, int] | None = None  # lo, n, write positions, keys
+        self.generation = 0  # + 1 whenever the buffers are reallocated (what a CUDA graph of a call reads)
 
     @property
     def bytes_per_token(self) -> int:
@@ -50,6 +67,7 @@ class SlotCache:
             )
         if slots == self.slots and capacity == self.capacity:
             return
+        self.generation += 1
         shape = (slots, self.heads, capacity, self.head_dim)
         for group in (self.k, self.v):
             for layer in range(self.depth):
@@ -65,6 +83,7 @@ class SlotCache:
         """Drop the buffers (only when no row is active)."""
         assert self.active == 0
         self.k, self.v, self.slots, self.capacity = [], [], 0, 0
+        self.generation += 1
 
     def add(self) -> int:
         """Take the next free slot; the caller has resized the buffers for it."""
@@ -85,20 +104,38 @@ class SlotCache:
                 buf[slot] = buf[last]
         return last
 
-    def prepare(self, lo: int, starts: torch.Tensor, n_query: int, lengths: torch.Tensor) -> None:
+    def prepare(self, lo: int, starts: list[int], n_query: int, lengths: list[int]) -> None:
         """The next call covers slots lo .. lo + len(starts) - 1; row i writes its n_query tokens at
-        starts[i] onwards and attends to its first lengths[i] keys (starts, lengths: (n,) long on the
-        cache's device)."""
-        n = starts.shape[0]
-        keys = int(lengths.max())
-        if keys > self.capacity or int((starts + n_query).max()) > self.capacity:
-            raise ValueError(f"a slot holds {self.capacity} tokens; a call needs {keys}")
-        write = starts[:, None] + torch.arange(n_query, device=self.device)[None]
-        self._call = (lo, n, write, keys)
-        self.key_mask = (torch.arange(keys, device=self.device)[None] < lengths[:, None])[:, None, None]
+        starts[i] onwards and attends to its first lengths[i] keys (host lists: nothing is read back
+        from the device)."""
+        keys = max(lengths)
+        if keys > self.capacity or max(starts) + n_query > self.capacity:
+            raise ValueError(
+                f"a slot holds {self.capacity} tokens; a call needs {max(keys, max(starts) + n_query)}"
+            )
+        write = call_positions(starts, n_query, self.device)
+        if self.ragged:
+            self.bind(lo, write, keys, key_lengths=lengths)
+        else:
+            self.bind(lo, write, keys, key_mask=key_padding_mask(lengths, keys, self.device))
+
+    def bind(
+        self,
+        lo: int,
+        write: torch.Tensor,
+        keys: int,
+        *,
+        key_mask: torch.Tensor | None = None,
+        key_lengths: list[int] | None = None,
+    ) -> None:
+        """The next call covers slots lo .. lo + len(write) - 1: row i writes its tokens at write[i]
+        ((n, n_query) long) and attends to keys 0 .. keys - 1, hidden by key_mask ((n, 1, 1, keys)
+        bool) or cut at key_lengths. A call of fixed shapes (a CUDA graph) binds tensors it owns."""
+        self._call = (lo, write.shape[0], write, keys)
+        self.key_mask, self.key_lengths = key_mask, key_lengths
 
     def finish(self) -> None:
-        self._call, self.key_mask = None, None
+        self._call, self.key_mask, self.key_lengths = None, None, None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._call is not None, "prepare() the call first"
@@ -109,3 +146,13 @@ class SlotCache:
         kb[rows, :, write] = k.permute(0, 2, 1, 3)
         vb[rows, :, write] = v.permute(0, 2, 1, 3)
         return kb[:, :, :keys], vb[:, :, :keys]
+
+
+def call_positions(starts: list[int], n_query: int, device: torch.device) -> torch.Tensor:
+    """(n, n_query) long: row i's tokens at starts[i] .. starts[i] + n_query - 1."""
+    return host_tensor(starts, device)[:, None] + torch.arange(n_query, device=device)[None]
+
+
+def key_padding_mask(lengths: list[int], keys: int, device: torch.device) -> torch.Tensor:
+    """(n, 1, 1, keys) bool: row i attends to its first lengths[i] keys."""
+    return (torch.arange(keys, device=device)[None] < host_tensor(lengths, device)[:, None])[:, None, None]

@@ -6,15 +6,24 @@ themselves; nothing kept) and a cache pass (the clean block at time +1, same att
 values kept). They differ only in time features and in whether the call's keys and values stay, so
 every running row can share one call whatever its block, step, text length, song length, step count
 or guidance: each row brings its own time features, positions and style, writes its call tokens after
-its own kept tokens in its own cache slot (`SlotCache`), and attends to its own keys only, the padding
-up to the longest row being masked.
+its own kept tokens in its own cache slot (`SlotCache`), and attends to its own keys only: on CUDA one
+fused attention call with the padding up to the longest row masked, on the CPU one call per row over
+its own keys (there the masked kernel computes every padded key). The Euler steps of every take then
+run as one batched update. Joiners' text passes run before the tick, takes of similar text lengths
+sharing a call (padding within TEXT_PADDING of their own tokens).
+
+With `graphs`, every tick has fixed shapes: rows padded to a power of two (the slots are allocated in
+powers of two), keys to the cache's capacity under the mask; on CUDA each such tick is a CUDA graph,
+captured at its first use and replayed while the cache keeps its buffers (one per row-count bucket
+and cache generation). It is the `graphs` plan's engine, experimental: not yet measured on a GPU.
 
 A take is one sampled row per guidance branch: cond (the lyrics and the style) and, when guided
 (cfg_strength >= 1e-5), null (filler tokens of the same length and a zero style), as in sample_blocks.
 A row's latents equal sample_blocks' for the same take alone, up to float reassociation (the tests
-bound it by 1e-5 in fp32, up to 105 blocks). In bf16 the two differ by bf16 rounding (measured on the
-tiny model over 60-105 blocks: up to 0.06 max abs on latents of magnitude ~7, about one bf16 unit;
-not tested).
+bound it by 1e-5 in fp32, up to 105 blocks, fixed-shape ticks too). In bf16 on the CPU (measured on
+the tiny model, 60-105 blocks, mixed text lengths, steps and guidance; not tested) the per-row engine
+equals sample_blocks bit for bit, and fixed-shape ticks differ by bf16 rounding (up to 0.09 max abs
+on latents of magnitude ~8, about one bf16 unit), as the masked attention over padded keys did before.
 
 Differences from sample_blocks' call sequence that do not change any latent: a take's last block gets
 no cache pass (its keys and values would never be read), and the end of song is checked right after a
@@ -28,10 +37,15 @@ from collections.abc import Callable
 
 import torch
 
-from musicgen.engine.cache import SlotCache
+from musicgen.engine.cache import SlotCache, call_positions, key_padding_mask
 from musicgen.errors import GenerationCanceled, InvalidParameter, OutOfMemory
-from musicgen.model.dr2_dit import FILLER, DR2DiT, time_features
+from musicgen.model.dr2_dit import COND_DIM, FILLER, TIME_FEATURES, DR2DiT, time_features
 from musicgen.model.dr2_sampler import BlockSamplerSettings, _eos_end
+from musicgen.runtime.device import host_tensor
+from musicgen.runtime.graphs import GraphedCall
+
+# a text-pass call pads its takes to its longest text: at most this many times their own tokens
+TEXT_PADDING = 1.25
 
 # (handle, block index, the block's latents (block_size, c)) as soon as a block is sampled
 BlockCallback = Callable[["SongHandle", int, torch.Tensor], None]
@@ -89,6 +103,8 @@ class _Take:
         self.block_size = noise.shape[1]
         self.need = self.t_len + noise.shape[0] * self.block_size  # tokens per branch
         self.grid = torch.linspace(0, 1, settings.steps, device=device, dtype=torch.float32)
+        # the Euler steps' dt, read once (the grid's fp32 numbers on this device, as sample_blocks has them)
+        self.dts: list[float] = (self.grid[1:] - self.grid[:-1]).tolist()
         self.slots: list[int] = []  # cond, then null when guided
         self.blk = 0
         self.k = 0
@@ -106,7 +122,7 @@ class _Take:
 
 class DR2Engine:
     """Running takes of one DR2DiT. `submit` queues a take; `step` admits what fits the memory budget
-    (first come, first served), runs the joiners' text pass (one call), then one DiT call over every
+    (first come, first served), runs the joiners' text passes (takes of similar text lengths share a call), then one DiT call over every
     running row, and retires the takes that finished or were canceled."""
 
     def __init__(
@@ -117,6 +133,7 @@ class DR2Engine:
         memory_budget_bytes: int | None = None,
         max_tokens_per_row: int | None = None,
         round_pass_time: bool = True,
+        graphs: bool = False,
     ):
         self.model = model
         self.device = torch.device(device)
@@ -127,7 +144,11 @@ class DR2Engine:
         self.max_tokens_per_row = max_tokens_per_row
         self.round_pass_time = round_pass_time
         self._pass_dtype = torch.float16 if round_pass_time else None
-        self.cache = SlotCache(cfg.depth, cfg.heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+        self.graphs = graphs
+        # fixed-shape ticks attend with the key-padding mask (one shape per bucket)
+        self.cache = SlotCache(cfg.depth, cfg.heads, cfg.head_dim, dtype=self.dtype, device=self.device,
+                               ragged=False if graphs else None)  # fmt: skip
+        self._fixed: dict[tuple[int, int], _FixedTick] = {}  # (cache generation, rows) -> its tick
         self._waiting: deque[_Take] = deque()
         self._running: list[_Take] = []
         self._owners: list[tuple[_Take, int]] = []  # per active slot: (take, branch 0 cond / 1 null)
@@ -136,6 +157,7 @@ class DR2Engine:
         self.ticks = 0  # step() calls that ran a DiT call
         self.calls = 0  # DiT calls (text passes included)
         self.rows_sampled = 0  # rows over every tick call (rows per tick = rows_sampled / ticks)
+        self.captures = 0  # fixed-shape ticks made (CUDA graphs captured, on CUDA)
 
     # -- admission -----------------------------------------------------------------------------------
     @property
@@ -211,14 +233,18 @@ class DR2Engine:
         # slots grow by doubling when more are needed; the budget caps what is allocated (a larger
         # capacity may leave room for fewer slots than are allocated: then fewer are kept)
         alloc = self.cache.slots if slots <= self.cache.slots else max(slots, 2 * self.cache.slots)
+        if self.graphs:
+            alloc = _bucket(alloc)  # a fixed-shape tick pads its rows to a power of two
         if self.memory_budget_bytes is not None:
             alloc = max(slots, min(alloc, self.memory_budget_bytes // (capacity * self.bytes_per_token)))
         self.cache.resize(alloc, capacity)
-        for take in joiners:
+        # slots by text length, longest first, so that the text pass groups takes of similar lengths
+        for take in sorted(joiners, key=lambda t: -t.t_len):
             for branch in range(take.branches):
                 take.slots.append(self.cache.add())
                 self._owners.append((take, branch))
-            take.x = take.noise[0].to(self.device, self.dtype)
+            take.noise = take.noise.to(self.device, self.dtype)  # one copy; each block's is a view
+            take.x = take.noise[0]
             self._running.append(take)
         return joiners
 
@@ -260,23 +286,36 @@ class DR2Engine:
         return self._features["pass"]
 
     def _text_pass(self, joiners: list[_Take]) -> None:
-        takes = [t for t in joiners if t.t_len]
-        if not takes:
-            return
-        lo = min(s for t in joiners for s in t.slots)
-        owners = self._owners[lo:]
-        width = max(t.t_len for t in takes)
+        """The joiners' text passes: takes by slot (text length, longest first), in groups whose padding
+        to the group's longest text stays within TEXT_PADDING of their own tokens, one call per group.
+        A take without text has none (its first tick writes its first block at position 0)."""
+        takes = sorted((t for t in joiners if t.t_len), key=lambda t: t.slots[0])
+        groups: list[list[_Take]] = []
+        for take in takes:
+            group = groups[-1] if groups else []
+            rows = sum(t.branches for t in group) + take.branches
+            own = sum(t.t_len * t.branches for t in group) + take.t_len * take.branches
+            if group and group[0].t_len * rows <= TEXT_PADDING * own:
+                group.append(take)
+            else:
+                groups.append([take])
+        for group in groups:
+            self._text_call(group)
+
+    def _text_call(self, group: list[_Take]) -> None:
+        lo = group[0].slots[0]
+        owners = self._owners[lo : lo + sum(t.branches for t in group)]
+        width = group[0].t_len
         tokens = torch.full((len(owners), width), FILLER, dtype=torch.long, device=self.device)
         for i, (take, branch) in enumerate(owners):
             if branch == 0:
                 tokens[i, : take.t_len] = take.text
-        # a take without text attends to one padded key (its outputs are dropped; its keys stay finite)
-        lengths = torch.tensor([max(t.t_len, 1) for t, _ in owners], device=self.device)
+        lengths = [t.t_len for t, _ in owners]
         rows = len(owners)
         features = time_features(torch.full((rows, width), -1.0, device=self.device), self._pass_dtype)
         positions = torch.arange(width, device=self.device)[None].repeat(rows, 1)
         style = torch.stack([t.style if b == 0 else torch.zeros_like(t.style) for t, b in owners])
-        self.cache.prepare(lo, torch.zeros(rows, dtype=torch.long, device=self.device), width, lengths)
+        self.cache.prepare(lo, [0] * rows, width, lengths)
         try:
             self.model(self.model.text_embed(tokens), features, positions, style, self.cache)
         finally:
@@ -284,42 +323,73 @@ class DR2Engine:
         self.calls += 1
 
     def _tick(self) -> list[tuple[_Take, int, torch.Tensor]]:
-        """One DiT call over every active slot; returns the blocks that became final."""
+        """One DiT call over every active slot, then the Euler steps of every take not at its cache
+        pass in one batched update; returns the blocks that became final."""
         owners = self._owners
-        bs = self.block_size
+        bs, n = self.block_size, len(owners)
         latents = torch.stack([t.x for t, _ in owners])
         features = torch.stack([
             self._pass_features() if t.at_cache_pass else self._step_features(t.settings.steps, t.k, t.grid)
             for t, _ in owners
         ])  # fmt: skip
-        starts = torch.tensor([t.kept for t, _ in owners], device=self.device)
-        positions = (starts - torch.tensor([t.t_len for t, _ in owners], device=self.device))[:, None]
+        starts = [t.kept for t, _ in owners]
+        positions = host_tensor([t.kept - t.t_len for t, _ in owners], self.device)[:, None]
         positions = positions + torch.arange(bs, device=self.device)[None]
         style = torch.stack([t.style if b == 0 else torch.zeros_like(t.style) for t, b in owners])
-        self.cache.prepare(0, starts, bs, starts + bs)
-        try:
-            out = self.model(self.model.latent_embed(latents), features, positions, style, self.cache)
-        finally:
-            self.cache.finish()
+        if self.graphs:
+            out = self._fixed_tick(n)(latents, features, positions, style, starts)
+        else:
+            self.cache.prepare(0, starts, bs, [s + bs for s in starts])
+            try:
+                out = self.model(self.model.latent_embed(latents), features, positions, style, self.cache)
+            finally:
+                self.cache.finish()
         self.calls += 1
         self.ticks += 1
-        self.rows_sampled += len(owners)
+        self.rows_sampled += n
+        stepping = [t for t in self._running if not t.at_cache_pass]
+        if stepping:
+            x = self._euler(stepping, out)
         final: list[tuple[_Take, int, torch.Tensor]] = []
-        for take in list(self._running):
+        for take in self._running:
             if take.at_cache_pass:  # its clean block's keys and values are kept: on to the next block
                 take.blk += 1
                 take.k = 0
-                take.x = take.noise[take.blk].to(self.device, self.dtype)
-                continue
-            v = out[take.slots[0]]
-            if take.guided:
-                v = v + (v - out[take.slots[1]]) * take.settings.cfg_strength
-            grid, k = take.grid, take.k
-            take.x = take.x + (grid[k + 1] - grid[k]) * v
+                take.x = take.noise[take.blk]
+        for i, take in enumerate(stepping):
+            take.x = x[i]
             take.k += 1
             if take.at_cache_pass:
+                take.x = take.x.clone()  # kept as the block's latents: not a view of the whole batch
                 final.append((take, take.blk, take.x))
         return final
+
+    def _euler(self, takes: list[_Take], out: torch.Tensor) -> torch.Tensor:
+        """(len(takes), bs, c): each take's next latents, x + dt * (v + (v - v_null) * cfg), in one batched
+        update with each take's own dt and cfg, in sample_blocks' arithmetic per take: its cfg is a
+        Python float (the product in fp32, rounded to the model's dtype) and its dt a 0-dim fp32 tensor
+        (cast to the model's dtype first: checked bit for bit in bf16 on the CPU); an unguided take
+        reads its cond row twice with cfg 0 (v + 0 = v)."""
+        dev = self.device
+        cond = host_tensor([t.slots[0] for t in takes], dev)
+        null = host_tensor([t.slots[-1] for t in takes], dev)
+        cfg = host_tensor([t.settings.cfg_strength if t.guided else 0.0 for t in takes], dev, torch.float32)
+        dt = host_tensor([t.dts[t.k] for t in takes], dev, torch.float32)
+        v = out[cond]
+        v = v + ((v - out[null]).float() * cfg[:, None, None]).to(v.dtype)
+        x = torch.stack([t.x for t in takes])
+        return x + dt.to(x.dtype)[:, None, None] * v
+
+    def _fixed_tick(self, n: int) -> _FixedTick:
+        """The fixed-shape tick for n rows: its bucket's, made (captured, on CUDA) at first use in this
+        cache generation; those of earlier generations are dropped (they read freed buffers)."""
+        rows = min(_bucket(n), self.cache.slots)
+        key = (self.cache.generation, rows)
+        if key not in self._fixed:
+            self._fixed = {k: v for k, v in self._fixed.items() if k[0] == self.cache.generation}
+            self._fixed[key] = _FixedTick(self.model, self.cache, rows)
+            self.captures += 1
+        return self._fixed[key]
 
     def _finish_block(self, take: _Take, blk: int, x: torch.Tensor) -> None:
         take.out.append(x)
@@ -354,6 +424,7 @@ class DR2Engine:
                 for take in reversed(joiners):  # back at the head of the queue, in order: step() may retry
                     self._retire(take)
                     take.blk = take.k = 0
+                    take.x = None
                     self._waiting.appendleft(take)
                 raise
             # a failed tick changes no take: what it wrote lies past every row's kept tokens, or (a
@@ -378,3 +449,56 @@ class DR2Engine:
                 break
             ticks += 1
         return ticks
+
+
+def _bucket(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _FixedTick:
+    """A tick over `rows` slots (0 .. rows - 1) of fixed shapes: every row writes block_size tokens and
+    attends to the cache's whole capacity under a key-padding mask. A call with fewer rows fills the
+    first ones; the rest keep what an earlier call left (zeros at first), which only ever writes into
+    free slots (the active rows are always the first) and is never read. On CUDA the model call is one
+    CUDA graph, captured at the first call on its inputs (warmed up on a side stream first: that run
+    writes the keys and values the replay writes again); elsewhere it runs eagerly (the same
+    arithmetic: what the tests check on the CPU). Valid while the cache keeps its buffers."""
+
+    def __init__(self, model: DR2DiT, cache: SlotCache, rows: int):
+        self.model, self.cache, self.rows = model, cache, rows
+        dev, bs, dim = cache.device, model.cfg.block_size, model.cfg.mel_dim
+        self.latents = torch.zeros(rows, bs, dim, device=dev, dtype=model.dtype)
+        self.features = torch.zeros(rows, bs, TIME_FEATURES, device=dev)
+        self.positions = torch.arange(bs, device=dev)[None].repeat(rows, 1)
+        self.style = torch.zeros(rows, COND_DIM, device=dev, dtype=model.dtype)
+        self.write = call_positions([0] * rows, bs, dev)
+        self.mask = key_padding_mask([bs] * rows, cache.capacity, dev)
+        self.graph: GraphedCall | None = None
+
+    def _forward(self) -> torch.Tensor:
+        self.cache.bind(0, self.write, self.cache.capacity, key_mask=self.mask)
+        try:
+            x = self.model.latent_embed(self.latents)
+            return self.model(x, self.features, self.positions, self.style, self.cache)
+        finally:
+            self.cache.finish()
+
+    def __call__(self, latents, features, positions, style, starts: list[int]) -> torch.Tensor:
+        n, bs = len(starts), self.model.cfg.block_size
+        if max(starts) + bs > self.cache.capacity:
+            raise ValueError(f"a slot holds {self.cache.capacity} tokens; a call needs {max(starts) + bs}")
+        self.latents[:n].copy_(latents)
+        self.features[:n].copy_(features)
+        self.positions[:n].copy_(positions)
+        self.style[:n].copy_(style)
+        self.write[:n].copy_(call_positions(starts, bs, self.cache.device))
+        self.mask[:n].copy_(
+            key_padding_mask([s + bs for s in starts], self.cache.capacity, self.cache.device)
+        )
+        if self.cache.device.type != "cuda":
+            return self._forward()[:n]
+        if self.graph is None:
+            # captured on this call's inputs: the warm-up run writes what the replay then writes again
+            self.graph = GraphedCall(self._forward, warm_up=True)
+        return self.graph()[:n]

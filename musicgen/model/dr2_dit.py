@@ -170,7 +170,9 @@ class BlockCache:
         self.capacity = capacity
         self.kept = [0] * depth  # buffered mode: tokens kept (text + history) per layer
         self.mode = "step"
-        self.key_mask: torch.Tensor | None = None  # every key is attended to (one length per batch)
+        # every key is attended to (one length per batch): no key-padding mask, no per-row lengths
+        self.key_mask: torch.Tensor | None = None
+        self.key_lengths: list[int] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.capacity is not None:
@@ -245,6 +247,21 @@ class Attention(nn.Module):
             mask = torch.ones(b, 1, n, k.shape[-2], dtype=torch.bool, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
+    def attend_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]
+    ) -> torch.Tensor:
+        """Variable-length attention: row i attends to its first lengths[i] keys, one unmasked call per
+        row on views of k and v, without a mask (every key of the view is attended to, as with the
+        official all-True one), so no padded key is computed. A cache gives `key_lengths` on the CPU,
+        where SDPA's kernel with a key-padding mask computes every padded key (measured 25% slower on
+        a tick of 16 rows of 160-475 keys)."""
+        out = torch.empty_like(q)
+        for i, n in enumerate(lengths):
+            out[i : i + 1] = F.scaled_dot_product_attention(
+                q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n]
+            )
+        return out
+
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
         return self.o_proj(out)
 
@@ -256,11 +273,14 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        mask = None
+        mask = lengths = None
         if cache is not None:
             k, v = cache.update(layer, k, v)
-            mask = cache.key_mask
-        out = self.attend(q, k, v) if mask is None else self.attend(q, k, v, mask)
+            mask, lengths = cache.key_mask, cache.key_lengths
+        if lengths is not None:
+            out = self.attend_rows(q, k, v, lengths)
+        else:
+            out = self.attend(q, k, v) if mask is None else self.attend(q, k, v, mask)
         return self.project_out(out.transpose(1, 2).contiguous().reshape(b, n, -1))
 
 

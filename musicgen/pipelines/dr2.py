@@ -158,8 +158,9 @@ class DR2Pipeline(Pipeline):
     def continuous(self) -> bool:
         """The batched plan runs on the engine (musicgen.engine): takes of any text length, length,
         step count and guidance sample together, and a request joins those running at the next tick,
-        whichever thread calls generate. The sequential and graphs plans run sample_blocks per batch."""
-        return self.spec.family.execution.engine and self.plan.batched and not self.plan.cuda_graph
+        whichever thread calls generate; the graphs plan too, its ticks CUDA graphs (DR2Engine's
+        `graphs`). The sequential plan runs sample_blocks per batch."""
+        return self.spec.family.execution.engine and self.plan.batched
 
     def cache_budget(self) -> int:
         """Bytes the engine's key/value cache may hold: `engine_budget_bytes`, else 60% of the GPU's
@@ -182,6 +183,7 @@ class DR2Pipeline(Pipeline):
                         device=self.device,
                         memory_budget_bytes=budget,
                         round_pass_time=self.round_pass_time,
+                        graphs=self.plan.cuda_graph,
                     )  # fmt: skip
                 )
             return self._loop
@@ -375,8 +377,7 @@ class DR2Pipeline(Pipeline):
             keep = [r for r in alive if batch[owner[r]].error is None]
             return keep if keep != alive else None
 
-        return sample_blocks(self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched,
-                                cuda_graph=self.plan.cuda_graph)  # fmt: skip
+        return sample_blocks(self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched)
 
     def _sample_on_engine(self, batch: list[_Item], rows_of: list[list[int]]) -> list[torch.Tensor | None]:
         """Each take submitted to the shared engine; returns when this batch's takes are done. Progress

@@ -48,3 +48,12 @@ def resolve_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     if device.type == "mps":
         return torch.bfloat16
     return torch.float32
+
+
+def host_tensor(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` as a tensor on `device` without waiting for the device: on CUDA through pinned memory,
+    copied asynchronously (a plain `torch.tensor(values, device=...)` blocks the host until the stream
+    has caught up, which leaves the GPU idle while the next call is being launched)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

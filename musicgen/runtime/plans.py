@@ -7,12 +7,14 @@ model families; what each means, per family and device:
 plan        DiffRhythm 1                                  DiffRhythm 2
 auto        parallel on the CPU, graphs on CUDA,          batched
             batched elsewhere (MPS)
-batched     one forward over all rows of a step           both guidance branches in one forward
+batched     one forward over all rows of a step           the engine (musicgen.engine): one forward
+                                                          per tick over every running take's rows
 sequential  each row (branch, take) a forward of its own  each guidance branch a forward of its own
 parallel    (CPU) the rows' forwards at the same time     not supported (InvalidParameter)
             on worker threads (musicgen/runtime/workers.py)
-graphs      (CUDA) batched, each step a CUDA graph        (CUDA) EXPERIMENTAL: batched, each block's
-            replayed after step 0                         step a CUDA graph (see sample_blocks)
+graphs      (CUDA) batched, each step a CUDA graph        (CUDA) EXPERIMENTAL: batched, each engine
+            replayed after step 0                         tick a CUDA graph per power-of-two row count
+                                                          (see musicgen.engine.DR2Engine's graphs)
 
 compile     DiffRhythm 1                                  DiffRhythm 2
 auto        on on CUDA only, where it is measured faster  off (nothing measured)

@@ -85,14 +85,44 @@ def test_mixed_takes_in_one_call_per_tick_equal_takes_alone(model):
     handles = [engine.submit(*t) for t in takes]
     engine.step()
     rows = sum(2 if cfg else 1 for *_, cfg in MIXED)
-    assert engine.ticks == 1 and engine.calls == 2 and engine.rows_sampled == rows  # text pass + one tick
+    # text lengths 120, 60, 37, 15, 8 are too far apart to share a text pass; the take without text has none
+    text_calls = 5
+    assert engine.ticks == 1 and engine.calls == text_calls + 1 and engine.rows_sampled == rows
     ticks = 1 + engine.run_until_idle()
     # the longest take in ticks: blocks * (steps - 1) Euler steps and a cache pass per block but the last
     assert ticks == max(b * (steps - 1) + b - 1 for _, _, b, steps, _ in MIXED) == engine.ticks
-    assert engine.calls == ticks + 1 and engine.idle and engine.cache.active == 0
+    assert engine.calls == ticks + text_calls and engine.idle and engine.cache.active == 0
     for h, t, (_, _, blocks, _, _) in zip(handles, takes, MIXED, strict=True):
         assert h.done and h.end is None and h.blocks_done == blocks
         assert_close(h.result(), alone(model, t))
+
+
+def test_joiners_of_similar_text_lengths_share_a_text_pass(model):
+    """Texts of 100, 96 and 90 tokens pad to 100 in one call (within TEXT_PADDING of their own); 30
+    and 29 share another; each take still equals it alone, whatever the order they came in."""
+    engine = DR2Engine(model, device="cpu")
+    takes = [take(20 + i, n, 2) for i, n in enumerate([30, 96, 100, 29, 90])]
+    handles = [engine.submit(*t) for t in takes]
+    engine.step()
+    assert engine.calls == 2 + 1 and engine.ticks == 1
+    engine.run_until_idle()
+    for h, t in zip(handles, takes, strict=True):
+        assert_close(h.result(), alone(model, t))
+
+
+def test_the_fused_masked_attention_equals_the_per_row_one(model):
+    """A cache that gives a key-padding mask (the CUDA path: one fused call) samples what the CPU's
+    per-row attention samples."""
+    takes = [take(30 + i, n, b, steps) for i, (n, b, steps) in enumerate([(50, 3, 4), (7, 2, 3), (0, 2, 5)])]
+    results = []
+    for ragged in (True, False):
+        engine = DR2Engine(model, device="cpu")
+        engine.cache.ragged = ragged
+        handles = [engine.submit(*t) for t in takes]
+        engine.run_until_idle()
+        results.append([h.result() for h in handles])
+    for a, b in zip(*results, strict=True):
+        assert_close(a, b)
 
 
 def test_a_take_submitted_after_a_few_ticks_equals_it_alone(model):
@@ -290,3 +320,66 @@ def test_a_full_length_song_beside_a_short_one_equals_it_alone(model):
     engine.run_until_idle()
     for h, t in zip(handles, takes, strict=True):
         assert_close(h.result(), alone(model, t))
+
+
+def test_fixed_shape_ticks_equal_takes_alone(model):
+    """graphs=True: every tick over a power-of-two bucket of rows (the rows past the active ones left
+    as an earlier tick left them) and the cache's whole capacity under a key-padding mask; on CUDA each
+    bucket's tick is a CUDA graph, on the CPU it runs eagerly. Takes joining, leaving and the cache
+    growing change the bucket; each take still equals it alone, and one tick is made per bucket and
+    cache generation."""
+    engine = DR2Engine(model, device="cpu", graphs=True)
+    takes = [take(s, n, b, steps, cfg) for s, n, b, steps, cfg in MIXED]
+    handles = [engine.submit(*t) for t in takes[:2]]  # 4 rows
+    engine.step()
+    assert engine.cache.slots == 4 and engine.captures == 1
+    for _ in range(3):
+        engine.step()
+    assert engine.captures == 1  # the same bucket and buffers: made once
+    handles += [engine.submit(*t) for t in takes[2:]]  # 4 + 1 + 2 + 1 + 2 rows: 16 slots
+    engine.step()
+    assert engine.cache.slots == 16 and engine.captures == 2
+    handles[4].cancel()  # 5 blocks: still running
+    engine.run_until_idle()
+    assert engine.captures > 2  # buckets of 8, then 4 and fewer, as takes leave
+    for i, (h, t) in enumerate(zip(handles, takes, strict=True)):
+        if i == 4:
+            assert h.canceled
+        else:
+            assert_close(h.result(), alone(model, t))
+
+
+def test_fixed_shape_ticks_of_a_long_take_beside_short_ones(model):
+    """Keys padded to a capacity of 400 + 40 blocks while the short takes attend to a few dozen."""
+    engine = DR2Engine(model, device="cpu", graphs=True)
+    takes = [take(111, 400, 40, steps=3), take(112, 5, 3, steps=4), take(113, 0, 6, steps=2, cfg=0.0)]
+    handles = [engine.submit(*t) for t in takes]
+    engine.run_until_idle()
+    for h, t in zip(handles, takes, strict=True):
+        assert_close(h.result(), alone(model, t))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_ticks_equal_takes_alone(folder):
+    """On CUDA in fp32 (TF32 off): ticks replayed from CUDA graphs, takes joining and leaving between
+    them, equal each take alone (1e-4: CUDA's kernels differ by row count more than the CPU's)."""
+    from musicgen.model.loading import load_dr2
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cuda = load_dr2(folder, device=torch.device("cuda")).eval()
+        engine = DR2Engine(cuda, device="cuda", graphs=True)
+        takes = [take(s, n, b, steps, cfg) for s, n, b, steps, cfg in MIXED]
+        handles = [engine.submit(*t) for t in takes[:3]]
+        for _ in range(4):
+            engine.step()
+        handles += [engine.submit(*t) for t in takes[3:]]
+        engine.run_until_idle()
+        assert engine.captures >= 2
+        for h, (text, style, noise, settings) in zip(handles, takes, strict=True):
+            want = sample_blocks(cuda, text[None].cuda(), style[None].cuda(), noise[None].cuda(), settings)[0]
+            assert (h.result() - want).abs().max().item() <= 1e-4
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
