@@ -2,7 +2,12 @@
 one at a time (sample_blocks per request), today's grouping (requests of equal text length, block
 count, steps and guidance batched into one sample_blocks call, as DR2Pipeline._batch_key groups them)
 and the continuous-batching engine (musicgen.engine.DR2Engine: one DiT call per tick over every
-running request). Random-weight DiT from a DR2Config; the block sampler only (no decoder).
+running request); optionally a fourth, `graphs`: the engine's fixed-shape ticks (CUDA graphs on CUDA,
+the graphs plan). Random-weight DiT from a DR2Config; the block sampler only (no decoder).
+
+Under the table, the ceiling of batching on this device: a DiT call's time per row for one take (2
+rows) against all the run's takes at once (2 x requests rows), attention left out (it costs the same
+per row either way). The engine cannot beat one at a time by more than that ratio.
 
 Requests arrive all at once, or as a Poisson process with --rate requests per second. One server, a
 simulated clock: a mode's clock advances by the measured time of each call it makes and jumps to the
@@ -123,8 +128,8 @@ def run_grouped(model, reqs, settings, device, memory, progress):
     return finish, latents
 
 
-def run_engine(model, reqs, settings, device, memory, progress, budget):
-    engine = DR2Engine(model, device=device, memory_budget_bytes=budget)
+def run_engine(model, reqs, settings, device, memory, progress, budget, graphs=False):
+    engine = DR2Engine(model, device=device, memory_budget_bytes=budget, graphs=graphs)
     clock, handles, nxt = 0.0, [], 0
     finish: list[float | None] = [None] * len(reqs)
     bound = sum(r["noise"].shape[0] * settings.steps for r in reqs) + len(reqs)  # ticks, with slack
@@ -150,7 +155,32 @@ def run_engine(model, reqs, settings, device, memory, progress, budget):
     else:
         raise RuntimeError(f"the engine did not finish within {bound} ticks")
     stats = {"ticks": engine.ticks, "rows_per_tick": engine.rows_sampled / max(engine.ticks, 1)}
+    if graphs:
+        stats["captures"] = engine.captures
     return finish, [h.result() for h in handles], stats
+
+
+def batching_ceiling(model, rows: int, device: torch.device, repeats: int = 5) -> tuple[float, float]:
+    """Seconds per row of a DiT call of block_size tokens per row (no cache: no attention to a history)
+    for 2 rows and for `rows` rows, best of `repeats`."""
+    bs = model.cfg.block_size
+
+    def per_row(n: int) -> float:
+        x = torch.randn(n, bs, 512, device=device, dtype=model.dtype)
+        features = torch.randn(n, bs, 256, device=device)
+        positions = torch.arange(bs, device=device)[None].repeat(n, 1)
+        style = torch.randn(n, 512, device=device, dtype=model.dtype)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                sync(device)
+                t0 = time.perf_counter()
+                model(x, features, positions, style, None)
+                sync(device)
+                best = min(best, time.perf_counter() - t0)
+        return best / n
+
+    return per_row(2), per_row(rows)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -172,12 +202,18 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--budget-gib", type=float, default=0.0, help="the engine's cache budget (0: none)")
-    ap.add_argument("--modes", nargs="+", default=["alone", "grouped", "engine"])
+    ap.add_argument("--modes", nargs="+", default=["alone", "grouped", "engine"],
+                    choices=["alone", "grouped", "engine", "graphs"])  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the table here")
     ap.add_argument("--plot", help="write songs per hour against request count (PNG, matplotlib) here")
+    ap.add_argument("--no-alone", action="store_true",
+                    help="skip the one-at-a-time reference (64 long songs alone take minutes even on a GPU): "
+                         "no speed-up or difference columns")  # fmt: skip
     args = ap.parse_args()
-    if "alone" not in args.modes:
+    if args.no_alone:
+        args.modes = [m for m in args.modes if m != "alone"]
+    elif "alone" not in args.modes:
         args.modes.insert(0, "alone")  # the reference of the comparison
 
     device = resolve_device(args.device)
@@ -223,10 +259,15 @@ def main() -> None:
             elif mode == "grouped":
                 finish, latents = run_grouped(model, reqs, settings, device, memory, progress)
             else:
-                finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress, budget)
-            assert reference is not None
-            diff = max(
-                float((a.float() - b.float()).abs().max()) for a, b in zip(latents, reference, strict=True)
+                finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress, budget,
+                                                    graphs=mode == "graphs")  # fmt: skip
+            diff = (
+                max(
+                    float((a.float() - b.float()).abs().max())
+                    for a, b in zip(latents, reference, strict=True)
+                )
+                if reference is not None
+                else None
             )
             start = min(r["arrival"] for r in reqs)
             makespan = max(finish) - start
@@ -242,14 +283,21 @@ def main() -> None:
               f"{'peak MiB':>8} | {'vs alone':>8} | {'max |diff|':>10} | {'rows/tick':>9}")  # fmt: skip
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        r["vs_alone"] = r["songs_per_hour"] / base[r["requests"]]
+        r["vs_alone"] = r["songs_per_hour"] / base[r["requests"]] if base else None
         rpt = f"{r['rows_per_tick']:.1f}" if "rows_per_tick" in r else "-"
+        vs = f"{r['vs_alone']:>7.2f}x" if r["vs_alone"] is not None else f"{'-':>8}"
+        diff = f"{r['max_abs_diff']:>10.2e}" if r["max_abs_diff"] is not None else f"{'-':>10}"
         print(f"{r['requests']:>4} | {r['mode']:>7} | {r['songs_per_hour']:>8.1f} | {r['audio_s_per_s']:>9.2f} | "
-              f"{r['p50_s']:>7.2f} | {r['p95_s']:>7.2f} | {r['peak_mib']:>8.0f} | {r['vs_alone']:>7.2f}x | "
-              f"{r['max_abs_diff']:>10.2e} | {rpt:>9}")  # fmt: skip
+              f"{r['p50_s']:>7.2f} | {r['p95_s']:>7.2f} | {r['peak_mib']:>8.0f} | {vs} | {diff} | {rpt:>9}")  # fmt: skip
+    ceilings = {}
+    for n in (n for n in args.requests if n > 1):
+        one, many = batching_ceiling(model, 2 * n, device)
+        ceilings[n] = one / many
+        print(f"ceiling, {n} requests: a DiT call costs {one * 1e3:.2f} ms per row for 2 rows, "
+              f"{many * 1e3:.2f} ms for {2 * n}: batching gains at most {one / many:.2f}x here")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "n"},
-                                               "device": name, "rows": rows}, indent=2))  # fmt: skip
+                                               "device": name, "rows": rows, "ceiling": ceilings}, indent=2))  # fmt: skip
         print(f"table written to {args.json}")
     if args.plot:
         import matplotlib
