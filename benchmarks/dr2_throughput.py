@@ -65,7 +65,7 @@ def main() -> None:
     print(f"{name}, {str(dtype)[6:]}: DiT {params[0]:.0f} M parameters, decoder {params[1]:.0f} M; "
           f"{args.steps} steps, CFG 2, {args.text_tokens} lyrics tokens", flush=True)  # fmt: skip
     g = torch.Generator().manual_seed(1)
-    header = (f"{'song s':>6} | {'takes':>5} | {'sampler':>7} | {'win/call':>8} | {'sample s/song':>13} | "
+    header = (f"{'song s':>6} | {'takes':>5} | {'sampler':>8} | {'win/call':>8} | {'sample s/song':>13} | "
               f"{'decode s/song':>13} | {'songs/hour':>10} | {'peak GiB':>8} | {'vs eager':>8} | {'vs buffer':>9}")  # fmt: skip
     print(header)
     print("-" * len(header))
@@ -108,7 +108,7 @@ def main() -> None:
                         else float("nan")
                     )
                     per_song = (t2 - t0) / takes
-                    print(f"{seconds:>6.0f} | {takes:>5} | {mode:>7} | {windows:>8} | {(t1 - t0) / takes:>13.2f} | "
+                    print(f"{seconds:>6.0f} | {takes:>5} | {mode:>8} | {windows:>8} | {(t1 - t0) / takes:>13.2f} | "
                           f"{(t2 - t1) / takes:>13.2f} | {3600 / per_song:>10.0f} | {peak:>8.2f} | {diff:>8.1e} | {vs_buffer}",
                           flush=True)  # fmt: skip
 
