@@ -377,7 +377,9 @@ class DR2Pipeline(Pipeline):
             keep = [r for r in alive if batch[owner[r]].error is None]
             return keep if keep != alive else None
 
-        return sample_blocks(self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched)
+        return sample_blocks(
+            self.dit, text, style, noise, settings, prune=prune, batch_branches=self.plan.batched
+        )
 
     def _sample_on_engine(self, batch: list[_Item], rows_of: list[list[int]]) -> list[torch.Tensor | None]:
         """Each take submitted to the shared engine; returns when this batch's takes are done. Progress
