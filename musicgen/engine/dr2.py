@@ -122,8 +122,9 @@ class _Take:
 
 class DR2Engine:
     """Running takes of one DR2DiT. `submit` queues a take; `step` admits what fits the memory budget
-    (first come, first served), runs the joiners' text passes (takes of similar text lengths share a call), then one DiT call over every
-    running row, and retires the takes that finished or were canceled."""
+    (first come, first served), runs the joiners' text passes (takes of similar text lengths share a
+    call), then one DiT call over every running row, and retires the takes that finished or were
+    canceled. `graphs`: fixed-shape ticks, CUDA graphs on CUDA (see the module's docstring)."""
 
     def __init__(
         self,
