@@ -47,7 +47,8 @@ class SlotCache:
         self.active = 0
         self.key_mask: torch.Tensor | None = None
         self.key_lengths: list[int] | None = None
-        self._call: tuple[int, int, torch.Tensor, int] | None = None  # lo, n, write positions, keys
+        # lo, write positions, keys, row indices of the call
+        self._call: tuple[int, torch.Tensor, int, torch.Tensor] | None = None
         self.generation = 0  # + 1 whenever the buffers are reallocated (what a CUDA graph of a call reads)
 
     @property
@@ -131,7 +132,8 @@ class SlotCache:
         """The next call covers slots lo .. lo + len(write) - 1: row i writes its tokens at write[i]
         ((n, n_query) long) and attends to keys 0 .. keys - 1, hidden by key_mask ((n, 1, 1, keys)
         bool) or cut at key_lengths. A call of fixed shapes (a CUDA graph) binds tensors it owns."""
-        self._call = (lo, write.shape[0], write, keys)
+        rows = torch.arange(write.shape[0], device=self.device)[:, None]  # once per call, not per layer
+        self._call = (lo, write, keys, rows)
         self.key_mask, self.key_lengths = key_mask, key_lengths
 
     def finish(self) -> None:
@@ -139,8 +141,8 @@ class SlotCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._call is not None, "prepare() the call first"
-        lo, n, write, keys = self._call
-        rows = torch.arange(n, device=self.device)[:, None]
+        lo, write, keys, rows = self._call
+        n = write.shape[0]
         kb, vb = self.k[layer][lo : lo + n], self.v[layer][lo : lo + n]
         # advanced indices on dims 0 and 2: the assigned value is laid out (n, tokens, heads, e)
         kb[rows, :, write] = k.permute(0, 2, 1, 3)
