@@ -2,8 +2,9 @@
 one at a time (sample_blocks per request), today's grouping (requests of equal text length, block
 count, steps and guidance batched into one sample_blocks call, as DR2Pipeline._batch_key groups them)
 and the continuous-batching engine (musicgen.engine.DR2Engine: one DiT call per tick over every
-running request); optionally a fourth, `graphs`: the engine's fixed-shape ticks (CUDA graphs on CUDA,
-the graphs plan). Random-weight DiT from a DR2Config; the block sampler only (no decoder).
+running request); optionally `graphs`, the engine's fixed-shape ticks (CUDA graphs on CUDA, the graphs
+plan), and `compiled`, the engine with the blocks' MLPs compiled as `compile: on` does (compiled and
+warmed up on small requests first, outside the timing: the warm-up's seconds are printed). Random-weight DiT from a DR2Config; the block sampler only (no decoder).
 
 Under the table, the ceiling of batching on this device: a DiT call's time per row for one take (2
 rows) against all the run's takes at once (2 x requests rows), attention left out (it costs the same
@@ -39,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from musicgen.engine import DR2Engine  # noqa: E402
 from musicgen.model.dr2_dit import DR2Config, DR2DiT  # noqa: E402
 from musicgen.model.dr2_sampler import BlockSamplerSettings, block_noise, num_blocks, sample_blocks  # noqa: E402
+from musicgen.registry import DR2  # noqa: E402
+from musicgen.runtime.compile import compile_modules, uncompile_modules  # noqa: E402
 from musicgen.runtime.device import resolve_device, resolve_dtype  # noqa: E402
+from musicgen.runtime.plans import compiled_parts  # noqa: E402
 
 FRAME_RATE = 5  # latent frames per second
 
@@ -203,7 +207,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--budget-gib", type=float, default=0.0, help="the engine's cache budget (0: none)")
     ap.add_argument("--modes", nargs="+", default=["alone", "grouped", "engine"],
-                    choices=["alone", "grouped", "engine", "graphs"])  # fmt: skip
+                    choices=["alone", "grouped", "engine", "graphs", "compiled"])  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the table here")
     ap.add_argument("--plot", help="write songs per hour against request count (PNG, matplotlib) here")
@@ -258,6 +262,16 @@ def main() -> None:
                 reference = latents
             elif mode == "grouped":
                 finish, latents = run_grouped(model, reqs, settings, device, memory, progress)
+            elif mode == "compiled":
+                parts = compiled_parts(model, DR2.execution.compile_target)
+                compile_modules(parts)
+                t0 = time.perf_counter()
+                run_engine(model, warm, settings, device, Memory(device), lambda _m: None, None)
+                warm_s = time.perf_counter() - t0
+                print(f"  compiled: compiling and warming up took {warm_s:.1f} s", flush=True)
+                finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress, budget)
+                extra["compile_warm_up_s"] = warm_s
+                uncompile_modules(parts)
             else:
                 finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress, budget,
                                                     graphs=mode == "graphs")  # fmt: skip
@@ -279,7 +293,7 @@ def main() -> None:
                 "max_abs_diff": diff, **extra,
             })  # fmt: skip
     base = {r["requests"]: r["songs_per_hour"] for r in rows if r["mode"] == "alone"}
-    header = (f"{'reqs':>4} | {'mode':>7} | {'songs/h':>8} | {'audio s/s':>9} | {'p50 s':>7} | {'p95 s':>7} | "
+    header = (f"{'reqs':>4} | {'mode':>8} | {'songs/h':>8} | {'audio s/s':>9} | {'p50 s':>7} | {'p95 s':>7} | "
               f"{'peak MiB':>8} | {'vs alone':>8} | {'max |diff|':>10} | {'rows/tick':>9}")  # fmt: skip
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
@@ -287,7 +301,7 @@ def main() -> None:
         rpt = f"{r['rows_per_tick']:.1f}" if "rows_per_tick" in r else "-"
         vs = f"{r['vs_alone']:>7.2f}x" if r["vs_alone"] is not None else f"{'-':>8}"
         diff = f"{r['max_abs_diff']:>10.2e}" if r["max_abs_diff"] is not None else f"{'-':>10}"
-        print(f"{r['requests']:>4} | {r['mode']:>7} | {r['songs_per_hour']:>8.1f} | {r['audio_s_per_s']:>9.2f} | "
+        print(f"{r['requests']:>4} | {r['mode']:>8} | {r['songs_per_hour']:>8.1f} | {r['audio_s_per_s']:>9.2f} | "
               f"{r['p50_s']:>7.2f} | {r['p95_s']:>7.2f} | {r['peak_mib']:>8.0f} | {vs} | {diff} | {rpt:>9}")  # fmt: skip
     ceilings = {}
     for n in (n for n in args.requests if n > 1):

@@ -17,7 +17,8 @@ graphs      (CUDA) batched, each step a CUDA graph        (CUDA) EXPERIMENTAL: b
                                                           (see musicgen.engine.DR2Engine's graphs)
 
 compile     DiffRhythm 1                                  DiffRhythm 2
-auto        on on CUDA only, where it is measured faster  off (nothing measured)
+auto        on on CUDA only, where it is measured faster  off (the CPU: faster, after a compile per
+                                                          replica; CUDA: not measured)
 on / off    the transformer blocks / eager                the blocks' MLPs (the attention, which
                                                           writes the key/value cache, stays eager)
 
