@@ -25,7 +25,7 @@ for part in "${parts[@]}"; do
     many)
       echo "== 16 and 64 concurrent 95 s requests, lyrics 50-400 tokens"
       "$PY" benchmarks/dr2_serving.py "${release[@]}" --requests 16 64 --seconds 95 95 --no-alone \
-        --modes engine graphs compiled --json "$OUT/dr2-many.json" --plot "$OUT/dr2-many.png" \
+        --modes engine compiled graphs --json "$OUT/dr2-many.json" --plot "$OUT/dr2-many.png" \
         | tee "$OUT/dr2-many.txt" ;;
     fp32)
       echo "== fp32: sample_blocks' per-block CUDA graph against eager"

@@ -245,7 +245,7 @@ def main() -> None:
 
     memory = Memory(device)
     budget = int(args.budget_gib * 2**30) or None
-    rows = []
+    rows, failures = [], []
     for n in args.requests:
         args.n = n
         reqs = make_requests(args, cfg.block_size, device, args.seed + n)
@@ -257,24 +257,32 @@ def main() -> None:
             memory.reset()
             extra = {}
             progress = lambda m: print("  " + m, flush=True)  # noqa: E731
-            if mode == "alone":
-                finish, latents = run_alone(model, reqs, settings, device, memory, progress)
-                reference = latents
-            elif mode == "grouped":
-                finish, latents = run_grouped(model, reqs, settings, device, memory, progress)
-            elif mode == "compiled":
-                parts = compiled_parts(model, DR2.execution.compile_target)
-                compile_modules(parts)
-                t0 = time.perf_counter()
-                run_engine(model, warm, settings, device, Memory(device), lambda _m: None, None)
-                warm_s = time.perf_counter() - t0
-                print(f"  compiled: compiling and warming up took {warm_s:.1f} s", flush=True)
-                finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress, budget)
-                extra["compile_warm_up_s"] = warm_s
-                uncompile_modules(parts)
-            else:
-                finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress, budget,
-                                                    graphs=mode == "graphs")  # fmt: skip
+            try:  # a mode that fails (a capture, a compile) is reported; the others still run
+                if mode == "alone":
+                    finish, latents = run_alone(model, reqs, settings, device, memory, progress)
+                    reference = latents
+                elif mode == "grouped":
+                    finish, latents = run_grouped(model, reqs, settings, device, memory, progress)
+                elif mode == "compiled":
+                    parts = compiled_parts(model, DR2.execution.compile_target)
+                    compile_modules(parts)
+                    try:
+                        t0 = time.perf_counter()
+                        run_engine(model, warm, settings, device, Memory(device), lambda _m: None, None)
+                        warm_s = time.perf_counter() - t0
+                        print(f"  compiled: compiling and warming up took {warm_s:.1f} s", flush=True)
+                        finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress,
+                                                            budget)  # fmt: skip
+                        extra["compile_warm_up_s"] = warm_s
+                    finally:
+                        uncompile_modules(parts)
+                else:
+                    finish, latents, extra = run_engine(model, reqs, settings, device, memory, progress,
+                                                        budget, graphs=mode == "graphs")  # fmt: skip
+            except Exception as exc:
+                failures.append(f"{n} requests, {mode}: {type(exc).__name__}: {str(exc)[:500]}")
+                print(f"  {mode} FAILED: {failures[-1]}", flush=True)
+                continue
             diff = (
                 max(
                     float((a.float() - b.float()).abs().max())
@@ -303,6 +311,8 @@ def main() -> None:
         diff = f"{r['max_abs_diff']:>10.2e}" if r["max_abs_diff"] is not None else f"{'-':>10}"
         print(f"{r['requests']:>4} | {r['mode']:>8} | {r['songs_per_hour']:>8.1f} | {r['audio_s_per_s']:>9.2f} | "
               f"{r['p50_s']:>7.2f} | {r['p95_s']:>7.2f} | {r['peak_mib']:>8.0f} | {vs} | {diff} | {rpt:>9}")  # fmt: skip
+    for failure in failures:
+        print(f"FAILED: {failure}")
     ceilings = {}
     for n in (n for n in args.requests if n > 1):
         one, many = batching_ceiling(model, 2 * n, device)
@@ -311,7 +321,8 @@ def main() -> None:
               f"{many * 1e3:.2f} ms for {2 * n}: batching gains at most {one / many:.2f}x here")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "n"},
-                                               "device": name, "rows": rows, "ceiling": ceilings}, indent=2))  # fmt: skip
+                                               "device": name, "rows": rows, "ceiling": ceilings,
+                                               "failures": failures}, indent=2))  # fmt: skip
         print(f"table written to {args.json}")
     if args.plot:
         import matplotlib
@@ -322,7 +333,8 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for mode in args.modes:
             pts = [(r["requests"], r["songs_per_hour"]) for r in rows if r["mode"] == mode]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("songs per hour")
         ax.set_title(

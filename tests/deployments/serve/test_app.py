@@ -334,7 +334,9 @@ def test_compatible_jobs_share_a_batch_and_out_of_memory_is_contained(service):
 def test_killed_generator_replica_mid_job_is_retried_and_succeeds(service):
     import ray
 
-    job = service.post("/v1/songs", json={**SONG, "duration_s": 95, "steps": 200}).json()
+    # long enough to be killed while it runs (it is killed as soon as it is seen running); the second
+    # attempt runs it all again, so no longer than that
+    job = service.post("/v1/songs", json={**SONG, "duration_s": 95, "steps": 100}).json()
     running = wait_for(service, job["id"], {"running"})
     assert running["attempts"] == 1
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SongGenerator" in a["name"]]
