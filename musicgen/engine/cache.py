@@ -24,7 +24,8 @@ from musicgen.runtime.device import host_tensor
 
 
 class SlotCache:
-    """Implements the cache interface `DR2DiT.forward` uses: `update(layer, k, v)` and `key_mask`."""
+    """Implements the cache interface `DR2DiT.forward` uses: `update(layer, k, v)`, `key_mask` and
+    `key_lengths`."""
 
     def __init__(
         self,

@@ -250,9 +250,9 @@ class Attention(nn.Module):
     def attend_rows(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]
     ) -> torch.Tensor:
-        """Variable-length attention: row i attends to its first lengths[i] keys, one unmasked call per
-        row on views of k and v, without a mask (every key of the view is attended to, as with the
-        official all-True one), so no padded key is computed. A cache gives `key_lengths` on the CPU,
+        """Variable-length attention: row i attends to its first lengths[i] keys, one call per row on
+        views of k and v without a mask (every key of the view, as with the official all-True one), so
+        no padded key is computed. A cache gives `key_lengths` on the CPU,
         where SDPA's kernel with a key-padding mask computes every padded key (measured 25% slower on
         a tick of 16 rows of 160-475 keys)."""
         out = torch.empty_like(q)

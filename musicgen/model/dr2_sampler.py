@@ -110,8 +110,8 @@ def sample_blocks(
     used the concatenating cache: the autoregressive growth of bf16 rounding or a bug, not told apart
     (no fp32 comparison on a GPU was made). That run's capture read the step's position ids from a
     tensor freed after the step; they are now an input of the graph, and the new capture has not
-    been measured on a GPU. The pipeline runs it only under the `graphs` plan, which warns that it is
-    experimental (tests/musicgen/runtime/test_plans.py compares it with eager where CUDA is present)."""
+    been measured on a GPU. The pipeline does not run it (its `graphs` plan runs the engine's
+    CUDA-graph ticks); benchmarks/dr2_throughput.py --graphs measures it against eager."""
     if cuda_graph:
         buffered_cache = batch_branches = True
     device, dtype = text.device, next(model.parameters()).dtype

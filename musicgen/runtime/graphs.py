@@ -1,10 +1,12 @@
 """The one CUDA-graph helper of both samplers: a call over fixed tensors, captured once and replayed.
 
 DiffRhythm 1's sampler captures one batched velocity step (`graphs` plan) after running step 0
-eagerly; DiffRhythm 2's captures each block's guided step (its experimental `graphs` plan), with a
-warm-up run first. A capture is valid while the batch keeps its shape and the tensors the call reads
-besides its inputs (the conditioning, a key/value cache's buffers) stay alive at the same addresses:
-the samplers drop it when a request leaves the batch.
+eagerly; DiffRhythm 2's engine captures one fixed-shape tick per row count (its experimental `graphs`
+plan) and its block sampler each block's guided step (`sample_blocks(cuda_graph=True)`, measured by
+benchmarks/dr2_throughput.py), both with a warm-up run first. A capture is valid while the call keeps
+its shape and the tensors it reads besides its inputs (the conditioning, a key/value cache's buffers)
+stay alive at the same addresses: its user drops it when a request leaves the batch or the cache is
+reallocated.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ on the tiny models (musicgen/tiny.py) as the pipelines set them up (`resolve_exe
 
 The reference on each device is the eager batched sampler over the model as loaded (no fused or
 packed projections, nothing compiled). Each batch has a request (DiffRhythm 1) or a row (DiffRhythm 2)
-that leaves it mid-way, so a CUDA graph is captured again for the smaller batch.
+that leaves it mid-way, so a CUDA graph is captured again for the smaller batch. DiffRhythm 2's
+batched plans run on the engine, as DR2Pipeline runs them (graphs: its CUDA-graph ticks).
 
 The CUDA cases carry the `gpu` marker and are skipped without CUDA; the CPU plans run everywhere
 (compiled only on CUDA: compiling for the CPU is covered by test_fast_paths.py).
@@ -111,7 +112,8 @@ def test_dr1_plans_sample_what_eager_samples(tiny_files, fp32_exact, device, pla
 # -- DiffRhythm 2 ----------------------------------------------------------------------------------
 
 
-def _dr2_sample(model, plan: ExecutionPlan, device: torch.device) -> list:
+def _dr2_sample(model, plan: ExecutionPlan, device: torch.device, *, engine: bool) -> list:
+    """Three rows, row 1 leaving in the second block; on the engine (`engine`) or by sample_blocks."""
     g = torch.Generator().manual_seed(1)
     rows, blocks, bs = 3, 3, model.cfg.block_size
     text = torch.randint(1, model.cfg.text_num_embeds + 1, (rows, 12), generator=g).to(device)
@@ -122,6 +124,16 @@ def _dr2_sample(model, plan: ExecutionPlan, device: torch.device) -> list:
         return [r for r in alive if r != 1] if (blk, k) == (1, 1) else None
 
     settings = BlockSamplerSettings(steps=4, cfg_strength=2.0)
+    if engine:
+        from musicgen.engine import DR2Engine
+
+        eng = DR2Engine(model, device=device, graphs=plan.cuda_graph)
+        handles = [eng.submit(text[r], style[r], noise[r], settings) for r in range(rows)]
+        for _ in range(settings.steps + 1):  # block 0's Euler steps and cache pass, one step of block 1
+            eng.step()
+        handles[1].cancel()
+        eng.run_until_idle()
+        return [None if h.canceled else h.result() for h in handles]
     return sample_blocks(model, text, style, noise, settings, prune=prune, batch_branches=plan.batched,
                          cuda_graph=plan.cuda_graph)  # fmt: skip
 
@@ -132,11 +144,11 @@ def test_dr2_plans_sample_what_eager_samples(tiny_files, fp32_exact, device, pla
 
     dev = torch.device(device)
     eager = load_dr2(tiny_files[1], device=dev, dtype=torch.float32)
-    reference = _dr2_sample(eager, ExecutionPlan(batched=True), dev)
+    reference = _dr2_sample(eager, ExecutionPlan(batched=True), dev, engine=False)
     execution = resolve_execution(DR2, dev, torch.float32, plan=plan, compile=compile)
     model = load_dr2(tiny_files[1], device=dev, dtype=torch.float32)
     apply_execution(model, execution, _compile_probe(model, dev))
-    got = _dr2_sample(model, execution.plan, dev)
+    got = _dr2_sample(model, execution.plan, dev, engine=DR2.execution.engine and execution.plan.batched)
     assert reference[1] is None and got[1] is None
     for ref, out in zip(reference[::2], got[::2], strict=True):
         assert ref.shape == out.shape, (plan, compile)
