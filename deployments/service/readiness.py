@@ -145,8 +145,11 @@ class Readiness:
 
     async def check_fits(self, params: SongParams) -> None:
         """Refuse (OUT_OF_MEMORY) a song whose takes could never fit the key/value cache budget of any
-        generator of its model that reports one (DiffRhythm 2's engine): it would wait forever. With no
-        such report (DiffRhythm 1, or none loaded yet) nothing is refused here."""
+        generator of its model that reports one (DiffRhythm 2's engine): it would wait forever. While
+        none reports (scaled to zero, all restarting) the song is judged against the largest budget
+        the model's generators reported before (`engine_limit`). With neither (DiffRhythm 1, or a
+        model no generator has loaded yet) nothing is refused here: the engine refuses such a take
+        when the job runs, and the job fails with the same error."""
         from musicgen.engine import cache_bytes_alone
         from musicgen.model.dr2_sampler import BlockSamplerSettings, num_blocks
         from musicgen.registry import get_model_spec
@@ -155,8 +158,13 @@ class Readiness:
         engines = [
             r["engine"] for r in reports if r.get("loaded") and (r.get("engine") or {}).get("budget_bytes")
         ]
+        when = ""
         if not engines:
-            return
+            earlier = await self.store.engine_limit(params.model)
+            if earlier is None:
+                return
+            engines = [earlier]
+            when = f" (when one last reported, {earlier['age_s'] / 60:.1f} min ago: none runs now)"
         frames = get_model_spec(params.model).frames_for(params.duration_s)
         need = [
             cache_bytes_alone(
@@ -173,7 +181,7 @@ class Readiness:
             raise ServiceError(
                 "OUT_OF_MEMORY",
                 f"one take of this song needs {min(need) / 2**20:.0f} MiB of key/value cache; the generators "
-                f"of {params.model} hold {best / 2**20:.0f} MiB",
+                f"of {params.model} hold {best / 2**20:.0f} MiB{when}",
                 recovery="ask for a shorter song or shorter lyrics (or guidance 0, which halves it)",
                 details={"needed_bytes": min(need), "budget_bytes": best},
             )

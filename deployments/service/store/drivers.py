@@ -155,7 +155,7 @@ class AsyncDriver:
             connection: Any = pubsub.connection
             connection.register_connect_callback(reconnects.on_connect)
         except redis.RedisError as exc:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await _close(pubsub)
             raise StoreUnavailable.wrapping(exc) from exc
 
         async def events() -> AsyncIterator[JobEvent]:
@@ -173,7 +173,12 @@ class AsyncDriver:
             yield events()
         finally:
             connection.deregister_connect_callback(reconnects.on_connect)  # it goes back to the pool
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await _close(pubsub)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _close(pubsub: Any) -> None:
+    """PubSub.aclose: typed in redis-py 6 and later, untyped before (either satisfies mypy this way)."""
+    await pubsub.aclose()

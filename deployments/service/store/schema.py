@@ -129,6 +129,13 @@ GENERATORS_KEY = Key(
     "(default GENERATOR_STATUS_TTL_S: a dead replica stops renewing) are pruned when read. Readiness "
     "reads this hash instead of asking replicas, which would queue behind their songs",
 )  # fmt: skip
+ENGINE_LIMITS_KEY = Key(
+    "mg:engine_limits", "hash", Lifetime.KEPT,
+    "model -> JSON {budget_bytes, token_bytes, block_size, at}: the largest key/value cache budget a "
+    "generator of that model reported (DiffRhythm 2's engine) within ENGINE_LIMIT_KEEP_S, stamped "
+    "with Redis time. While no generator of the model reports (scaled to zero, all restarting), a "
+    "song that budget could never hold is still refused at submission; one field per served model",
+)  # fmt: skip
 WEBHOOK = Key(
     "mg:webhook:{id}", "hash", Lifetime.KEPT,
     "the webhook delivery of a finished job that asked for one: URL, the job's final fields (the "
@@ -165,8 +172,8 @@ APIKEYS_KEY = Key("mg:apikeys", "hash", Lifetime.KEPT, "key id -> digest: to lis
 
 SCHEMA: tuple[Key, ...] = (
     JOB, EVENTS, NOTIFY_CHANNEL, QUEUE_KEY, RUNNING_KEY, RECENT_KEY, EXPIRING_KEY, IDEM, OWNER_IDEM,
-    OWNER_RECENT, OWNER_ACTIVE, OWNER_USAGE, UPLOAD, GENERATORS_KEY, WEBHOOK, WEBHOOKS_KEY,
-    DEAD_WEBHOOKS_KEY, APIKEY, APIKEYS_KEY, LIVE,
+    OWNER_RECENT, OWNER_ACTIVE, OWNER_USAGE, UPLOAD, GENERATORS_KEY, ENGINE_LIMITS_KEY, WEBHOOK,
+    WEBHOOKS_KEY, DEAD_WEBHOOKS_KEY, APIKEY, APIKEYS_KEY, LIVE,
 )  # fmt: skip
 
 QUEUE = QUEUE_KEY.pattern
@@ -174,6 +181,7 @@ RUNNING = RUNNING_KEY.pattern
 RECENT = RECENT_KEY.pattern
 EXPIRING = EXPIRING_KEY.pattern
 GENERATORS = GENERATORS_KEY.pattern
+ENGINE_LIMITS = ENGINE_LIMITS_KEY.pattern
 NOTIFY = NOTIFY_CHANNEL.pattern
 WEBHOOKS = WEBHOOKS_KEY.pattern
 DEAD_WEBHOOKS = DEAD_WEBHOOKS_KEY.pattern

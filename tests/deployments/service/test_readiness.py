@@ -4,6 +4,7 @@ embedded Redis, as the generator replicas write them: no Ray."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -159,6 +160,59 @@ def test_a_song_no_generator_could_hold_is_refused_at_submission(server, client)
     asyncio.run(check(params(model="tiny-2", duration_s=10, tokens=[5] * 20, cfg_strength=2.0)))  # 140 kB
     asyncio.run(check(params(model="tiny-2", duration_s=20, tokens=[5] * 20, cfg_strength=0.0)))  # 120 kB
     asyncio.run(check(params(model="tiny", duration_s=300, tokens=[5] * 20)))  # no engine: not judged here
+
+
+def test_the_largest_budget_reported_still_refuses_a_song_while_no_generator_runs(
+    server, client, monkeypatch
+):
+    """The generators' reports expire with them; their cache limits do not. Scaled to zero, a song
+    no generator of the model ever could hold is refused at submission as before (its message says
+    when the budget was last reported), one that fits is accepted. The largest budget reported
+    within ENGINE_LIMIT_KEEP_S counts (a smaller one does not replace it: the ingress refuses only
+    what fits nowhere); past that a newer report replaces it whatever its size."""
+    from deployments.service.errors import ServiceError
+    from deployments.service.store import generators
+    from tests.deployments.conftest import params
+
+    client.flushdb()
+    reports = JobStore(client)
+
+    def report(worker: str, budget: int, ttl_s: float = 0.2) -> None:
+        engine = {"running": 0, "waiting": 0, "cache_bytes": 0, "budget_bytes": budget, "token_bytes": 1000,
+                  "block_size": 10}  # fmt: skip
+        reports.put_generator_status(worker, {**loaded("tiny-2", worker), "engine": engine}, ttl_s=ttl_s)
+
+    big = params(model="tiny-2", duration_s=20, tokens=[5] * 20, cfg_strength=2.0)  # 240 kB
+    small = params(model="tiny-2", duration_s=10, tokens=[5] * 20, cfg_strength=2.0)  # 140 kB
+
+    async def check(p) -> ServiceError | None:
+        store = AsyncJobStore.from_url(server.url)
+        try:
+            await Readiness(store, ["tiny-2"], scales_to_zero=True, cache_s=0).check_fits(p)
+        except ServiceError as exc:
+            return exc
+        finally:
+            await store.aclose()
+        return None
+
+    assert asyncio.run(check(big)) is None  # no generator ever reported: not judged at submission
+    report("g:1", 200_000)
+    report("g:2", 150_000)  # smaller: the 200 kB one stays
+    wait_until(lambda: not reports.generator_statuses(), timeout=5)  # both replicas gone (scaled to zero)
+    err = asyncio.run(check(big))
+    assert err is not None and err.code == "OUT_OF_MEMORY" and err.status == 507
+    assert err.details == {"needed_bytes": 240_000, "budget_bytes": 200_000}
+    assert "when one last reported" in err.message and "none runs now" in err.message
+    assert asyncio.run(check(small)) is None
+    report("g:3", 300_000)  # bigger GPUs: replaces it at once
+    assert asyncio.run(check(big)) is None
+    assert reports.engine_limit("tiny-2")["budget_bytes"] == 300_000
+    monkeypatch.setattr(generators, "ENGINE_LIMIT_KEEP_S", 0.2)
+    time.sleep(0.3)
+    assert reports.engine_limit("tiny-2") is None  # too old to trust
+    report("g:4", 100_000)  # and then a smaller one replaces it
+    assert reports.engine_limit("tiny-2")["budget_bytes"] == 100_000
+    assert reports.engine_limit("tiny") is None
 
 
 def test_a_generator_whose_results_this_ingress_cannot_read_makes_the_service_not_ready(

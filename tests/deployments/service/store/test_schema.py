@@ -54,7 +54,9 @@ def every_operation(client: redis.Redis) -> JobStore:
     assert store.webhook_delivered(first) and store.webhook_retry(second, "answered 500", 60)
     assert store.webhook_dead(third, "answered 500") and store.dead_webhooks()
     store.put_generator_status("g1", {"loaded": True})
-    assert store.generator_statuses()
+    engine = {"budget_bytes": 10**9, "token_bytes": 4096, "block_size": 10}
+    store.put_generator_status("g2", {"loaded": True, "model": "tiny-2", "engine": engine})
+    assert store.generator_statuses() and store.engine_limit("tiny-2")["budget_bytes"] == 10**9
     assert store.recent() and store.recent(owner="k1") and store.events_after(owned.id, None)
     keys = KeyStore(client)
     secret, key = keys.create("alice", overrides={"burst": 3})
