@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--streams", default="500,1000,1500,2000,3000", help="watchers per step of --profile streams"
     )
+    ap.add_argument(
+        "--seconds", type=float, help="stretch or shrink the profile's stages to last this long in all"
+    )
     ap.add_argument("--objective", action="append", default=[], metavar="NAME:STAT:LIMIT",
                     help="replace the profile's objectives, e.g. 'GET GET /healthz:95%%:50'")  # fmt: skip
     ap.add_argument(
@@ -300,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     profile = profiles().get(args.profile)
     if args.objective and profile is not None:
         profile.objectives = [parse_objective(o) for o in args.objective]
+    if args.seconds is not None and profile is not None:
+        if args.seconds <= 0:
+            ap.error("--seconds must be positive")
+        scale = args.seconds / sum(s[0] for s in profile.stages)
+        profile.stages = [[seconds * scale, n, rate] for seconds, n, rate in profile.stages]
     if args.check_only:
         out = args.check_only
     else:
