@@ -121,8 +121,9 @@ class PromptValidator:
             return {"error": exc.to_dict()}
 
 
-# graceful_shutdown_timeout_s: set by build_app from the app's generation timeout (generator_grace_s)
-@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
+# graceful_shutdown_timeout_s and health_check_period_s: set by build_app from the app's generation
+# timeout (generator_grace_s) and generator_health_check_s
+@serve.deployment(ray_actor_options={"num_cpus": 1})
 class SongGenerator:
     """A `GeneratorWorker` (deployments/service/generator.py) on a replica: it loads `model` (default:
     the app's) and runs the jobs sent here in batches, reporting its status to the job store."""
@@ -359,6 +360,7 @@ def build_app(raw_args: dict) -> serve.Application:
             max_ongoing_requests=at_once,
             # a stopping replica's running batch may take generation_timeout_s, then its takes are stored
             graceful_shutdown_timeout_s=args.generator_grace_s,
+            health_check_period_s=args.generator_health_check_s,
             autoscaling_config={
                 "min_replicas": args.min_generators,
                 "max_replicas": max(args.max_generators, args.min_generators, 1),

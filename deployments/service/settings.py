@@ -40,6 +40,7 @@ STORE_TAKES_S = 300.0
 # a generator whose model failed to load refuses jobs (MODEL_NOT_LOADED) this long, then fails its health
 # check so that Serve replaces it and the new replica tries again: a retry a minute, not a restart loop
 MODEL_RETRY_S = 60.0
+GENERATOR_HEALTH_CHECK_S = 10.0
 SECONDS_PER_JOB_ESTIMATE = 60.0  # queue ETA before measured timings exist
 SSE_KEEPALIVE_S = 15.0  # a comment line on idle event streams (proxies close silent connections)
 INGRESS_MAX_ONGOING = 5000  # concurrent requests per ingress replica: event streams stay open for minutes
@@ -150,6 +151,8 @@ class AppArgs(BaseModel):
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the DiT blocks; auto = on CUDA only
     generation_timeout_s: float = Field(GENERATION_TIMEOUT_S, gt=0)
     model_retry_s: float = Field(MODEL_RETRY_S, gt=0)  # see SongGenerator.check_health
+    # how often Serve runs a generator replica's health check (three failures in a row replace it)
+    generator_health_check_s: float = Field(GENERATOR_HEALTH_CHECK_S, gt=0, le=300)
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=64)
     max_engine_jobs: int = Field(MAX_ENGINE_JOBS, ge=1, le=1024)
     batch_wait_s: float = Field(BATCH_WAIT_S, ge=0, le=10)

@@ -564,7 +564,7 @@ def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
 
     serve.delete("musicgen")
     args = {"model": "diffrhythm-1.2-base", "data_dir": str(tmp_path), "min_generators": 0, "lease_s": 5,
-            "model_retry_s": 1}  # fmt: skip
+            "model_retry_s": 1, "generator_health_check_s": 2}  # fmt: skip
     serve.run(build_app(args), name="musicgen", route_prefix="/")
     ready = _get_retrying(service, "/readyz")
     assert ready["ready"] is True and "scaled to zero" in ready["reason"]
@@ -589,7 +589,7 @@ def test_scale_from_zero_and_a_model_that_cannot_load(service, tmp_path):
     first = generators()
     assert first
     deadline = time.time() + 150
-    while not generators() - first:  # three failed checks 10 s apart, then a new replica
+    while not generators() - first:  # three failed checks 2 s apart, then a new replica
         assert time.time() < deadline, "the generator without its model was never replaced"
         r = service.get("/readyz")
         assert r.status_code == 503 and "musicgen models pull" in r.json()["reason"], r.text

@@ -144,6 +144,22 @@ def test_a_stopping_generator_gets_longer_than_a_song_may_run(timeout_s, tmp_pat
     assert grace_s > args.generation_timeout_s == (timeout_s or 1800.0)
 
 
+@pytest.mark.parametrize("period_s", [None, 2.0])
+def test_generators_are_health_checked_as_often_as_the_setting_says(period_s, tmp_path):
+    """Serve runs a generator's health check every `generator_health_check_s` (10 s unless set): a
+    replica that cannot load its model is replaced three failed checks later."""
+    from deployments.serve.app import build_app
+
+    raw = {"model": "tiny", "host": "127.0.0.1", "data_dir": str(tmp_path)}
+    if period_s is not None:
+        raw["generator_health_check_s"] = period_s
+    ingress = build_app(raw)._bound_deployment
+    (generator,) = (app._bound_deployment for app in ingress.init_args[1].values())
+    assert generator._deployment_config.health_check_period_s == (period_s or 10.0)
+    with pytest.raises(ValueError, match="generator_health_check_s"):
+        build_app({**raw, "generator_health_check_s": 0})
+
+
 def test_an_engine_generator_takes_its_jobs_at_once_and_a_batching_one_a_batch_ahead(tmp_path):
     """DiffRhythm 2's batched plan runs on the engine: its generator takes `max_engine_jobs` at once
     (Serve's max_ongoing_requests) and scales out at half of that; DiffRhythm 1 and DiffRhythm 2 under
