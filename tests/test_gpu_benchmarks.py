@@ -1,8 +1,8 @@
 """The GPU measurements' script (benchmarks/dr2_engine_gpu.sh), run here on the CPU with a tiny DiT and
 short songs. A lent GPU machine is rare and short, so the script has to work the first time it runs
 there, on that machine's own Python, which has PyTorch, NumPy and matplotlib and none of the project's
-other requirements. Each benchmark it starts runs under an import audit: every third-party module it
-loads must come from torch, numpy or matplotlib, or from what they require."""
+other requirements. So each benchmark it starts runs on this interpreter without its site-packages,
+with a folder in their place that holds only torch, numpy, matplotlib and what they require."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _site_with_only(dists: set[str], into: Path) -> Path:
     for entry in site.iterdir():
         name = entry.name
         if name.endswith((".dist-info", ".egg-info")):
-            keep = _norm(name.rsplit("-", 1)[0] if name.count("-") else name.split(".")[0]) in dists
+            keep = _norm(name.split("-")[0]) in dists  # name-version.dist-info
         else:
             keep = name.split(".")[0] in modules
         if keep:
