@@ -100,6 +100,9 @@ class GeneratorWorker:
         if args.max_batch_takes is not None:
             pipeline.max_batch_takes = args.max_batch_takes
         pipeline.fault_oom_takes = args.fault_oom_takes
+        if args.engine_cache_gib is not None:
+            pipeline.engine_budget_bytes = int(args.engine_cache_gib * 2**30)
+        pipeline.engine_cache_share = args.engine_cache_share
         self.runner = JobRunner(
             store, pipeline, results, uploads, worker, on_finish=on_finish,
             timeout_s=args.generation_timeout_s, encode_in_background=True,

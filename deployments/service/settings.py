@@ -155,6 +155,12 @@ class AppArgs(BaseModel):
     generator_health_check_s: float = Field(GENERATOR_HEALTH_CHECK_S, gt=0, le=300)
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=64)
     max_engine_jobs: int = Field(MAX_ENGINE_JOBS, ge=1, le=1024)
+    # the key/value cache of a generator whose model runs on an engine (DiffRhythm 2), at most: GiB, or
+    # a share of its GPU's free memory once the model is loaded (unset: musicgen's ENGINE_CACHE_SHARE,
+    # 0.6; a quarter of the RAM on a CPU). Over it, takes wait in order; a song that could not fit alone
+    # is refused. One of the two at most.
+    engine_cache_gib: float | None = Field(None, gt=0, le=4096)
+    engine_cache_share: float | None = Field(None, gt=0, le=0.95)
     batch_wait_s: float = Field(BATCH_WAIT_S, ge=0, le=10)
     # takes sampled together at most (GPU memory); unset: the pipeline's own (musicgen.pipelines.Pipeline)
     max_batch_takes: int | None = Field(None, ge=1)
@@ -179,6 +185,15 @@ class AppArgs(BaseModel):
                 "machines can reach: anyone could read, cancel and download every user's songs. Either "
                 "turn auth on (auth: on, and create keys with `musicgen keys create NAME`), listen on "
                 "127.0.0.1 only (http_options.host), or accept an open API with allow_insecure_public: true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_cache_budget(self) -> AppArgs:
+        if self.engine_cache_gib is not None and self.engine_cache_share is not None:
+            raise ValueError(
+                "engine_cache_gib and engine_cache_share both set: give the engine's cache budget one way, "
+                "in GiB or as a share of the GPU's free memory"
             )
         return self
 

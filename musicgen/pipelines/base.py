@@ -103,6 +103,11 @@ class Pipeline:
     # requests of any shape join those running, on threads of their own (DR2Pipeline's engine): a
     # server runs each job as it comes instead of gathering batches
     continuous = False
+    # a continuous pipeline's key/value cache budget: bytes, or else a share of the GPU's free memory
+    # once loaded (None: the pipeline's default; see DR2Pipeline.cache_budget). Read when its engine
+    # starts, at the first song.
+    engine_budget_bytes: int | None = None
+    engine_cache_share: float | None = None
 
     def load(self) -> dict[str, int] | None:
         """What a continuous pipeline is sampling now (see DR2Pipeline.load); None for the others."""

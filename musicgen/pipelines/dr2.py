@@ -50,6 +50,8 @@ from musicgen.runtime.device import resolve_device, resolve_dtype
 from musicgen.runtime.plans import ExecutionPlan, apply_execution, resolve_execution
 
 log = logging.getLogger(__name__)
+# of a GPU's free memory once the model is loaded: the engine's key/value cache budget unless set
+ENGINE_CACHE_SHARE = 0.6
 
 
 def check_decoder_rate(cfg: DecoderConfig, spec: ModelSpec) -> None:
@@ -139,6 +141,20 @@ class _Inline:
         return future
 
 
+def engine_cache_budget(
+    device: torch.device, budget_bytes: int | None = None, share: float | None = None
+) -> int:
+    """Bytes the engine's key/value cache may hold: `budget_bytes` when given, else `share` (default
+    ENGINE_CACHE_SHARE) of the GPU's free memory, read once the model is loaded; on a CPU a quarter of
+    the machine's memory."""
+    if budget_bytes is not None:
+        return budget_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int((ENGINE_CACHE_SHARE if share is None else share) * free)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
 class DR2Pipeline(Pipeline):
     def __init__(self, spec: ModelSpec, dit: DR2DiT, decoder: BigVGAN, style_encoder: StyleEncoder | None,
                  device: torch.device, plan: ExecutionPlan | None = None):  # fmt: skip
@@ -148,8 +164,6 @@ class DR2Pipeline(Pipeline):
         self.sample_rate = decoder.cfg.sampling_rate  # decoder.json's: the audio's rate
         self.plan = plan if plan is not None else ExecutionPlan.resolve("auto", device, spec.family)
         self.round_pass_time = True  # the official fp16 +-1 time features (see BlockSamplerSettings)
-        # the engine's key/value cache at most (None: a share of the device's memory, see cache_budget)
-        self.engine_budget_bytes: int | None = None
         self._loop: EngineLoop | None = None
         self._loop_lock = threading.Lock()
         self._live_decoder: ThreadPoolExecutor | _Inline | None = None  # decodes the engine's blocks
@@ -163,20 +177,22 @@ class DR2Pipeline(Pipeline):
         return self.spec.family.execution.engine and self.plan.batched
 
     def cache_budget(self) -> int:
-        """Bytes the engine's key/value cache may hold: `engine_budget_bytes`, else 60% of the GPU's
-        free memory once the model is loaded, or a quarter of the machine's memory on a CPU."""
-        if self.engine_budget_bytes is not None:
-            return self.engine_budget_bytes
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(0.6 * free)
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        """Bytes the engine's key/value cache may hold (see `engine_cache_budget`)."""
+        return engine_cache_budget(self.device, self.engine_budget_bytes, self.engine_cache_share)
 
     def engine_loop(self) -> EngineLoop:
         """The engine thread every generate call of this pipeline shares (started at the first)."""
         with self._loop_lock:
             if self._loop is None:
                 budget = self.cache_budget()
+                if self.engine_budget_bytes is not None and self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    if budget > free:  # the cache grows as takes join: it would run out of memory
+                        log.warning(
+                            "the engine's cache budget (%.1f GiB) is more than the GPU's free memory "
+                            "(%.1f GiB): songs may fail with OUT_OF_MEMORY as the cache fills it",
+                            budget / 2**30, free / 2**30,
+                        )  # fmt: skip
                 self._loop = EngineLoop(
                     lambda: DR2Engine(
                         self.dit,

@@ -185,3 +185,57 @@ def test_a_continuous_pipelines_jobs_run_at_once_and_join_the_running_ones(serve
 
     jobs = asyncio.run(main())
     assert [store.get(j).state for j in jobs] == [JobState.SUCCEEDED] * 2
+
+
+def test_the_engine_cache_setting_is_the_replicas_budget_and_judges_songs_at_submission(
+    server, store, tmp_path
+):
+    """`engine_cache_gib` becomes the DiffRhythm 2 pipeline's cache budget as the replica loads it; the
+    replica reports it, and the ingress refuses a song one take of which needs more (OUT_OF_MEMORY)
+    while one that fits is accepted."""
+    from deployments.service.errors import ServiceError
+    from musicgen.engine import cache_bytes_alone
+    from musicgen.model.dr2_sampler import num_blocks
+    from musicgen.pipelines import Pipeline
+    from musicgen.registry import MODELS
+
+    pipe2 = Pipeline.from_pretrained("tiny-2", device="cpu")
+    report = pipe2.load()
+
+    def need(text: int, seconds: int) -> int:
+        blocks = num_blocks(MODELS["tiny-2"].frames_for(seconds), report["block_size"])
+        return cache_bytes_alone(
+            text, blocks, report["block_size"], guided=True, token_bytes=report["token_bytes"]
+        )
+
+    small, big = need(20, 10), need(20, 60)
+    gib = (small + big) / 2 / 2**30
+    args = AppArgs(model="tiny-2", data_dir=str(tmp_path), engine_cache_gib=gib).resolved()
+
+    async def main():
+        generator = GeneratorWorker(
+            args, store, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"),
+            model="tiny-2", worker="host:5", load=lambda a, m: pipe2, clock=Clock(),
+        )  # fmt: skip
+        readiness = Readiness(AsyncJobStore.from_url(server.url), ["tiny-2"], scales_to_zero=False, cache_s=0)
+        try:
+            assert pipe2.engine_budget_bytes == int(gib * 2**30)
+            (status,) = store.generator_statuses()
+            assert status["engine"]["budget_bytes"] == int(gib * 2**30)
+            await readiness.check_fits(
+                params(model="tiny-2", duration_s=10, tokens=[5] * 20, cfg_strength=2.0)
+            )
+            with pytest.raises(ServiceError) as refused:
+                await readiness.check_fits(
+                    params(model="tiny-2", duration_s=60, tokens=[5] * 20, cfg_strength=2.0)
+                )
+        finally:
+            generator.stop()
+            await readiness.store.aclose()
+        return refused.value
+
+    err = asyncio.run(main())
+    assert err.code == "OUT_OF_MEMORY" and err.details == {
+        "needed_bytes": big,
+        "budget_bytes": int(gib * 2**30),
+    }

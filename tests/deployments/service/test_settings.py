@@ -218,3 +218,14 @@ def test_each_node_keeps_its_data_under_its_own_data_dir_unless_the_args_name_on
     given = AppArgs(data_dir=str(tmp_path / "shared")).resolved()
     monkeypatch.setenv("MUSICGEN_DATA_DIR", str(tmp_path / "worker"))
     assert given.on_this_node().data_dir == str(tmp_path / "shared")
+
+
+def test_the_engines_cache_budget_is_given_one_way_at_most():
+    """engine_cache_gib (GiB) or engine_cache_share (of the GPU's free memory), not both; each in range."""
+    assert AppArgs(engine_cache_gib=24).engine_cache_gib == 24
+    assert AppArgs(engine_cache_share=0.8).engine_cache_share == 0.8
+    with pytest.raises(ValueError, match="engine_cache_gib and engine_cache_share both set"):
+        AppArgs(engine_cache_gib=24, engine_cache_share=0.8)
+    for bad in ({"engine_cache_gib": 0}, {"engine_cache_share": 0}, {"engine_cache_share": 0.99}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AppArgs(**bad)

@@ -244,3 +244,38 @@ def test_a_failing_audio_listener_does_not_fail_the_song(pipe, front, caplog):
 
     result = pipe.generate(request(front, seconds=8, seed=2, on_audio=broken))
     assert result.audio.shape == (1, 2, 40 * 9600) and "live audio stops" in caplog.text
+
+
+def test_the_engines_cache_budget_is_the_bytes_given_else_a_share_of_the_gpus_free_memory(monkeypatch):
+    """Bytes when given; else a share (0.6 unless given) of what the GPU has free once the model is
+    loaded, read from torch.cuda.mem_get_info; on a CPU a quarter of the machine's memory."""
+    import os
+
+    from musicgen.pipelines.dr2 import ENGINE_CACHE_SHARE, engine_cache_budget
+
+    gpu = torch.device("cuda", 0)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (asked.append(d), (10 * 2**30, 80 * 2**30))[1])
+    assert ENGINE_CACHE_SHARE == 0.6
+    assert engine_cache_budget(gpu) == int(0.6 * 10 * 2**30) and asked == [gpu]
+    assert engine_cache_budget(gpu, share=0.9) == int(0.9 * 10 * 2**30)
+    assert engine_cache_budget(gpu, 3 * 2**30, share=0.9) == 3 * 2**30
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert engine_cache_budget(torch.device("cpu")) == ram // 4
+    assert engine_cache_budget(torch.device("cpu"), 12345) == 12345
+    assert len(asked) == 2  # neither a CPU nor a budget in bytes asks the GPU
+
+
+def test_the_pipelines_cache_budget_is_what_its_engine_runs_with(pipe, front, monkeypatch):
+    """`engine_budget_bytes` (what a server's setting sets) is the budget the pipeline reports before
+    its engine starts and the one the engine starts with."""
+    monkeypatch.setattr(pipe, "engine_budget_bytes", 7 * 2**20)
+    monkeypatch.setattr(pipe, "_loop", None)  # a fresh engine for this test
+    try:
+        assert pipe.load()["budget_bytes"] == 7 * 2**20
+        pipe.generate(request(front, seed=1))
+        assert pipe.engine_loop().engine.memory_budget_bytes == 7 * 2**20
+        assert pipe.load()["budget_bytes"] == 7 * 2**20
+    finally:
+        if pipe._loop is not None:
+            pipe._loop.stop()
