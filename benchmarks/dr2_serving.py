@@ -8,7 +8,10 @@ warmed up on small requests first, outside the timing: the warm-up's seconds are
 
 Under the table, the ceiling of batching on this device: a DiT call's time per row for one take (2
 rows) against all the run's takes at once (2 x requests rows), attention left out (it costs the same
-per row either way). The engine cannot beat one at a time by more than that ratio.
+per row either way). The engine cannot beat one at a time by more than that ratio. Then the engine's
+tick with every request running (its best of 10 early ticks) against a call of one request alone (the
+one-at-a-time mode's time over its DiT calls, text passes included), and how much of the tick its
+attention takes (timed with a device sync around each call) with the keys and values it reads.
 
 Requests arrive all at once, or as a Poisson process with --rate requests per second. One server, a
 simulated clock: a mode's clock advances by the measured time of each call it makes and jumps to the
@@ -89,6 +92,23 @@ def make_requests(args, block_size: int, device: torch.device, seed: int) -> lis
             "audio_s": blocks * block_size / FRAME_RATE,
         })  # fmt: skip
     return out
+
+
+class CallCounter:
+    """Counts the model's forwards (text passes included) while entered."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.calls = model, 0
+
+    def __enter__(self) -> CallCounter:
+        self._hook = self.model.register_forward_pre_hook(self._count)
+        return self
+
+    def _count(self, *_args) -> None:
+        self.calls += 1
+
+    def __exit__(self, *_exc) -> None:
+        self._hook.remove()
 
 
 def run_alone(model, reqs, settings, device, memory, progress):
@@ -187,6 +207,58 @@ def batching_ceiling(model, rows: int, device: torch.device, repeats: int = 5) -
     return per_row(2), per_row(rows)
 
 
+def full_tick(model, reqs, settings, device: torch.device, ticks: int = 10) -> dict:
+    """The engine's tick with every request running (the first ticks of an all-at-once run), best of
+    `ticks`: its seconds, the seconds its attention calls take (a device sync around each) and the
+    bytes of keys and values they read (every row's keys, K and V, every layer)."""
+    engine = DR2Engine(model, device=device)
+    for r in reqs:
+        engine.submit(r["text"], r["style"], r["noise"], settings)
+    engine.step()  # admission, the text passes and the first tick
+    spent = {"attention": 0.0, "keys": 0}
+
+    def timed(fn):
+        def run(*args, **kw):
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            sync(device)
+            spent["attention"] += time.perf_counter() - t0
+            return out
+
+        return run
+
+    def prepare(lo, starts, n_query, lengths):
+        spent["keys"] += sum(lengths)
+        return cache_prepare(lo, starts, n_query, lengths)
+
+    layers = [block.self_attn for block in model.transformer_blocks]
+    cache_prepare = engine.cache.prepare
+    engine.cache.prepare = prepare
+    for layer in layers:  # instance attributes over the class's methods, removed below
+        layer.attend, layer.attend_rows = timed(layer.attend), timed(layer.attend_rows)
+    best = None
+    try:
+        for _ in range(ticks):
+            spent["attention"], spent["keys"] = 0.0, 0
+            sync(device)
+            t0 = time.perf_counter()
+            engine.step()
+            sync(device)
+            tick_s = time.perf_counter() - t0
+            if engine.running < len(reqs):
+                break  # a request ended: no longer every request's tick
+            if best is None or tick_s < best["tick_s"]:
+                best = {"tick_s": tick_s, "attention_s": spent["attention"],
+                        "kv_bytes": spent["keys"] * engine.bytes_per_token}  # fmt: skip
+    finally:
+        for layer in layers:
+            del layer.attend, layer.attend_rows
+    if best is None:
+        raise RuntimeError("a request ended within the first tick: no tick ran every request")
+    return {"requests": len(reqs), "rows": engine.cache.active, **best}
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -259,8 +331,10 @@ def main() -> None:
             progress = lambda m: print("  " + m, flush=True)  # noqa: E731
             try:  # a mode that fails (a capture, a compile) is reported; the others still run
                 if mode == "alone":
-                    finish, latents = run_alone(model, reqs, settings, device, memory, progress)
+                    with CallCounter(model) as counter:
+                        finish, latents = run_alone(model, reqs, settings, device, memory, progress)
                     reference = latents
+                    extra = {"calls": counter.calls}
                 elif mode == "grouped":
                     finish, latents = run_grouped(model, reqs, settings, device, memory, progress)
                 elif mode == "compiled":
@@ -319,10 +393,25 @@ def main() -> None:
         ceilings[n] = one / many
         print(f"ceiling, {n} requests: a DiT call costs {one * 1e3:.2f} ms per row for 2 rows, "
               f"{many * 1e3:.2f} ms for {2 * n}: batching gains at most {one / many:.2f}x here")  # fmt: skip
+    ticks = {}
+    for n in (n for n in args.requests if n > 1):
+        args.n = n  # the run's requests again (same seed)
+        tick = full_tick(model, make_requests(args, cfg.block_size, device, args.seed + n), settings, device)
+        alone = next((r for r in rows if r["requests"] == n and r["mode"] == "alone"), None)
+        if alone is not None:  # one call of one request alone, everything included, against a tick's share
+            tick["alone_call_s"] = alone["makespan_s"] / alone["calls"]
+        ticks[n] = tick
+        per = tick["tick_s"] / n
+        versus = (f" against {tick['alone_call_s'] * 1e3:.2f} ms a call alone: {tick['alone_call_s'] / per:.2f}x"
+                  if alone is not None else "")  # fmt: skip
+        print(f"full tick, {n} requests ({tick['rows']} rows): {tick['tick_s'] * 1e3:.1f} ms, {per * 1e3:.2f} ms "
+              f"a request{versus}; attention {tick['attention_s'] * 1e3:.1f} ms of it, reading "
+              f"{tick['kv_bytes'] / 2**20:.0f} MiB of keys and values "
+              f"({tick['kv_bytes'] / max(tick['attention_s'], 1e-9) / 1e9:.1f} GB/s)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "n"},
                                                "device": name, "rows": rows, "ceiling": ceilings,
-                                               "failures": failures}, indent=2))  # fmt: skip
+                                               "full_tick": ticks, "failures": failures}, indent=2))  # fmt: skip
         print(f"table written to {args.json}")
     if args.plot:
         import matplotlib

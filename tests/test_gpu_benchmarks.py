@@ -103,5 +103,8 @@ def test_the_gpu_script_runs_on_a_python_with_only_pytorch_numpy_and_matplotlib(
         (2, m) for m in ("engine", "compiled", "graphs")
     ]
     assert all(r["songs_per_hour"] > 0 and r["p95_s"] > 0 and r["peak_mib"] > 0 for r in many["rows"])
+    (tick,) = many["full_tick"].values()  # the tick of every request, its attention and what it read
+    assert tick["requests"] == 2 and tick["rows"] == 4 and 0 < tick["attention_s"] < tick["tick_s"]
+    assert tick["kv_bytes"] > 0 and "alone_call_s" not in tick  # --no-alone: nothing to compare with
     fp32 = (out / "dr2-graphs-fp32.txt").read_text()
     assert all(re.search(rf"\|\s+{m}\s+\|", fp32) for m in ("eager", "buffered", "graphs")), fp32
