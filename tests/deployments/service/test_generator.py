@@ -45,11 +45,16 @@ def store(client):
     return JobStore(client, lease_s=5)
 
 
-def worker(args, store, tmp_path, name, weights, clock, finished=None) -> GeneratorWorker:
+def worker(args, store, tmp_path, name, weights, clock, finished=None, model="tiny") -> GeneratorWorker:
     return GeneratorWorker(
-        args, store, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"), model="tiny",
+        args, store, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"), model=model,
         worker=name, load=weights, clock=clock, on_finish=None if finished is None else finished.append,
     )  # fmt: skip
+
+
+def readiness_of(server, model: str) -> Readiness:
+    """What an ingress serving `model` sees (no cache: every call reads the store)."""
+    return Readiness(AsyncJobStore.from_url(server.url), [model], scales_to_zero=False, cache_s=0)
 
 
 def test_a_model_that_did_not_load_is_refused_reported_and_retried_by_the_next_replica(
@@ -63,7 +68,7 @@ def test_a_model_that_did_not_load_is_refused_reported_and_retried_by_the_next_r
     weights, clock = Weights(pipe), Clock()
 
     async def main():
-        readiness = Readiness(AsyncJobStore.from_url(server.url), ["tiny"], scales_to_zero=False, cache_s=0)
+        readiness = readiness_of(server, "tiny")
         first = worker(args, store, tmp_path, "host:1", weights, clock)
         try:
             (report,) = store.generator_statuses()
@@ -158,11 +163,8 @@ def test_a_continuous_pipelines_jobs_run_at_once_and_join_the_running_ones(serve
         ).to_dict()  # fmt: skip
 
     async def main():
-        generator = GeneratorWorker(
-            args, store, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"),
-            model="tiny-2", worker="host:4", load=lambda a, m: pipe2, clock=Clock(),
-        )  # fmt: skip
-        readiness = Readiness(AsyncJobStore.from_url(server.url), ["tiny-2"], scales_to_zero=False, cache_s=0)
+        generator = worker(args, store, tmp_path, "host:4", lambda a, m: pipe2, Clock(), model="tiny-2")
+        readiness = readiness_of(server, "tiny-2")
         try:
             words = "[verse]\nHello there, a longer line of words\ngood night"
             long, _ = store.create(song(words, 40, 1, steps=100))  # long enough to be running below
@@ -213,11 +215,8 @@ def test_the_engine_cache_setting_is_the_replicas_budget_and_judges_songs_at_sub
     args = AppArgs(model="tiny-2", data_dir=str(tmp_path), engine_cache_gib=gib).resolved()
 
     async def main():
-        generator = GeneratorWorker(
-            args, store, LocalStorage(tmp_path / "results"), LocalStorage(tmp_path / "uploads"),
-            model="tiny-2", worker="host:5", load=lambda a, m: pipe2, clock=Clock(),
-        )  # fmt: skip
-        readiness = Readiness(AsyncJobStore.from_url(server.url), ["tiny-2"], scales_to_zero=False, cache_s=0)
+        generator = worker(args, store, tmp_path, "host:5", lambda a, m: pipe2, Clock(), model="tiny-2")
+        readiness = readiness_of(server, "tiny-2")
         try:
             assert pipe2.engine_budget_bytes == int(gib * 2**30)
             (status,) = store.generator_statuses()
