@@ -85,7 +85,7 @@ class EmbeddedRedis:
         """The URL of the embedded Redis that runs on `data_dir` (another process's), or None."""
         try:
             url = (Path(data_dir) / cls.URL_FILE).read_text().strip()
-            client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+            client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)  # a busy box: slow
             return url if client.ping() else None
         except (OSError, redis.RedisError):
             return None
